@@ -1,0 +1,39 @@
+# The two commands a new user needs:
+#   make run    set everything up, then run the main job on the embedded Qwen model
+#   make test   set everything up, then run the whole test suite
+# Both are idempotent: a second call skips every step that is already done.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.torsion-installed
+PROFILE ?= quick
+
+.PHONY: setup assets run test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch is pinned exactly: pip takes the CPU build that lies on disk (a range pulls CUDA)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+# fast when everything is cached: it checks versions, stamps and records, then returns
+assets: $(STAMP)
+	$(BIN)/torsion assets pull
+
+run: assets
+	$(BIN)/torsion run --profile $(PROFILE)
+
+test: assets
+	$(BIN)/python -m pytest -q
+
+bench: assets
+	$(BIN)/python benchmarks/bench_capture.py
+	$(BIN)/python benchmarks/bench_load.py
+	$(BIN)/python benchmarks/bench_bootstrap.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,70 @@
+"""One typed config for a run, and the named profiles.
+
+Example::
+
+    config = RunConfig.from_profile("smoke", model="embedded:smollm2-135m")
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from torsion.errors import TorsionError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides what a run computes. Recorded in ``manifest.json``."""
+
+    profile: str = "quick"
+    model: str = "embedded:qwen2.5-coder-0.5b"
+    dtype: str = "float32"
+    device: str = "cpu"
+    # prompts
+    sources: tuple[str, ...] = ("donotanswer", "harmbench")
+    n_per_source: int | None = 128
+    holdout_fraction: float = 0.2
+    seed: int = 0
+    # generation and labels
+    max_new_tokens: int = 40
+    temperature: float = 0.0
+    generation_batch_size: int = 8
+    judge: str = "rules"
+    # capture
+    components: tuple[str, ...] = ("resid", "attn", "mlp")
+    positions: tuple[str, ...] = ("last", "post_instruction")
+    capture_batch_size: int = 16
+    # vectors
+    methods: tuple[str, ...] = ("md", "rmd", "wrmd", "pca", "probe")
+    ridge_lambda: float = 1e-2
+    ridge_lambda_mode: str = "relative"
+    # rotation controls
+    bootstrap: int = 1000
+    null_permutations: int = 200
+    split_halves: int = 50
+
+    @classmethod
+    def from_profile(cls, profile: str = "quick", **overrides: object) -> "RunConfig":
+        if profile not in PROFILES:
+            raise TorsionError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TorsionError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = {k: v for k, v in overrides.items() if v is not None}
+        return replace(cls(), profile=profile, **PROFILES[profile], **values)
+
+    def to_dict(self) -> dict:
+        record = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in record.items()}
+
+
+PROFILES: dict[str, dict] = {
+    # about 2 minutes on 2 CPU cores with the embedded Qwen model: mechanics, not science
+    "smoke": {"n_per_source": 24, "max_new_tokens": 24, "bootstrap": 200, "null_permutations": 100,
+              "split_halves": 20},
+    # about 10 minutes on 2 CPU cores: the default
+    "quick": {},
+    # every prompt of both sources; hours on CPU, minutes on a GPU
+    "paper": {"n_per_source": None, "max_new_tokens": 64, "generation_batch_size": 16},
+}

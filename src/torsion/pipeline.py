@@ -1,0 +1,160 @@
+"""The main job: prompts -> responses -> labels -> activations -> vectors -> rotation -> report.
+
+Each stage writes its files atomically and is marked done in ``manifest.json``; a re-run
+skips finished stages and a killed stage resumes from its own checkpoint.
+
+Example::
+
+    run_pipeline(RunConfig.from_profile("smoke"), Path("runs/smoke"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import platform
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import torsion
+from torsion.analysis.rotation import analyze_rotation
+from torsion.capture import capture_to_file, load_activations
+from torsion.config import RunConfig
+from torsion.data import build_prompt_set, read_prompts_jsonl, write_prompts_jsonl
+from torsion.errors import TorsionError
+from torsion.generate import GenerationSettings, generate_responses
+from torsion.judge import get_judge
+from torsion.judge.base import is_complied, is_refused
+from torsion.models import LoadedModel, load_model
+from torsion.report import build_report
+from torsion.store import RunDir, atomic_write_json, read_jsonl
+from torsion.vectors import SteeringVector, fit_vectors, save_vectors
+
+STAGES = ("prompts", "generate", "capture", "vectors", "rotation", "report")
+_VERSIONED = ("torch", "transformers", "safetensors", "numpy", "scipy", "gguf", "garak")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torsion": torsion.__version__}
+    for name in _VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def dataset_sha256(prompts) -> str:
+    """Hash of the prompt set and its split: same prompts, same split, same hash."""
+    digest = hashlib.sha256()
+    for p in prompts:
+        digest.update(f"{p.id}\t{p.prompt_hash}\t{p.split}\n".encode())
+    return digest.hexdigest()
+
+
+def _check_config(run: RunDir, config: RunConfig) -> None:
+    previous = run.manifest().get("config")
+    if previous is None:
+        return
+    changed = sorted(k for k, v in config.to_dict().items() if previous.get(k) != v)
+    if changed:
+        raise TorsionError(
+            f"{run.root} was made with different settings ({', '.join(changed)}); "
+            "use a new --out directory, or the same settings to resume"
+        )
+
+
+def labels_for_fit(prompts, responses) -> tuple[list[int], list[float | None]]:
+    """Rows of the train split with a refused or complied label, and all rows' scores."""
+    rows = [i for i, (p, r) in enumerate(zip(prompts, responses))
+            if p.split == "train" and (is_refused(r["score"]) or is_complied(r["score"]))]
+    return rows, [r["score"] for r in responses]
+
+
+def run_pipeline(config: RunConfig, out: Path, *, log: Callable[[str], None] = print) -> RunDir:
+    """Run (or resume) every stage of the main job into ``out``."""
+    run = RunDir(out)
+    _check_config(run, config)
+    if not run.manifest():
+        run.update_manifest(torsion_version=torsion.__version__, config=config.to_dict(),
+                            seed=config.seed, versions=package_versions())
+    lm: LoadedModel | None = None
+
+    def model() -> LoadedModel:
+        nonlocal lm
+        if lm is None:
+            log(f"loading {config.model}")
+            lm = load_model(config.model, dtype=config.dtype, device=config.device)
+            run.update_manifest(model={"spec": config.model, "model_id": lm.model_id,
+                                       "weights_sha256": lm.weights_sha256, "n_layers": lm.n_layers,
+                                       "d_model": lm.d_model, "dtype": config.dtype,
+                                       "device": str(lm.device)})
+        return lm
+
+    if not run.stage_done("prompts"):
+        with run.stage("prompts"):
+            prompts = build_prompt_set(config.sources, n_per_source=config.n_per_source,
+                                       holdout_fraction=config.holdout_fraction, seed=config.seed)
+            write_prompts_jsonl(run.prompts_path, prompts)
+            run.update_manifest(dataset_sha256=dataset_sha256(prompts), n_prompts=len(prompts))
+    prompts = read_prompts_jsonl(run.prompts_path)
+    log(f"{len(prompts)} prompts ({sum(p.split == 'holdout' for p in prompts)} held out)")
+
+    if not run.stage_done("generate"):
+        settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                      seed=config.seed, batch_size=config.generation_batch_size)
+        run.update_manifest(generation=settings.__dict__)
+        with run.stage("generate"):
+            generate_responses(model(), prompts, run.responses_path, settings=settings,
+                               judge=get_judge(config.judge))
+    by_id = {row["id"]: row for row in read_jsonl(run.responses_path)}
+    responses = [by_id[p.id] for p in prompts]
+
+    if not run.stage_done("capture"):
+        with run.stage("capture"):
+            capture_to_file(model(), [p.prompt for p in prompts], run.activations_path,
+                            components=config.components, positions=config.positions,
+                            batch_size=config.capture_batch_size)
+    activations, _ = load_activations(run.activations_path)
+
+    fit_rows, scores = labels_for_fit(prompts, responses)
+    fit_scores = [scores[i] for i in fit_rows]
+    if not run.stage_done("vectors"):
+        with run.stage("vectors"):
+            provenance = {
+                **run.manifest().get("model", {}),
+                "position": config.positions[0],
+                "layer_indexing": "block",
+                "prompt_ids_sha256": hashlib.sha256("\n".join(prompts[i].id for i in fit_rows).encode()).hexdigest(),
+                "split": "train",
+                "torsion_version": torsion.__version__,
+            }
+            vectors: dict[str, SteeringVector] = {}
+            for component in config.components:
+                train = activations[component][fit_rows]
+                for method in config.methods:
+                    fitted = fit_vectors(train, fit_scores, method=method,
+                                         categories=[prompts[i].category for i in fit_rows],
+                                         lam=config.ridge_lambda, lam_mode=config.ridge_lambda_mode)
+                    for category, vector in fitted.items():
+                        key = f"{method}/{component}" + (f"/{category}" if category else "")
+                        vectors[key] = SteeringVector(vector.directions,
+                                                      {**vector.meta, **provenance, "component": component})
+            save_vectors(run.vectors_path, vectors, run_meta={"config": config.to_dict()})
+
+    if not run.stage_done("rotation"):
+        with run.stage("rotation"):
+            refused = torch.tensor([is_refused(s) for s in fit_scores])
+            result = analyze_rotation({c: activations[c][fit_rows] for c in config.components}, refused,
+                                      B=config.bootstrap, P=config.null_permutations,
+                                      n_splits=config.split_halves, seed=config.seed)
+            result["conventions"].update(position=config.positions[0], split="train")
+            atomic_write_json(run.analysis_path("rotation"), result)
+
+    if not run.stage_done("report"):
+        with run.stage("report"):
+            build_report(run.root)
+    log(f"report: {run.report_path}")
+    return run
