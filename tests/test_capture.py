@@ -10,7 +10,7 @@ from torsion.tensorfile import RowWriter
 from tiny import tiny_lm
 
 PROMPTS = ["how do i bake bread", "hello", "tell me a story about the dragon and the knight please"]
-FAMILIES = ["llama", "qwen2", "mistral", "gemma2"]
+FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gemma2"]
 
 
 def _hidden_states(lm, prompts):

@@ -33,13 +33,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_config(family: str, n_layers: int = 3):
-    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(vocab_size=len(SPECIAL) + len(WORDS), hidden_size=32, intermediate_size=64,
                   num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=128, pad_token_id=0, eos_token_id=2, bos_token_id=2)
-    configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma2": Gemma2Config}
-    extra = {"head_dim": 8} if family == "gemma2" else {}
+    configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma": GemmaConfig,
+               "gemma2": Gemma2Config}
+    extra = {"head_dim": 8} if family.startswith("gemma") else {}
     return configs[family](**common, **extra)
 
 
