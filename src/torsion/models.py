@@ -140,13 +140,12 @@ class LoadedModel:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _resolve(spec: str) -> tuple[Path | str, str | None, str, str | None]:
+def resolve_spec(spec: str) -> tuple[Path | str, str | None, str, str | None]:
     """Map a spec to (from_pretrained source, gguf file name, model id, weights sha256)."""
     if spec.startswith("embedded:"):
         name = spec.removeprefix("embedded:")
         model = assets.embedded(name)
-        record = assets.asset_record(name)
-        if record is None or record.get("gguf_sha256") != model.sha256:
+        if not assets.is_cached(name):
             raise TorsionError(
                 f"embedded model {name!r} is not cached; run `torsion assets pull` (needs the "
                 "network once)"
@@ -185,7 +184,7 @@ def load_model(spec: str = f"embedded:{assets.DEFAULT_MODEL}", *, dtype: str = "
         raise TorsionError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TorsionError(f"--device {device} but no CUDA device is visible; use --device cpu")
-    source, gguf_file, model_id, weights_sha = _resolve(spec)
+    source, gguf_file, model_id, weights_sha = resolve_spec(spec)
     kwargs: dict = {"dtype": _DTYPES[dtype]}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
