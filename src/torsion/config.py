@@ -26,7 +26,7 @@ class RunConfig:
     holdout_fraction: float = 0.2
     seed: int = 0
     # generation and labels
-    max_new_tokens: int = 40
+    max_new_tokens: int = 32
     temperature: float = 0.0
     generation_batch_size: int = 8
     judge: str = "rules"

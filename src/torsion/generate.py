@@ -13,16 +13,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from torsion.capture import encode
-from torsion.data import Prompt
 from torsion.judge.base import Judge
 from torsion.models import LoadedModel
 from torsion.store import append_jsonl, read_jsonl
+
+if TYPE_CHECKING:
+    from torsion.data import Prompt
 
 
 @dataclass(frozen=True)
