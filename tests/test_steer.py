@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from torsion.capture import _output_tensor, encode
+from torsion.capture import output_tensor, encode
 from torsion.errors import TorsionError
 from torsion.orthogonalize import orthogonalize_weights, save_model_dir
 from torsion.steer import ablate_direction, add_steering, dense_steering, generate_steered
@@ -126,7 +126,7 @@ def test_sub_block_addition_changes_the_component_output_by_exactly_alpha_v(fami
     captured = []
 
     def capture(_module, _inputs, output):
-        captured.append(_output_tensor(output).clone())
+        captured.append(output_tensor(output).clone())
 
     handle = module.register_forward_hook(capture)  # registered first; steering still runs before it
     _forward(lm)

@@ -26,7 +26,7 @@ from torsion.models import LoadedModel, chat_prompt, post_instruction_length
 from torsion.tensorfile import RowWriter
 
 
-def _output_tensor(output: object) -> Tensor:
+def output_tensor(output: object) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -49,7 +49,7 @@ def recording(lm: LoadedModel, components: Sequence[str], positions: Sequence[st
 
     def make_hook(component: str, layer: int):
         def hook(_module, _inputs, output):
-            hidden = _output_tensor(output)
+            hidden = output_tensor(output)
             for position in positions:
                 if position == "last":
                     value = hidden[:, -1, :]

@@ -26,8 +26,8 @@ from torsion.data import build_prompt_set, read_prompts_jsonl, write_prompts_jso
 from torsion.errors import TorsionError
 from torsion.generate import GenerationSettings, generate_responses
 from torsion.judge import get_judge
-from torsion.judge.base import is_complied, is_refused
-from torsion.models import LoadedModel, load_model
+from torsion.judge.base import Judge, is_complied, is_refused
+from torsion.models import LoadedModel, load_model, resolve_spec
 from torsion.report import build_report
 from torsion.store import RunDir, atomic_write_json, read_jsonl
 from torsion.vectors import SteeringVector, fit_vectors, save_vectors
@@ -73,8 +73,13 @@ def labels_for_fit(prompts, responses) -> tuple[list[int], list[float | None]]:
     return rows, [r["score"] for r in responses]
 
 
-def run_pipeline(config: RunConfig, out: Path, *, log: Callable[[str], None] = print) -> RunDir:
-    """Run (or resume) every stage of the main job into ``out``."""
+def run_pipeline(config: RunConfig, out: Path, *, judge: Judge | None = None,
+                 log: Callable[[str], None] = print) -> RunDir:
+    """Run (or resume) every stage of the main job into ``out``.
+
+    ``judge`` overrides ``config.judge`` (a library caller's own labeller).
+    """
+    resolve_spec(config.model)  # fail fast on a bad spec or missing assets, before any work
     run = RunDir(out)
     _check_config(run, config)
     if not run.manifest():
@@ -108,7 +113,7 @@ def run_pipeline(config: RunConfig, out: Path, *, log: Callable[[str], None] = p
         run.update_manifest(generation=settings.__dict__)
         with run.stage("generate"):
             generate_responses(model(), prompts, run.responses_path, settings=settings,
-                               judge=get_judge(config.judge))
+                               judge=judge or get_judge(config.judge))
     by_id = {row["id"]: row for row in read_jsonl(run.responses_path)}
     responses = [by_id[p.id] for p in prompts]
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from torsion.capture import _output_tensor, encode
+from torsion.capture import output_tensor
 from torsion.conventions import LAYER_INDEXING
 from torsion.errors import TorsionError
 from torsion.generate import GenerationSettings, generate_batch
@@ -181,7 +181,7 @@ def add_steering(lm: LoadedModel, vectors: object, *, layers: int | Sequence[int
         def hook(_module: torch.nn.Module, _inputs: tuple, output: Any) -> Any:
             if not tracker.active:
                 return None
-            hidden = _output_tensor(output)
+            hidden = output_tensor(output)
             step = delta.to(hidden)
             if positions == "all" or hidden.shape[1] == 1:
                 steered = hidden + step
@@ -273,7 +273,7 @@ def ablate_direction(lm: LoadedModel, direction: object) -> Iterator[Tensor]:
 
     def make_hook(unit: Tensor):
         def hook(_module: torch.nn.Module, _inputs: tuple, output: Any) -> Any:
-            hidden = _output_tensor(output)
+            hidden = output_tensor(output)
             u = unit.to(hidden)
             ablated = hidden - (hidden @ u)[..., None] * u
             return (ablated, *output[1:]) if isinstance(output, tuple) else ablated
