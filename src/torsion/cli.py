@@ -54,6 +54,50 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_steer(args: argparse.Namespace) -> int:
+    import json
+
+    from torsion.models import load_model
+    from torsion.steer import generate_steered
+    from torsion.store import atomic_write_text
+    from torsion.vectors import load_vector
+
+    if args.prompt:
+        prompts = [args.prompt]
+    else:
+        from torsion.data import load_source
+
+        prompts = [p.prompt for p in load_source(args.prompts)][: args.limit]
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    vector = load_vector(args.vector, args.key, d_model=lm.d_model)
+    rows = generate_steered(lm, prompts, vectors=vector, layers=args.layers, alpha=args.alpha,
+                            component=args.component, positions=args.positions,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    for row in rows:
+        row["vector"] = {"file": str(args.vector), "key": args.key, "model_id": vector.meta.get("model_id")}
+    if args.out:
+        atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        print(args.out)
+        return 0
+    first = rows[0]
+    print(f"# layers {first['layers']}  alpha {first['alpha']}  applied norm "
+          f"{[round(n, 4) for n in first['applied_norm']]}  ({first['component']}, positions {first['positions']})")
+    for row in rows:
+        print(f"\n>>> {row['prompt']}\n{row['response']}")
+    return 0
+
+
+def _add_model_options(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
+    parser.add_argument("--model", default=default_model,
+                        help="embedded:qwen2.5-coder-0.5b (default), embedded:smollm2-135m, a Hugging Face id, "
+                        "a local model directory or a .gguf file")
+    parser.add_argument("--dtype", default=None if default_model is None else "float32",
+                        choices=["float32", "bfloat16", "float16"],
+                        help="model dtype (default float32); activations are always stored in float32")
+    parser.add_argument("--device", default=None if default_model is None else "cpu",
+                        help="cpu (default), cuda, cuda:N, or auto to shard a large model over all GPUs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torsion",
@@ -80,20 +124,39 @@ def build_parser() -> argparse.ArgumentParser:
         "mechanics only), quick (default, ~10 min on CPU), paper (every prompt).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
-    run.add_argument("--model", default=None,
-                     help="embedded:qwen2.5-coder-0.5b (default), embedded:smollm2-135m, a Hugging Face id, "
-                     "a local model directory or a .gguf file")
+    _add_model_options(run)
     run.add_argument("--out", type=Path, default=None, help="run directory (default runs/<model>-<profile>)")
-    run.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                     help="model dtype (default float32); activations are always stored in float32")
-    run.add_argument("--device", default=None,
-                     help="cpu (default), cuda, cuda:N, or auto to shard a large model over all GPUs")
     run.add_argument("--seed", type=int, default=None, help="seed for sampling, splits and resampling (default 0)")
     run.add_argument("--sources", nargs="+", default=None, metavar="SOURCE",
                      help="prompt sources: donotanswer, harmbench, neutral, a .csv/.json/.jsonl file, or hf:NAME")
     run.add_argument("--n-per-source", type=int, default=None, help="prompts sampled from each source")
     run.add_argument("--max-new-tokens", type=int, default=None, help="tokens generated per response")
     run.set_defaults(func=_cmd_run)
+
+    steer = commands.add_parser(
+        "steer", help="generate with a steering vector added at chosen layers",
+        description="Add alpha_l * v_l at the output of a component of each chosen block and generate "
+        "(greedy). Prints, or writes JSONL rows with the raw alpha and the applied norm ||alpha_l v_l|| per layer.",
+        epilog="example: torsion steer --vector runs/x/vectors.safetensors --key md/resid --layers 10 12 "
+        "--alpha -4 --prompts neutral --limit 8")
+    _add_model_options(steer, "embedded:qwen2.5-coder-0.5b")
+    steer.add_argument("--vector", type=Path, required=True, help="a vectors.safetensors file")
+    steer.add_argument("--key", default=None, help="which vector in the file, e.g. md/resid or md/resid/<category>")
+    steer.add_argument("--layers", type=int, nargs="+", required=True, help="block indices to steer")
+    steer.add_argument("--alpha", type=float, nargs="+", required=True,
+                       help="one alpha for every layer, or one per layer")
+    steer.add_argument("--component", default="resid", choices=["resid", "attn", "mlp"],
+                       help="where the vector is added (default resid: the block output)")
+    steer.add_argument("--positions", default="last", choices=["last", "all"],
+                       help="last (default): the prompt's last token, then each new token; all: every position")
+    source = steer.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt")
+    source.add_argument("--prompts", help="a prompt source: neutral, harmbench, donotanswer, or a file")
+    steer.add_argument("--limit", type=int, default=None, help="use the first N prompts of --prompts")
+    steer.add_argument("--max-new-tokens", type=int, default=48, help="tokens per response (default 48)")
+    steer.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
+    steer.add_argument("--out", type=Path, default=None, help="write JSONL rows here instead of printing")
+    steer.set_defaults(func=_cmd_steer)
     return parser
 
 

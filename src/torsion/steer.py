@@ -92,7 +92,9 @@ def _check_layers(lm: LoadedModel, layers: int | Sequence[int]) -> tuple[int, ..
 
 
 def _check_alpha(alpha: float | Sequence[float], layers: tuple[int, ...]) -> tuple[float, ...]:
-    values = (float(alpha),) * len(layers) if isinstance(alpha, Real) else tuple(map(float, alpha))
+    values = (float(alpha),) if isinstance(alpha, Real) else tuple(map(float, alpha))
+    if len(values) == 1:
+        values = values * len(layers)
     if len(values) != len(layers):
         raise TorsionError(f"got {len(values)} alpha values for {len(layers)} layers; "
                            "pass one alpha or one per layer")
