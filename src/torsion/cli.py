@@ -87,6 +87,45 @@ def _cmd_steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_vector(args: argparse.Namespace) -> int:
+    from torsion import interop
+    from torsion.vectors import load_vector, load_vectors
+
+    if args.action == "info":
+        for key, vector in load_vectors(args.file).items():
+            meta = vector.meta
+            print(f"{key or '(vector)':40s} [{vector.n_layers}, {vector.d_model}]  method={meta.get('method')} "
+                  f"component={meta.get('component')} model={meta.get('model_id')} "
+                  f"n_refused={meta.get('n_refused')} n_complied={meta.get('n_complied')}")
+        return 0
+    if args.out is None:
+        suffix = ".gguf" if args.action == "export-gguf" else ".safetensors"
+        raise TorsionError(f"vector {args.action} needs --out FILE{suffix}")
+    if args.action == "export-gguf":
+        vector = load_vector(args.file, args.key)
+        hint = args.model_hint or str(vector.meta.get("model_id", "unknown"))
+        print(interop.export_control_vector_gguf(vector, args.out, model_hint=hint))
+        return 0
+    vector = interop.import_control_vector_gguf(args.file, n_layers=args.n_layers)
+    vector.save(args.out)
+    print(args.out)
+    return 0
+
+
+def _cmd_orthogonalize(args: argparse.Namespace) -> int:
+    from torsion.models import load_model
+    from torsion.orthogonalize import orthogonalize_weights, save_model_dir
+    from torsion.vectors import load_vector
+
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    vector = load_vector(args.vector, args.key, d_model=lm.d_model)
+    if not 0 <= args.layer < vector.n_layers:
+        raise TorsionError(f"layer {args.layer} is out of range; the vector has layers 0..{vector.n_layers - 1}")
+    edited = orthogonalize_weights(lm, vector.directions[args.layer], inplace=True)
+    print(save_model_dir(edited, args.out))
+    return 0
+
+
 def _add_model_options(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
     parser.add_argument("--model", default=default_model,
                         help="embedded:qwen2.5-coder-0.5b (default), embedded:smollm2-135m, a Hugging Face id, "
@@ -157,6 +196,30 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
     steer.add_argument("--out", type=Path, default=None, help="write JSONL rows here instead of printing")
     steer.set_defaults(func=_cmd_steer)
+
+    vector = commands.add_parser(
+        "vector", help="inspect vector files; convert to and from llama.cpp control vectors",
+        description="info: list the vectors in a file with their provenance. export-gguf: write one "
+        "vector as a llama.cpp control vector (direction.<l> = block l). import-gguf: read one back.")
+    vector.add_argument("action", choices=["info", "export-gguf", "import-gguf"])
+    vector.add_argument("file", type=Path, help="vectors.safetensors (info, export-gguf) or a .gguf (import-gguf)")
+    vector.add_argument("--key", default=None, help="which vector to export, e.g. md/resid")
+    vector.add_argument("--out", type=Path, help="output file (.gguf for export, .safetensors for import)")
+    vector.add_argument("--model-hint", default=None, help="llama.cpp model hint (default: the vector's model id)")
+    vector.add_argument("--n-layers", type=int, default=None, help="blocks of the target model (import)")
+    vector.set_defaults(func=_cmd_vector)
+
+    ortho = commands.add_parser(
+        "orthogonalize", help="project a direction out of the weights and save the edited model",
+        description="W <- W - v v^T W for the embedding, attention out-projections and MLP "
+        "down-projections, with v the unit direction of one layer of a vector. The result is a "
+        "Hugging Face model directory; it matches directional ablation by hooks.")
+    _add_model_options(ortho, "embedded:qwen2.5-coder-0.5b")
+    ortho.add_argument("--vector", type=Path, required=True, help="a vectors.safetensors file")
+    ortho.add_argument("--key", default=None, help="which vector in the file, e.g. md/resid")
+    ortho.add_argument("--layer", type=int, required=True, help="the layer whose direction is removed")
+    ortho.add_argument("--out", type=Path, required=True, help="directory for the edited model")
+    ortho.set_defaults(func=_cmd_orthogonalize)
     return parser
 
 
