@@ -9,7 +9,8 @@ from transformers import PreTrainedTokenizerFast
 
 from torsion.capture import encode
 from torsion.errors import TorsionError
-from torsion.metrics import (first_token_kl, kl_divergence, letter_token_ids, mcq_accuracy, mcq_prompt,
+from torsion.data import format_mcq
+from torsion.metrics import (first_token_kl, kl_divergence, letter_token_ids, mcq_accuracy, 
                              next_token_logprobs, perplexity, teacher_forced_kl)
 from torsion.models import LoadedModel, chat_prompt
 from torsion.steer import add_steering
@@ -138,7 +139,7 @@ def test_mcq_accuracy_scores_the_highest_logit_letter():
     expected = []
     with torch.no_grad():  # by hand: argmax of the four letters' logits after each rendered prompt
         for item in ITEMS:
-            logits = lm.model(**encode(lm, [mcq_prompt(item)])).logits[0, -1]
+            logits = lm.model(**encode(lm, [format_mcq(item)])).logits[0, -1]
             expected.append("ABCD"[int(logits[letter_ids].argmax())])
     result = mcq_accuracy(lm, ITEMS, batch_size=3)
     answers = [item["answer"] if isinstance(item, dict) else item.answer for item in ITEMS]

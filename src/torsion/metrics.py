@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from torsion.capture import encode
+from torsion.data.mcq import LETTERS, format_mcq, item_field
 from torsion.errors import TorsionError
 from torsion.models import LoadedModel, chat_prompt
 
 SteerFactory = Callable[[], AbstractContextManager[Any]]
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 @contextmanager
@@ -174,18 +174,6 @@ def perplexity(lm: LoadedModel, texts: Sequence[str], steer: SteerFactory | None
     return {"perplexity": math.exp(mean_nll), "mean_nll": mean_nll, "n_tokens": n_tokens}
 
 
-def _field(item: object, name: str) -> Any:
-    return item[name] if isinstance(item, Mapping) else getattr(item, name)
-
-
-def mcq_prompt(item: object) -> str:
-    """The user message for an item with ``question`` and ``choices``: lettered choices, asking for the letter."""
-    choices = _field(item, "choices")
-    lines = [f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices)]
-    return (f"{_field(item, 'question')}\n\n" + "\n".join(lines)
-            + f"\n\nAnswer with the letter of the correct choice ({', '.join(LETTERS[:len(choices)])}) only.")
-
-
 def letter_token_ids(tokenizer: Any, letter: str) -> list[int]:
     """Single-token ids for ``letter`` and ``" " + letter`` (those that exist as one known token)."""
     ids = []
@@ -209,15 +197,15 @@ def mcq_accuracy(lm: LoadedModel, items: Sequence[object], steer: SteerFactory |
     """
     if not items:
         raise TorsionError("no MCQ items to score; pass at least one item")
-    letters = [LETTERS[:len(_field(item, "choices"))] for item in items]
+    letters = [LETTERS[:len(item_field(item, "choices"))] for item in items]
     for item, valid in zip(items, letters):
-        if _field(item, "answer") not in valid:
-            raise TorsionError(f"answer {_field(item, 'answer')!r} is not one of {valid} for question "
-                               f"{_field(item, 'question')[:40]!r}; fix the item's answer letter")
+        if item_field(item, "answer") not in valid:
+            raise TorsionError(f"answer {item_field(item, 'answer')!r} is not one of {valid} for question "
+                               f"{item_field(item, 'question')[:40]!r}; fix the item's answer letter")
     token_ids = {letter: letter_token_ids(lm.tokenizer, letter) for letter in set("".join(letters))}
-    logprobs = next_token_logprobs(lm, [mcq_prompt(item) for item in items], batch_size, steer)
+    logprobs = next_token_logprobs(lm, [format_mcq(item) for item in items], batch_size, steer)
     predictions = [max(valid, key=lambda letter: row[token_ids[letter]].max().item())
                    for row, valid in zip(logprobs, letters)]
-    correct = [p == _field(item, "answer") for p, item in zip(predictions, items)]
+    correct = [p == item_field(item, "answer") for p, item in zip(predictions, items)]
     return {"accuracy": sum(correct) / len(items), "predictions": predictions, "correct": correct,
             "n_items": len(items), "scoring": "max next-token log-prob over answer-letter tokens"}
