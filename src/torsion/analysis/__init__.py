@@ -1,0 +1,1 @@
+"""Analyses of a run: rotation, propagation, random-direction control, category geometry."""
