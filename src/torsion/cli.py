@@ -42,11 +42,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from torsion.config import RunConfig
     from torsion.pipeline import run_pipeline
 
-    config = RunConfig.from_profile(
-        args.profile, model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
-        sources=tuple(args.sources) if args.sources else None, n_per_source=args.n_per_source,
-        max_new_tokens=args.max_new_tokens,
-    )
+    given = {"model": args.model, "dtype": args.dtype, "device": args.device, "seed": args.seed,
+             "sources": tuple(args.sources) if args.sources else None, "n_per_source": args.n_per_source,
+             "max_new_tokens": args.max_new_tokens}
+    config = RunConfig.from_profile(args.profile, **{k: v for k, v in given.items() if v is not None})
     out = args.out or _default_out(config)
     print(f"torsion run: profile {config.profile}, model {config.model}, out {out}", file=sys.stderr)
     run_pipeline(config, out, log=lambda message: print(message, file=sys.stderr))

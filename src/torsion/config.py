@@ -51,8 +51,7 @@ class RunConfig:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise TorsionError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        values = {k: v for k, v in overrides.items() if v is not None}
-        return replace(cls(), profile=profile, **PROFILES[profile], **values)
+        return replace(cls(), profile=profile, **{**PROFILES[profile], **overrides})
 
     def to_dict(self) -> dict:
         record = asdict(self)

@@ -1,0 +1,5 @@
+"""The HTML report of a run directory."""
+
+from torsion.report.html import SECTIONS, build_report
+
+__all__ = ["SECTIONS", "build_report"]

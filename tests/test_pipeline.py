@@ -1,0 +1,118 @@
+"""The main job end to end on a tiny random model saved as a Hugging Face directory."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from torsion.config import RunConfig
+from torsion.judge.base import Verdict
+from torsion.pipeline import run_pipeline
+from torsion.store import read_jsonl
+
+from tiny import tiny_lm
+
+WORDS = "how do i bake bread tell me a story about the dragon and knight please what is capital".split()
+
+
+class OracleJudge:
+    """Labels by a hash of the prompt, so both classes exist whatever a random model says."""
+
+    name = "oracle"
+
+    def judge(self, prompts, responses):
+        labels = ["strong_refuse", "weak_refuse", "strong_comply", "weak_comply", "degenerate"]
+        scores = {"strong_refuse": 1.0, "weak_refuse": 0.5, "strong_comply": -1.0, "weak_comply": -0.5,
+                  "degenerate": 2.0}
+        out = []
+        for prompt in prompts:
+            label = labels[sum(map(ord, prompt)) % 5]
+            out.append(Verdict(label, scores[label], self.name))
+        return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_lm("llama", n_layers=4)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    rows = [{"prompt": " ".join(rng.choice(WORDS, size=rng.integers(2, 8))) + f" {i}",
+             "category": ["a", "b"][i % 2]} for i in range(40)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _config(model_dir, prompt_file, **overrides):
+    return RunConfig.from_profile(
+        "smoke", model=str(model_dir), sources=(str(prompt_file),), n_per_source=None,
+        max_new_tokens=4, bootstrap=50, null_permutations=20, split_halves=5, **overrides)
+
+
+def test_pipeline_files_and_vectors_equal_recomputation(tmp_path, tiny_model_dir, prompt_file):
+    out = tmp_path / "run"
+    run_pipeline(_config(tiny_model_dir, prompt_file), out, judge=OracleJudge(), log=lambda m: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(manifest["stages"][s]["done"] for s in ("prompts", "generate", "capture", "vectors",
+                                                       "rotation", "report"))
+    assert manifest["model"]["n_layers"] == 4 and manifest["model"]["d_model"] == 32
+    prompts = read_jsonl(out / "prompts.jsonl")
+    responses = {r["id"]: r for r in read_jsonl(out / "responses.jsonl")}
+    assert len(prompts) == 40 and set(responses) == {p["id"] for p in prompts}
+    assert set(prompts[0]) == {"id", "prompt", "category", "source", "split", "prompt_hash"}
+    assert sum(p["split"] == "holdout" for p in prompts) == 8
+
+    acts = load_file(out / "activations.safetensors")
+    vectors = load_file(out / "vectors.safetensors")
+    scores = np.array([responses[p["id"]]["score"] for p in prompts])
+    train = np.array([p["split"] == "train" for p in prompts])
+    for component in ("resid", "attn", "mlp"):
+        x = acts[component].astype(np.float64)
+        assert x.shape == (40, 4, 32)
+        refused = x[train & np.isin(scores, [0.5, 1.0])]
+        complied = x[train & np.isin(scores, [-0.5, -1.0])]
+        expected = refused.mean(0) - complied.mean(0)
+        np.testing.assert_allclose(vectors[f"md/{component}"], expected, rtol=1e-5, atol=1e-5)
+        for category in ("a", "b"):
+            assert vectors[f"md/{component}/{category}"].shape == (4, 32)
+    rotation = json.loads((out / "analysis" / "rotation.json").read_text())
+    assert set(rotation["components"]) == {"resid", "attn", "mlp"}
+    assert "<img" in (out / "report.html").read_text()
+
+
+def test_pipeline_resumes_without_redoing_work(tmp_path, tiny_model_dir, prompt_file):
+    out = tmp_path / "run"
+    config = _config(tiny_model_dir, prompt_file)
+    run_pipeline(config, out, judge=OracleJudge(), log=lambda m: None)
+    responses = (out / "responses.jsonl").read_text().splitlines(keepends=True)
+    # a kill during generation: the last batch never landed, later stages never ran
+    (out / "responses.jsonl").write_text("".join(responses[:-3]))
+    manifest = json.loads((out / "manifest.json").read_text())
+    for stage in ("generate", "capture", "vectors", "rotation", "report"):
+        manifest["stages"].pop(stage)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    first_rows = responses[:-3]
+    run_pipeline(config, out, judge=OracleJudge(), log=lambda m: None)
+    again = (out / "responses.jsonl").read_text().splitlines(keepends=True)
+    assert again[:-3] == first_rows and len(again) == 40  # finished rows kept, only 3 regenerated
+    before = (out / "vectors.safetensors").stat().st_mtime_ns
+    run_pipeline(config, out, judge=OracleJudge(), log=lambda m: None)  # finished: does nothing
+    assert (out / "vectors.safetensors").stat().st_mtime_ns == before
+
+
+def test_changed_settings_are_refused(tmp_path, tiny_model_dir, prompt_file):
+    from torsion.errors import TorsionError
+
+    out = tmp_path / "run"
+    (out).mkdir()
+    (out / "manifest.json").write_text(json.dumps({"config": {"seed": 123}}))
+    with pytest.raises(TorsionError, match="different settings"):
+        run_pipeline(_config(tiny_model_dir, prompt_file), out, judge=OracleJudge(), log=lambda m: None)
