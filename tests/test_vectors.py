@@ -86,6 +86,19 @@ def test_rmd_matches_numpy_solve_on_random_data():
                               rmd(refused, complied, lam=2.0, lam_mode="absolute"))
 
 
+def test_rmd_with_fewer_complied_rows_than_dimensions_matches_numpy():
+    """n_complied < d_model takes the n×n push-through solve; it must equal the d×d system."""
+    refused, complied = _random_classes(5, n_r=12, n_c=8, d=40)
+    ones_r, ones_c = np.ones(12), np.ones(8)
+    weights_r, weights_c = np.linspace(0.2, 1.0, 12), np.linspace(0.5, 1.0, 8)
+    for lam, mode in ((1e-2, "relative"), (0.3, "absolute")):
+        expected = _numpy_ridge(refused.numpy(), complied.numpy(), ones_r, ones_c, lam, mode)
+        np.testing.assert_allclose(rmd(refused, complied, lam=lam, lam_mode=mode).numpy(), expected, rtol=1e-4)
+        expected = _numpy_ridge(refused.numpy(), complied.numpy(), weights_r, weights_c, lam, mode)
+        got = wrmd(refused, complied, weights_r, -weights_c, lam=lam, lam_mode=mode)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4)
+
+
 def test_rmd_neutral_mean_cancels_in_the_difference():
     refused, complied = _random_classes(1)
     neutral = torch.randn(7, 3, 5, generator=torch.Generator().manual_seed(2)) * 10 + 4

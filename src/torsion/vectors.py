@@ -111,20 +111,35 @@ def _weighted_ridge_difference(refused: Tensor, complied: Tensor, weights_r: Ten
     c_bar = _weighted_mean(x_c - mu_n, weights_c)
     deviations = x_c - _weighted_mean(x_c, weights_c)  # [n_complied, n_layers, d_model]
     total = weights_c.sum()
-    covariance = torch.einsum("n,nld,nle->lde", weights_c, deviations, deviations)
-    covariance /= total - (weights_c**2).sum() / total  # [n_layers, d_model, d_model]
-    d_model = covariance.shape[-1]
+    scale = (weights_c / (total - (weights_c**2).sum() / total)).sqrt()
+    factor_rows = (scale[:, None, None] * deviations).transpose(0, 1)  # A: [n_layers, n_complied, d_model], C = AᵀA
+    n_complied, d_model = factor_rows.shape[1:]
     if lam_mode == "relative":
-        ridge = lam * torch.diagonal(covariance, dim1=-2, dim2=-1).sum(-1) / d_model  # [n_layers]
+        ridge = lam * (factor_rows**2).sum((-2, -1)) / d_model  # trace(C) / d, [n_layers]
     else:
-        ridge = torch.full((covariance.shape[0],), float(lam), dtype=torch.float64)
-    system = covariance + ridge[:, None, None] * torch.eye(d_model, dtype=torch.float64)
+        ridge = torch.full((factor_rows.shape[0],), float(lam), dtype=torch.float64)
+    target = (r_bar - c_bar).unsqueeze(-1)  # [n_layers, d_model, 1]
+    if n_complied < d_model and bool((ridge > 0).all()):
+        # Push-through identity: (AᵀA + λI)⁻¹ b = (b − Aᵀ (AAᵀ + λI)⁻¹ A b) / λ. The Cholesky
+        # factorisation is of the n×n system instead of the d×d one; no inverse is formed.
+        system = factor_rows @ factor_rows.transpose(-1, -2)
+        system += ridge[:, None, None] * torch.eye(n_complied, dtype=torch.float64)
+        inner = torch.cholesky_solve(factor_rows @ target, _cholesky(system, lam, lam_mode))
+        solution = (target - factor_rows.transpose(-1, -2) @ inner) / ridge[:, None, None]
+    else:
+        system = factor_rows.transpose(-1, -2) @ factor_rows
+        system += ridge[:, None, None] * torch.eye(d_model, dtype=torch.float64)
+        solution = torch.cholesky_solve(target, _cholesky(system, lam, lam_mode))
+    return solution.squeeze(-1).float()
+
+
+def _cholesky(system: Tensor, lam: float, lam_mode: str) -> Tensor:
     factor, info = torch.linalg.cholesky_ex(system)
     if bool(info.any()):
         bad = torch.nonzero(info).flatten().tolist()
         raise TorsionError(f"C + λI is not positive definite at layer(s) {bad} (lam={lam}, {lam_mode}); "
                            "use a larger lam")
-    return torch.cholesky_solve((r_bar - c_bar).unsqueeze(-1), factor).squeeze(-1).float()
+    return factor
 
 
 def _weighted_mean(x: Tensor, weights: Tensor) -> Tensor:
@@ -136,15 +151,18 @@ def pca_direction(refused: Tensor, complied: Tensor) -> Tensor:
     """PCA: first principal component of the pooled, class-centred activations, per layer.
 
     Each class minus its own mean, pooled; the top right singular vector of that
-    ``[n_refused + n_complied, d_model]`` matrix at each layer. Unit norm, sign aligned with MD.
+    ``[n_refused + n_complied, d_model]`` matrix at each layer, read off the top eigenvector of
+    the ``n × n`` Gram matrix (the same vector, far cheaper when ``n < d_model``). Unit norm,
+    sign aligned with MD.
 
     Returns:
         ``[n_layers, d_model]`` float32.
     """
     x_r, x_c = refused.double(), complied.double()
     pooled = torch.cat([x_r - x_r.mean(0), x_c - x_c.mean(0)]).transpose(0, 1)  # [n_layers, n, d_model]
-    _, _, vh = torch.linalg.svd(pooled, full_matrices=False)
-    return _align_with_md(vh[:, 0, :], x_r, x_c).float()
+    _, eigenvectors = torch.linalg.eigh(pooled @ pooled.transpose(-1, -2))  # ascending eigenvalues
+    top = (pooled.transpose(-1, -2) @ eigenvectors[..., -1:]).squeeze(-1)  # [n_layers, d_model]
+    return _align_with_md(top / top.norm(dim=-1, keepdim=True), x_r, x_c).float()
 
 
 def probe_direction(refused: Tensor, complied: Tensor, *, l2: float = 1.0, max_iter: int = 100) -> Tensor:
