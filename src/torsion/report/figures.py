@@ -1,70 +1,107 @@
-"""Figures for the report, drawn with matplotlib's Agg backend and saved as PNG.
+"""The report's figures, drawn with matplotlib's Agg backend and written atomically as PNG.
+
+Both figures read ``analysis/rotation.json`` (``torsion.analysis.rotation.analyze_rotation``).
+Layer ``l`` is decoder block ``l``; the pair ``(l, l+1)`` is drawn at ``x = l + 0.5``.
 
 Example::
 
-    png = rotation_figure(rotation_json)        # bytes
+    rotation = json.loads((run_dir / "analysis" / "rotation.json").read_text())
+    rotation_angle_figure(rotation, run_dir / "analysis" / "rotation_angles.png")
+    split_half_figure(rotation, run_dir / "analysis" / "rotation_split_half.png")
 """
 
 from __future__ import annotations
 
 import io
+import math
+from pathlib import Path
 from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+from torsion.store import atomic_write_bytes
 
 COLOURS = {"resid": "#1f4e79", "attn": "#c55a11", "mlp": "#548235"}
+DPI = 110
 
 
-def _png(figure: Any) -> bytes:
+def _save(figure: Figure, path: Path) -> Path:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(figure)
-    return buffer.getvalue()
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
 
 
-def rotation_figure(rotation: dict[str, Any]) -> bytes:
-    """Per component: adjacent-pair angle with its bias-corrected CI band, the shuffled-label
-    null band, the random-direction reference, and the split-half same-layer angle."""
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _random_reference(ax: Any, reference: dict[str, float]) -> None:
+    """Two unrelated directions: a dashed line at the mean and a faint ±1 sd band."""
+    mean, sd = reference["mean_deg"], reference["sd_deg"]
+    ax.axhline(mean, color="black", ls="--", lw=0.8, label=f"random directions {mean:.0f}° ± {sd:.1f}°")
+    ax.axhspan(mean - sd, mean + sd, color="black", alpha=0.07, lw=0)
+
+
+def rotation_angle_figure(rotation: dict[str, Any], path: Path) -> Path:
+    """Per component: adjacent-pair angle vs layer pair, with its controls; written to ``path``.
+
+    Each panel shows ``angle(v_l, v_{l+1})`` with its prompt-bootstrap 95% band, the
+    shuffled-label null's 2.5–97.5 percentile band (grey), the random-direction reference
+    (dashed, ±1 sd) and the split-half same-layer angle ``angle(v_l^A, v_l^B)`` per layer.
+    """
     components = rotation["components"]
-    reference = rotation["random_reference"]
-    figure, axes = plt.subplots(1, len(components), figsize=(4.6 * len(components), 3.6), sharey=True,
+    figure, axes = plt.subplots(1, len(components), figsize=(4.2 * len(components), 3.4), sharey=True,
                                 squeeze=False)
     for ax, (name, result) in zip(axes[0], components.items()):
-        pairs = list(range(len(result["pair_angles_deg"])))
         colour = COLOURS.get(name, "black")
-        ci = result["prompt_bootstrap"].get("pair_ci95_basic", result["prompt_bootstrap"]["pair_ci95"])
-        ax.fill_between(pairs, [c[0] for c in ci], [c[1] for c in ci], color=colour, alpha=0.25, lw=0)
-        ax.plot(pairs, result["pair_angles_deg"], color=colour, marker="o", ms=3, label="angle(v_l, v_l+1)")
+        angles = result["pair_angles_deg"]
+        pair_x = [layer + 0.5 for layer in range(len(angles))]
         null = result["null"]
-        ax.axhspan(null["p2_5"], null["p97_5"], color="grey", alpha=0.18, lw=0, label="shuffled-label null 95%")
-        ax.axhline(reference["mean_deg"], color="black", ls="--", lw=0.8, label="random directions")
-        ax.axhspan(reference["mean_deg"] - 2 * reference["sd_deg"], reference["mean_deg"] + 2 * reference["sd_deg"],
-                   color="black", alpha=0.06, lw=0)
+        if _finite(null["p2_5"]) and _finite(null["p97_5"]):
+            ax.axhspan(null["p2_5"], null["p97_5"], color="grey", alpha=0.3, lw=0,
+                       label="shuffled-label null of the mean, 2.5–97.5%")
+        if _finite(result["mean_deg"]):
+            ax.axhline(result["mean_deg"], color=colour, lw=0.8, alpha=0.7, label="mean over pairs")
+        _random_reference(ax, rotation["random_reference"])
+        band = result["prompt_bootstrap"]["pair_ci95"]
+        ax.fill_between(pair_x, [lo for lo, _ in band], [hi for _, hi in band], color=colour, alpha=0.25, lw=0,
+                        label="prompt bootstrap 95%")
+        ax.plot(pair_x, angles, color=colour, marker="o", ms=3, label=r"angle($v_l$, $v_{l+1}$)")
         same = result["split_half"]["same_layer_angle_deg"]
-        ax.plot([p + 0.5 for p in pairs], [(a + b) / 2 for a, b in zip(same[:-1], same[1:])], color=colour,
-                ls=":", lw=1.2, label="split-half same-layer angle")
-        ax.set_title(f"{name}: mean {result['mean_deg']:.1f}°, null p = {null['p_value']:.3g}", fontsize=9)
-        ax.set_xlabel("layer pair (l, l+1)")
+        ax.plot(range(len(same)), same, color=colour, ls=":", marker="x", ms=3, lw=1.2,
+                label=r"split-half angle($v_l^A$, $v_l^B$)")
+        ax.set_title(f"{name}: null p = {null['p_value']:.3g}" if _finite(null["p_value"]) else name, fontsize=10)
+        ax.set_xlabel("layer l (pair (l, l+1) drawn at l + 0.5)")
         ax.set_ylim(0, 180)
+        ax.set_yticks(range(0, 181, 30))
         ax.grid(alpha=0.2)
     axes[0][0].set_ylabel("angle (degrees)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    return _png(figure)
+    figure.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                  ncol=3, fontsize=8, frameon=False)
+    return _save(figure, path)
 
 
-def reliability_figure(rotation: dict[str, Any]) -> bytes:
-    """Split-half same-layer angle per layer, per component (large = noise-dominated)."""
+def split_half_figure(rotation: dict[str, Any], path: Path) -> Path:
+    """Split-half same-layer angle per layer, one line per component; written to ``path``.
+
+    Near 0° the vector is stable across halves of the prompts; near the random reference it
+    is noise at this sample size.
+    """
     figure, ax = plt.subplots(figsize=(6.0, 3.2))
     for name, result in rotation["components"].items():
         same = result["split_half"]["same_layer_angle_deg"]
         ax.plot(range(len(same)), same, marker="o", ms=3, color=COLOURS.get(name, "black"), label=name)
-    ax.axhline(90, color="black", ls="--", lw=0.8)
-    ax.set_xlabel("layer (block)")
-    ax.set_ylabel("angle(v_l^A, v_l^B) (degrees)")
+    _random_reference(ax, rotation["random_reference"])
+    ax.set_xlabel("layer l (decoder block)")
+    ax.set_ylabel(r"angle($v_l^A$, $v_l^B$) (degrees)")
     ax.set_ylim(0, 180)
+    ax.set_yticks(range(0, 181, 30))
     ax.grid(alpha=0.2)
     ax.legend(fontsize=8)
-    return _png(figure)
+    return _save(figure, path)
