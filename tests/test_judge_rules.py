@@ -276,7 +276,7 @@ def test_judge_rows_names_the_row_and_field_that_is_missing(missing):
 
 def test_get_judge():
     assert isinstance(get_judge("rules"), RuleJudge)
-    with pytest.raises(TorsionError, match="'llm' is not available yet"):
+    with pytest.raises(TorsionError, match="'llm' needs a model name"):
         get_judge("llm")
     with pytest.raises(TorsionError, match="unknown judge 'gpt'; choose one of: rules, llm"):
         get_judge("gpt")

@@ -8,7 +8,7 @@ from safetensors.numpy import load_file
 
 from torsion.config import RunConfig
 from torsion.judge.base import Verdict
-from torsion.pipeline import run_pipeline
+from torsion.pipeline import STAGES, run_pipeline
 from torsion.store import read_jsonl
 
 from tiny import tiny_lm
@@ -61,8 +61,9 @@ def test_pipeline_files_and_vectors_equal_recomputation(tmp_path, tiny_model_dir
     out = tmp_path / "run"
     run_pipeline(_config(tiny_model_dir, prompt_file), out, judge=OracleJudge(), log=lambda m: None)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert all(manifest["stages"][s]["done"] for s in ("prompts", "generate", "capture", "vectors",
-                                                       "rotation", "report"))
+    assert all(manifest["stages"][s]["done"] for s in STAGES)
+    for name in ("rotation", "propagation", "random_control", "categories"):
+        assert json.loads((out / "analysis" / f"{name}.json").read_text())["analysis"] == name
     assert manifest["model"]["n_layers"] == 4 and manifest["model"]["d_model"] == 32
     prompts = read_jsonl(out / "prompts.jsonl")
     responses = {r["id"]: r for r in read_jsonl(out / "responses.jsonl")}
@@ -96,7 +97,7 @@ def test_pipeline_resumes_without_redoing_work(tmp_path, tiny_model_dir, prompt_
     # a kill during generation: the last batch never landed, later stages never ran
     (out / "responses.jsonl").write_text("".join(responses[:-3]))
     manifest = json.loads((out / "manifest.json").read_text())
-    for stage in ("generate", "capture", "vectors", "rotation", "report"):
+    for stage in STAGES[1:]:
         manifest["stages"].pop(stage)
     (out / "manifest.json").write_text(json.dumps(manifest))
     first_rows = responses[:-3]

@@ -42,6 +42,10 @@ class RunConfig:
     bootstrap: int = 1000
     null_permutations: int = 200
     split_halves: int = 50
+    # causal analyses on the model (methods.md: propagation, random-direction control)
+    propagation_prompts: int = 16
+    random_directions: int = 50
+    random_control_prompts: int = 32
 
     @classmethod
     def from_profile(cls, profile: str = "quick", **overrides: object) -> "RunConfig":
@@ -61,7 +65,7 @@ class RunConfig:
 PROFILES: dict[str, dict] = {
     # about 2 minutes on 2 CPU cores with the embedded Qwen model: mechanics, not science
     "smoke": {"n_per_source": 24, "max_new_tokens": 24, "bootstrap": 200, "null_permutations": 100,
-              "split_halves": 20},
+              "split_halves": 20, "propagation_prompts": 8, "random_directions": 10, "random_control_prompts": 8},
     # about 10 minutes on 2 CPU cores: the default
     "quick": {},
     # every prompt of both sources; hours on CPU, minutes on a GPU

@@ -19,6 +19,9 @@ from typing import Callable
 import torch
 
 import torsion
+from torsion.analysis.categories import run_categories
+from torsion.analysis.propagation import run_propagation
+from torsion.analysis.random_control import run_random_control
 from torsion.analysis.rotation import analyze_rotation
 from torsion.capture import capture_to_file, load_activations
 from torsion.config import RunConfig
@@ -32,7 +35,8 @@ from torsion.report import build_report
 from torsion.store import RunDir, atomic_write_json, read_jsonl
 from torsion.vectors import SteeringVector, fit_vectors, save_vectors
 
-STAGES = ("prompts", "generate", "capture", "vectors", "rotation", "report")
+STAGES = ("prompts", "generate", "capture", "vectors", "rotation", "propagation", "random_control",
+          "categories", "report")
 _VERSIONED = ("torch", "transformers", "safetensors", "numpy", "scipy", "gguf", "garak")
 
 
@@ -58,7 +62,8 @@ def _check_config(run: RunDir, config: RunConfig) -> None:
     previous = run.manifest().get("config")
     if previous is None:
         return
-    changed = sorted(k for k, v in config.to_dict().items() if previous.get(k) != v)
+    current = config.to_dict()
+    changed = sorted(k for k in previous if previous[k] != current.get(k))
     if changed:
         raise TorsionError(
             f"{run.root} was made with different settings ({', '.join(changed)}); "
@@ -83,8 +88,8 @@ def run_pipeline(config: RunConfig, out: Path, *, judge: Judge | None = None,
     run = RunDir(out)
     _check_config(run, config)
     if not run.manifest():
-        run.update_manifest(torsion_version=torsion.__version__, config=config.to_dict(),
-                            seed=config.seed, versions=package_versions())
+        run.update_manifest(torsion_version=torsion.__version__, seed=config.seed, versions=package_versions())
+    run.update_manifest(config=config.to_dict())  # settings added since the run began are recorded too
     lm: LoadedModel | None = None
 
     def model() -> LoadedModel:
@@ -157,6 +162,17 @@ def run_pipeline(config: RunConfig, out: Path, *, judge: Judge | None = None,
                                       n_splits=config.split_halves, seed=config.seed)
             result["conventions"].update(position=config.positions[0], split="train")
             atomic_write_json(run.analysis_path("rotation"), result)
+
+    if not run.stage_done("propagation"):
+        with run.stage("propagation"):
+            run_propagation(run.root, model(), n_prompts=config.propagation_prompts, seed=config.seed)
+    if not run.stage_done("random_control"):
+        with run.stage("random_control"):
+            run_random_control(run.root, model(), n_random=config.random_directions,
+                               n_prompts=config.random_control_prompts, seed=config.seed)
+    if not run.stage_done("categories"):
+        with run.stage("categories"):
+            run_categories(run.root)
 
     if not run.stage_done("report"):
         with run.stage("report"):

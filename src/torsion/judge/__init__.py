@@ -9,15 +9,17 @@ Example::
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+import inspect
+from typing import Any, Iterable, Iterator
 
 from torsion.errors import TorsionError
 from torsion.judge.base import JUDGE_ERROR, LABEL_SCORES, Judge, Verdict, is_complied, is_refused
 from torsion.judge.correction import correct_false_positives
+from torsion.judge.llm import LLMJudge
 from torsion.judge.rules import RuleJudge
 
 __all__ = [
-    "JUDGE_ERROR", "LABEL_SCORES", "Judge", "RuleJudge", "Verdict", "correct_false_positives",
+    "JUDGE_ERROR", "LABEL_SCORES", "Judge", "LLMJudge", "RuleJudge", "Verdict", "correct_false_positives",
     "get_judge", "is_complied", "is_refused", "judge_rows",
 ]
 
@@ -25,13 +27,21 @@ JUDGES: tuple[str, ...] = ("rules", "llm")
 _ROW_FIELDS: tuple[str, ...] = ("prompt", "response")
 
 
-def get_judge(name: str) -> Judge:
-    """The judge called ``name``: ``"rules"`` is :class:`RuleJudge`; ``"llm"`` is not available yet."""
-    if name == "rules":
-        return RuleJudge()
-    if name == "llm":
-        raise TorsionError("judge 'llm' is not available yet; use --judge rules")
-    raise TorsionError(f"unknown judge {name!r}; choose one of: {', '.join(JUDGES)} (llm not available yet)")
+def get_judge(name: str, **options: Any) -> Judge:
+    """The judge called ``name``: ``"rules"`` is :class:`RuleJudge` (no options); ``"llm"`` is
+    :class:`LLMJudge` built from ``options`` (``model=`` at least). An unknown option fails loudly."""
+    if name not in JUDGES:
+        raise TorsionError(f"unknown judge {name!r}; choose one of: {', '.join(JUDGES)}")
+    factory = RuleJudge if name == "rules" else LLMJudge
+    accepted = [p for p in inspect.signature(factory).parameters if p != "self"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TorsionError(f"judge {name!r} takes no option(s) {', '.join(unknown)}; "
+                           f"its options: {', '.join(accepted) or 'none'}")
+    if name == "llm" and "model" not in options:
+        raise TorsionError("judge 'llm' needs a model name; pass --judge-model (and --judge-url for a "
+                           "non-OpenAI endpoint)")
+    return factory(**options)
 
 
 def judge_rows(rows: Iterable[dict], judge: Judge, *, batch_size: int = 64) -> Iterator[dict]:
