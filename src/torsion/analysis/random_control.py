@@ -1,0 +1,303 @@
+"""Random-direction control (methods.md, "Random-direction control").
+
+At one block and component, the first-token KL on neutral prompts of steering with ``α v``
+is compared with ``N`` random directions of **the same applied norm** ``‖α v‖`` (defect 1 of
+the original code scaled the two arms differently). Both KL directions are reported, for
+``+α`` and ``−α``; the ``−α`` arm negates the random directions too.
+
+The naive path loops :func:`~torsion.metrics.first_token_kl` over the directions. The fast
+path runs each prompt batch's base forward once, keeps what every block from the steered one
+on received, and replays only those blocks for many directions at once (directions tiled along
+the batch axis), with the final norm and LM head at the last position only.
+
+Example::
+
+    result = random_control(lm, neutral_prompts, axis, layers=[12, 18], alpha=1.0)
+    result["layers"]["12"]["+alpha"]["geometric_privilege"]
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from torsion.analysis.propagation import (BlockInputs, back_half_layers, fast_path_check, recording_block_inputs,
+                                          relative_gap, run_blocks, run_vector, save_figure)
+from torsion.capture import encode, output_tensor
+from torsion.conventions import LAYER_INDEXING
+from torsion.data import load_source, sample
+from torsion.errors import TorsionError
+from torsion.metrics import first_token_kl, kl_divergence
+from torsion.models import LoadedModel
+from torsion.steer import add_steering
+from torsion.store import RunDir, atomic_write_json
+from torsion.vectors import load_vectors
+
+SCHEMA_VERSION = 1
+KL_DIRECTIONS = ("kl_base_to_steered", "kl_steered_to_base")
+FAST_PATH_TOLERANCE = 1e-4  # relative gap of an unsteered replay's log-probs to the base pass
+
+
+def random_directions(d_model: int, n: int, applied_norm: float, *, seed: int) -> Tensor:
+    """``n`` Gaussian directions from ``torch.Generator().manual_seed(seed)``, each scaled to ``applied_norm``.
+
+    Returns:
+        ``[n, d_model]`` float32; drawn and normalised in float64.
+    """
+    draws = torch.randn(n, d_model, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (draws / torch.linalg.vector_norm(draws, dim=1, keepdim=True) * applied_norm).float()
+
+
+def summarize_kls(steering_kl: float, random_kls: Sequence[float]) -> dict[str, Any]:
+    """The steering KL against the random KLs of one arm and one KL direction.
+
+    ``percentile_rank`` is the percent of random directions with a strictly lower KL (0 when the
+    steering KL is below them all); ``geometric_privilege`` is ``steering_kl < min(random_kls)``.
+    Percentiles interpolate linearly (numpy's default).
+    """
+    values = np.asarray(random_kls, dtype=np.float64)
+    if values.size == 0:
+        raise TorsionError("no random KLs to compare with; use n_random >= 1")
+    return {"steering": float(steering_kl), "random_min": float(values.min()),
+            "random_p5": float(np.percentile(values, 5)), "random_mean": float(values.mean()),
+            "random_median": float(np.median(values)), "random_p95": float(np.percentile(values, 95)),
+            "random_max": float(values.max()), "percentile_rank": float(100.0 * (values < steering_kl).mean()),
+            "geometric_privilege": bool(steering_kl < values.min()), "random": values.tolist()}
+
+
+def naive_kls(lm: LoadedModel, prompts: Sequence[str], layer: int, steps: Tensor, *, component: str = "resid",
+              positions: str = "all", batch_size: int = 16) -> dict[str, Tensor]:
+    """First-token KL of adding each row of ``steps`` ``[n_steps, d_model]`` at ``layer``, one direction at a time.
+
+    Returns:
+        ``{kl_base_to_steered: [n_steps], kl_steered_to_base: [n_steps]}``, means over prompts.
+    """
+    out: dict[str, list[float]] = {name: [] for name in KL_DIRECTIONS}
+    for step in steps:
+        vectors = torch.zeros(lm.n_layers, lm.d_model)
+        vectors[layer] = step
+        kl = first_token_kl(lm, prompts, lambda: add_steering(lm, vectors, layers=[layer], alpha=1.0,
+                                                              component=component, positions=positions),
+                            batch_size=batch_size)
+        for name in KL_DIRECTIONS:
+            out[name].append(kl[name])
+    return {name: torch.tensor(values, dtype=torch.float64) for name, values in out.items()}
+
+
+def _add_rows(hidden: Tensor, steps: Tensor, positions: str) -> Tensor:
+    """``hidden`` ``[rows, seq, d_model]`` with row ``i`` of ``steps`` ``[rows, d_model]`` added at ``positions``."""
+    if positions == "all":
+        return hidden + steps.to(hidden)[:, None, :]
+    steered = hidden.clone()
+    steered[:, -1] += steps.to(hidden)
+    return steered
+
+
+@contextmanager
+def _adding_rows(module: torch.nn.Module, steps: Tensor, positions: str) -> Iterator[None]:
+    """Add row ``i`` of ``steps`` ``[rows, d_model]`` to batch row ``i`` of ``module``'s output."""
+
+    def hook(_module: torch.nn.Module, _inputs: tuple, output: Any) -> Any:
+        steered = _add_rows(output_tensor(output), steps, positions)
+        return (steered, *output[1:]) if isinstance(output, tuple) else steered
+
+    handle = module.register_forward_hook(hook, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _head_logprobs(lm: LoadedModel, hidden: Tensor) -> Tensor:
+    """Next-token log-probs ``[rows, vocab]`` float32 from the last block's output ``[rows, seq, d_model]``.
+
+    Mirrors the model's ``logits_to_keep=1`` path: final norm over the sequence, LM head on the
+    last position, then any final logit soft-cap. The last position is made contiguous first: an
+    LM-head matmul on the strided slice is about 10x slower on CPU.
+    """
+    normed = hidden if lm.layout.final_norm is None else lm.layout.final_norm(hidden)
+    logits = lm.model.get_output_embeddings()(normed[:, -1:].contiguous())[:, -1]
+    cap = getattr(lm.model.config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def _replay_logprobs(lm: LoadedModel, inputs: BlockInputs, layer: int, steps: Tensor, *, component: str,
+                     positions: str) -> Tensor:
+    """Log-probs ``[n_steps, batch, vocab]``: blocks ``layer … L-1`` replayed once per row of ``steps``.
+
+    Rows are step-major (row ``i * batch + b`` is step ``i`` on prompt ``b``). A ``resid`` step
+    leaves block ``layer`` itself unchanged, so its replay starts from that block's base output.
+    """
+    batch, repeat = inputs.hidden(layer).shape[0], len(steps)
+    rows = steps.repeat_interleave(batch, 0)  # [n_steps * batch, d_model]
+    if component == "resid":
+        hidden = _add_rows(inputs.output(layer).repeat(repeat, 1, 1), rows, positions)
+        output = run_blocks(lm, inputs, layer + 1, hidden, repeat=repeat)
+    else:
+        with _adding_rows(lm.layout.component_module(component, layer), rows, positions):
+            output = run_blocks(lm, inputs, layer, inputs.hidden(layer).repeat(repeat, 1, 1), repeat=repeat)
+    return _head_logprobs(lm, output).reshape(repeat, batch, -1)
+
+
+@torch.inference_mode()
+def fast_kls(lm: LoadedModel, prompts: Sequence[str], steps: dict[int, Tensor], *, component: str = "resid",
+             positions: str = "all", batch_size: int = 16,
+             max_rows: int = 256) -> tuple[dict[int, dict[str, Tensor]], float]:
+    """:func:`naive_kls` at several layers, from one base forward per prompt batch.
+
+    Args:
+        steps: layer -> ``[n_steps, d_model]``.
+        max_rows: most ``directions × prompts`` rows in one replay.
+
+    Returns:
+        layer -> ``{kl_base_to_steered: [n_steps], kl_steered_to_base: [n_steps]}`` (means over
+        prompts), and the relative gap of an unsteered replay to the base pass (first batch, first
+        layer). When that gap exceeds ``FAST_PATH_TOLERANCE`` the replay is unsafe for this model
+        and the KLs come back empty.
+    """
+    per_batch: dict[int, dict[str, list[Tensor]]] = {layer: {name: [] for name in KL_DIRECTIONS} for layer in steps}
+    chunk = max(1, max_rows // min(batch_size, len(prompts)))
+    gap = 0.0
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start:start + batch_size])
+        with recording_block_inputs(lm, min(steps)) as inputs:
+            logits = lm.model(**encode(lm, batch), use_cache=False, logits_to_keep=1).logits
+        base = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()  # [batch, vocab]
+        if start == 0:
+            zero = torch.zeros(1, lm.d_model)
+            replay = _replay_logprobs(lm, inputs, min(steps), zero, component=component, positions=positions)[0]
+            gap = relative_gap(replay, base)
+            if gap > FAST_PATH_TOLERANCE:
+                return {}, gap
+        for layer, layer_steps in steps.items():
+            steered = torch.cat([_replay_logprobs(lm, inputs, layer, layer_steps[i:i + chunk], component=component,
+                                                  positions=positions)
+                                 for i in range(0, len(layer_steps), chunk)])  # [n_steps, batch, vocab]
+            per_batch[layer]["kl_base_to_steered"].append(kl_divergence(base.expand_as(steered), steered))
+            per_batch[layer]["kl_steered_to_base"].append(kl_divergence(steered, base.expand_as(steered)))
+    return {layer: {name: torch.cat(pieces, dim=1).mean(1) for name, pieces in kls.items()}
+            for layer, kls in per_batch.items()}, gap
+
+
+def random_control(lm: LoadedModel, prompts: Sequence[str], vectors: Tensor, *, layers: Sequence[int],
+                   alpha: float = 1.0, component: str = "resid", positions: str = "all", n_random: int = 50,
+                   seed: int = 0, vector_name: str = "vector", batch_size: int = 16,
+                   fast: bool = True) -> dict[str, Any]:
+    """Steering KL of ``±α v_l`` against ``n_random`` norm-matched random directions at each layer.
+
+    Args:
+        vectors: ``[n_layers, d_model]``; row ``l`` is ``v_l``.
+        layers: the blocks to test, one at a time.
+        fast: batch the directions on a replay of the blocks from ``l`` on (falls back to the
+            naive loop, and says so, if an unsteered replay does not reproduce the base pass).
+
+    Returns:
+        The JSON-ready result; per layer, ``+alpha`` and ``-alpha`` arms with one
+        :func:`summarize_kls` block per KL direction.
+    """
+    if not prompts:
+        raise TorsionError("no prompts for the KL; pass at least one neutral prompt")
+    if vectors.shape != (lm.n_layers, lm.d_model):
+        raise TorsionError(f"vectors have shape {list(vectors.shape)}; pass [{lm.n_layers}, {lm.d_model}]")
+    if positions not in ("all", "last"):
+        raise TorsionError(f"unknown positions {positions!r}; choose all or last")
+    layers = sorted({int(layer) for layer in layers})
+    applied = {layer: float(torch.linalg.vector_norm(vectors[layer].double() * alpha)) for layer in layers}
+    for layer, norm in applied.items():
+        if not norm > 0:
+            raise TorsionError(f"‖α v‖ is {norm} at layer {layer}; use a non-zero alpha and a layer where v ≠ 0")
+    steps = {}  # [+α v, −α v, +r_1 … +r_N, −r_1 … −r_N], [2 + 2N, d_model]
+    for layer in layers:
+        steering = (vectors[layer].double() * alpha).float()
+        randoms = random_directions(lm.d_model, n_random, applied[layer], seed=seed)
+        steps[layer] = torch.cat([steering[None], -steering[None], randoms, -randoms])
+    kls, gap = fast_kls(lm, prompts, steps, component=component, positions=positions,
+                        batch_size=batch_size) if fast else ({}, None)
+    if not kls:
+        kls = {layer: naive_kls(lm, prompts, layer, steps[layer], component=component, positions=positions,
+                                batch_size=batch_size) for layer in layers}
+    results = {}
+    for layer in layers:
+        arms = {}
+        for arm, sign, randoms in (("+alpha", 1, slice(2, 2 + n_random)), ("-alpha", -1, slice(2 + n_random, None))):
+            index = 0 if sign > 0 else 1
+            by_direction = {name: summarize_kls(float(kls[layer][name][index]), kls[layer][name][randoms].tolist())
+                            for name in KL_DIRECTIONS}
+            arms[arm] = {"alpha": sign * alpha, "applied_norm": applied[layer], **by_direction,
+                         "geometric_privilege": by_direction["kl_base_to_steered"]["geometric_privilege"]}
+        results[str(layer)] = arms
+    used_fast = fast and gap is not None and gap <= FAST_PATH_TOLERANCE
+    return {
+        "schema_version": SCHEMA_VERSION, "analysis": "random_control",
+        "conventions": {
+            "layer_indexing": LAYER_INDEXING, "component": component, "positions": positions, "vector": vector_name,
+            "kl": "first token, neutral prompts", "kl_directions": list(KL_DIRECTIONS),
+            "norm_matched": "random directions scaled to ||alpha v||",
+            "random_directions": "Gaussian from a seeded torch.Generator, normalised, scaled to ||alpha v||; "
+                                 "the same draws at every layer, negated for -alpha",
+            "percentile_rank": "percent of random directions with a strictly lower KL",
+            "geometric_privilege": "steering kl_base_to_steered < min of the random kl_base_to_steered"},
+        "layers": results, "n_random": n_random, "seed": seed, "alpha": alpha,
+        "applied_norm": {str(layer): applied[layer] for layer in layers}, "n_prompts": len(prompts),
+        "fast_path": used_fast,
+        "fast_path_check": fast_path_check(fast, used_fast, gap, FAST_PATH_TOLERANCE, fallback="the naive loop"),
+    }
+
+
+def plot_random_control(result: dict[str, Any], path: Path) -> Path:
+    """Figure: per layer, the random directions' ``kl_base_to_steered`` as dots, the steering KL as a red bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(result["layers"])
+    figure, axes = plt.subplots(1, 2, figsize=(11, 0.6 * len(layers) + 2), sharey=True)
+    jitter = np.random.default_rng(0).uniform(-0.15, 0.15, result["n_random"])
+    for ax, arm in zip(axes, ("+alpha", "-alpha")):
+        for row, layer in enumerate(layers):
+            summary = result["layers"][layer][arm]["kl_base_to_steered"]
+            ax.scatter(summary["random"], row + jitter, s=8, color="grey", alpha=0.6,
+                       label="random (norm-matched)" if row == 0 else None)
+            ax.plot([summary["steering"]] * 2, [row - 0.3, row + 0.3], color="red", lw=2,
+                    label="steering" if row == 0 else None)
+        ax.set(xscale="log", title=f"{arm}: first-token kl_base_to_steered", xlabel="KL (nats)")
+    axes[0].set(yticks=range(len(layers)), yticklabels=[f"layer {layer}" for layer in layers])
+    axes[0].legend(fontsize=7)
+    figure.suptitle(f"random-direction control: {result['conventions']['vector']}, "
+                    f"positions={result['conventions']['positions']}, N={result['n_random']}, seed={result['seed']}",
+                    fontsize=9)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def run_random_control(run_dir: str | Path, lm: LoadedModel, *, layers: Sequence[int] | None = None,
+                       alpha: float = 1.0, component: str = "resid", method: str = "md", positions: str = "all",
+                       n_random: int = 50, seed: int | None = None, n_prompts: int | None = 32,
+                       batch_size: int = 16, fast: bool = True) -> dict[str, Any]:
+    """Random control on a run directory: writes ``analysis/random_control.json`` and ``.png``.
+
+    ``v`` is the run's ``<method>/<component>`` vector; the prompts are a seeded sample of
+    ``n_prompts`` from the shipped neutral set (all of it when None); ``seed`` defaults to the
+    run's; ``layers`` to :func:`back_half_layers`.
+    """
+    run = RunDir(run_dir)
+    name = f"{method}/{component}"
+    vectors = run_vector(load_vectors(run.vectors_path, d_model=lm.d_model), name)
+    seed = int(run.manifest().get("seed", 0)) if seed is None else seed
+    prompts = [p.prompt for p in sample(load_source("neutral"), n_prompts, seed=seed)]
+    result = random_control(lm, prompts, vectors, layers=back_half_layers(lm.n_layers) if layers is None else layers,
+                            alpha=alpha, component=component, positions=positions, n_random=n_random, seed=seed,
+                            vector_name=name, batch_size=batch_size, fast=fast)
+    result["conventions"]["prompts"] = "shipped neutral set, seeded sample stratified by category"
+    path = run.analysis_path("random_control")
+    atomic_write_json(path, result)
+    plot_random_control(result, path.with_suffix(".png"))
+    return result

@@ -1,0 +1,185 @@
+"""Causal propagation on tiny random models, against explicit forwards and hand-computed cosines."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import tiny_lm
+
+import torsion.analysis.propagation as propagation
+from torsion.analysis.propagation import back_half_layers, propagate, propagation_table, run_propagation
+from torsion.capture import capture_batch, encode, output_tensor
+from torsion.steer import add_steering
+from torsion.data import make_prompt, read_prompts_jsonl, sample, write_prompts_jsonl
+from torsion.store import RunDir
+from torsion.vectors import SteeringVector, save_vectors
+
+PROMPTS = ["how do i bake bread", "hello", "tell me a story about the dragon and knight", "why is the sky blue"]
+N_LAYERS = 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a loaded machine OpenMP waits dominate their time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_lm("llama", n_layers=N_LAYERS)
+
+
+def axis_for(lm, seed: int = 1) -> torch.Tensor:
+    return torch.randn(lm.n_layers, lm.d_model, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.inference_mode()
+def explicit_last_token_states(lm, component: str, hook=None) -> dict[str, torch.Tensor]:
+    """One full decoder forward; ``{component, resid}`` outputs at the last token, ``[batch, n_layers, d]``."""
+    seen = {name: [None] * lm.n_layers for name in (component, "resid")}
+    handles = []
+    for name in seen:
+        for layer in range(lm.n_layers):
+            def record(_m, _i, out, name=name, layer=layer):
+                seen[name][layer] = output_tensor(out)[:, -1].double()
+            handles.append(lm.layout.component_module(name, layer).register_forward_hook(record))
+    if hook is not None:
+        handles.append(hook())
+    try:
+        lm.layout.decoder(**encode(lm, PROMPTS), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.stack(states, dim=1) for name, states in seen.items()}
+
+
+@pytest.mark.parametrize("component, positions", [("attn", "last"), ("resid", "all"), ("mlp", "all")])
+def test_matches_two_explicit_forwards_and_hand_cosines(llama, component, positions):
+    axis, resid_axis, alpha, source = axis_for(llama, 1), axis_for(llama, 2), -1.5, 1
+    result = propagate(llama, PROMPTS, axis, sources=[source], alpha=alpha, component=component,
+                       positions=positions, resid_axis=resid_axis, batch_size=3)
+
+    delta = alpha * axis[source]
+
+    def manual_hook():
+        def add(_m, _i, out):
+            hidden = output_tensor(out).clone()
+            if positions == "all":
+                hidden += delta
+            else:
+                hidden[:, -1] += delta
+            return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+        return llama.layout.component_module(component, source).register_forward_hook(add, prepend=True)
+
+    base = explicit_last_token_states(llama, component)
+    steered = explicit_last_token_states(llama, component, manual_hook)
+    rows = {r["layer"]: r for r in result["rows"]}
+    assert sorted(rows) == list(range(source, N_LAYERS))
+    for stream, name, v in (("component", component, axis), ("resid", "resid", resid_axis)):
+        for layer in range(source, N_LAYERS):
+            dh = steered[name][:, layer] - base[name][:, layer]  # [n_prompts, d]
+            cos_axis = F.cosine_similarity(dh, v[layer].double()[None], dim=-1).mean()
+            cos_source = F.cosine_similarity(dh, axis[source].double()[None], dim=-1).mean()
+            ratio = dh.norm(dim=-1).mean() / delta.double().norm()
+            assert rows[layer][f"cos_dh_axis_{stream}"] == pytest.approx(float(cos_axis), abs=1e-5)
+            assert rows[layer][f"cos_dh_source_{stream}"] == pytest.approx(float(cos_source), abs=1e-5)
+            assert rows[layer][f"norm_ratio_{stream}"] == pytest.approx(float(ratio), rel=1e-5)
+    assert result["applied_norm"] == {str(source): pytest.approx(1.5 * float(axis[source].double().norm()))}
+    assert result["conventions"]["positions"] == positions and result["conventions"]["cosine"] == "signed"
+    assert result["n_prompts"] == len(PROMPTS)
+
+
+@pytest.mark.parametrize("alpha", [-1.0, 0.7])
+@pytest.mark.parametrize("component", ["resid", "attn", "mlp"])
+def test_cosine_at_source_is_the_sign_of_alpha(llama, alpha, component):
+    result = propagate(llama, PROMPTS, axis_for(llama), sources=[0, 2], alpha=alpha, component=component,
+                       positions="last")
+    at_source = [r for r in result["rows"] if r["layer"] == r["source"]]
+    assert len(at_source) == 2
+    for row in at_source:
+        assert row["cos_dh_axis_component"] == pytest.approx(1.0 if alpha > 0 else -1.0, abs=1e-5)
+        assert row["cos_dh_source_component"] == pytest.approx(1.0 if alpha > 0 else -1.0, abs=1e-5)
+        assert row["norm_ratio_component"] == pytest.approx(1.0, abs=1e-5)
+    downstream = [r["cos_dh_axis_component"] for r in result["rows"] if r["layer"] > r["source"]]
+    assert all(abs(c) < 0.999 for c in downstream)  # the perturbation does not stay on a random axis
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_fast_path_equals_full_steered_forward(family, positions):
+    lm = tiny_lm(family, n_layers=N_LAYERS, seed=3)
+    axis, source = axis_for(lm), 1
+    base, inputs = propagation._base_pass(lm, PROMPTS, ("resid", "mlp"), source)
+    with add_steering(lm, axis, layers=[source], alpha=-2.0, component="mlp", positions=positions):
+        fast = propagation._replayed_states(lm, inputs, ("resid", "mlp"), source)
+        full = capture_batch(lm, PROMPTS, components=("resid", "mlp"))
+    for name in ("resid", "mlp"):
+        reference = full[name]["last"][:, source:]
+        assert not torch.allclose(reference, base[name][:, source:])  # the steering changed something
+        gap = (fast[name] - reference).abs().max() / reference.abs().max()
+        assert gap <= 1e-4
+    fast_result = propagate(lm, PROMPTS, axis, sources=[1, 2], positions=positions, batch_size=3)
+    full_result = propagate(lm, PROMPTS, axis, sources=[1, 2], positions=positions, batch_size=3, fast=False)
+    assert fast_result["fast_path"] is True and full_result["fast_path"] is False
+    for fast_row, full_row in zip(fast_result["rows"], full_result["rows"]):
+        for key, value in full_row.items():
+            assert fast_row[key] == pytest.approx(value, rel=1e-4, abs=1e-6)
+
+
+def test_unsafe_replay_falls_back_to_the_full_forward(llama, monkeypatch):
+    axis = axis_for(llama)
+    reference = propagate(llama, PROMPTS, axis, sources=[2], fast=False)
+    real_replay = propagation._replayed_states
+    monkeypatch.setattr(propagation, "_replayed_states",  # a replay that drifts 1% from the base pass
+                        lambda *args: {c: states * 1.01 for c, states in real_replay(*args).items()})
+    result = propagate(llama, PROMPTS, axis, sources=[2])
+    assert result["fast_path"] is False and result["fast_path_check"]["requested"] is True
+    assert result["fast_path_check"]["max_relative_gap"] == pytest.approx(0.01, rel=1e-3)
+    assert "fell back" in result["fast_path_check"]["note"]
+    assert result["rows"] == reference["rows"]
+
+
+def test_back_half_layers():
+    assert back_half_layers(24) == [12, 16, 19, 23]
+    assert back_half_layers(32, k=4) == [16, 21, 26, 31]
+    assert back_half_layers(3) == [1, 2]
+
+
+def test_table_has_the_write_up_rows(llama):
+    result = propagate(llama, PROMPTS, axis_for(llama), sources=[0, 1], alpha=-1.0)
+    table = propagation_table(result).splitlines()
+    assert table[0] == "| Downstream layer | src=0 | src=1 | norm_ratio (src=0) |"
+    assert table[2] == "| src (injection) | -1.000 | -1.000 | 1.000 |"
+    assert table[3].startswith("| src + 1 |")
+    assert table[-1].startswith(f"| {N_LAYERS - 1} (final) |")
+    rows = {(r["source"], r["layer"]): r for r in result["rows"]}
+    assert table[4].split("|")[:5] == ["", " 2 ", f" {rows[0, 2]['cos_dh_axis_component']:+.3f} ",
+                                       f" {rows[1, 2]['cos_dh_axis_component']:+.3f} ",
+                                       f" {rows[0, 2]['norm_ratio_component']:.3f} "]
+
+
+def test_run_propagation_reads_the_run_and_writes_json_and_figure(llama, tmp_path):
+    run = RunDir(tmp_path / "run")
+    write_prompts_jsonl(run.prompts_path, [replace(make_prompt(f"{p} {i}", "x", "test"), split=split)
+                                           for i, (p, split) in enumerate(zip(PROMPTS * 2, ["train", "holdout"] * 4))])
+    axis, resid_axis = axis_for(llama, 1), axis_for(llama, 2)
+    save_vectors(run.vectors_path, {"md/attn": SteeringVector(axis), "md/resid": SteeringVector(resid_axis)},
+                 run_meta={})
+    run.update_manifest(seed=5)
+    result = run_propagation(run.root, llama, sources=[2], component="attn", n_prompts=3)
+    saved = json.loads(run.analysis_path("propagation").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert run.analysis_path("propagation").with_suffix(".png").stat().st_size > 1000
+    assert saved["conventions"]["axis"] == "md/attn" and saved["conventions"]["resid_axis"] == "md/resid"
+    assert saved["seed"] == 5 and saved["n_prompts"] == 3 and saved["conventions"]["split"] == "train"
+    train = [p for p in read_prompts_jsonl(run.prompts_path) if p.split == "train"]
+    expected = propagate(llama, [p.prompt for p in sample(train, 3, seed=5)], axis, sources=[2], component="attn",
+                         resid_axis=resid_axis)
+    assert saved["rows"] == [pytest.approx(row) for row in expected["rows"]]

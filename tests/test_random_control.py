@@ -1,0 +1,168 @@
+"""Random-direction control: norm matching, the fast path against the naive loop, summaries, seeds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny import tiny_lm
+
+import torsion.analysis.random_control as random_control_module
+from torsion.analysis.random_control import (naive_kls, random_control, random_directions, run_random_control,
+                                             summarize_kls)
+from torsion.data import load_source, sample
+from torsion.store import RunDir
+from torsion.vectors import SteeringVector, save_vectors
+
+PROMPTS = ["how do i bake bread", "hello", "tell me a story about the dragon and knight", "why is the sky blue",
+           "write a poem about a cat"]
+# Same length, so no padding: Hugging Face's eager attention turns float64 padding rows into NaN.
+UNPADDED = ["how do i bake bread", "tell me a story please", "what is capital of france", "why is the sky blue"]
+N_LAYERS, N_RANDOM = 4, 6
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; on a loaded machine OpenMP waits make float64 ops ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def axis_for(lm) -> torch.Tensor:
+    return torch.randn(lm.n_layers, lm.d_model, generator=torch.Generator().manual_seed(1))
+
+
+def all_kls(result: dict) -> np.ndarray:
+    """Every steering and random KL of a result, in a fixed order."""
+    values = []
+    for arms in result["layers"].values():
+        for arm in arms.values():
+            for direction in ("kl_base_to_steered", "kl_steered_to_base"):
+                values += [arm[direction]["steering"], *arm[direction]["random"]]
+    return np.array(values)
+
+
+@pytest.mark.parametrize("family, component, positions", [("llama", "resid", "all"), ("qwen2", "mlp", "last"),
+                                                           ("llama", "attn", "all"), ("qwen2", "resid", "last")])
+@pytest.mark.parametrize("dtype, rtol, prompts", [(torch.float64, 1e-5, UNPADDED), (torch.float32, 1e-4, PROMPTS)])
+def test_fast_path_equals_naive_loop(family, component, positions, dtype, rtol, prompts):
+    # float64 isolates the algorithm; in float32 the batched LM head rounds differently, ~1e-7 in
+    # log-probs, which is ~5e-6 of these KLs
+    lm = tiny_lm(family, n_layers=N_LAYERS, seed=2)
+    lm.model.to(dtype)
+    options = dict(layers=[1, 3], alpha=0.8, component=component, positions=positions, n_random=N_RANDOM, seed=4,
+                   batch_size=2)  # layer 3 is the last block: a resid step there replays no block at all
+    fast = random_control(lm, prompts, axis_for(lm), **options)
+    naive = random_control(lm, prompts, axis_for(lm), fast=False, **options)
+    assert fast["fast_path"] is True and naive["fast_path"] is False
+    fast_kls, naive_kls_ = all_kls(fast), all_kls(naive)
+    assert len(fast_kls) == 2 * 2 * 2 * (1 + N_RANDOM)
+    assert naive_kls_.min() > 1e-4  # the steps move the distribution, so the comparison means something
+    np.testing.assert_allclose(fast_kls, naive_kls_, rtol=rtol)
+
+
+def test_fast_path_batches_many_directions_like_one_at_a_time():
+    lm = tiny_lm("llama", n_layers=N_LAYERS)
+    steps = random_directions(lm.d_model, 5, 2.0, seed=0)
+    batched, gap = random_control_module.fast_kls(lm, PROMPTS, {2: steps}, batch_size=3, max_rows=1000)
+    one_by_one = naive_kls(lm, PROMPTS, 2, steps, batch_size=3)
+    assert gap < 1e-6
+    for name, values in one_by_one.items():
+        torch.testing.assert_close(batched[2][name], values, rtol=1e-4, atol=0)
+
+
+def test_unsafe_replay_falls_back_to_the_naive_loop(monkeypatch):
+    lm = tiny_lm("llama", n_layers=N_LAYERS)
+    options = dict(layers=[2], n_random=N_RANDOM, seed=1)
+    naive = random_control(lm, PROMPTS, axis_for(lm), fast=False, **options)
+    real_replay = random_control_module._replay_logprobs
+    monkeypatch.setattr(random_control_module, "_replay_logprobs",  # a replay that drifts from the base pass
+                        lambda *args, **kwargs: real_replay(*args, **kwargs) * 1.01)
+    result = random_control(lm, PROMPTS, axis_for(lm), **options)
+    assert result["fast_path"] is False and result["fast_path_check"]["requested"] is True
+    assert result["fast_path_check"]["max_relative_gap"] == pytest.approx(0.01, rel=1e-3)
+    assert "fell back to the naive loop" in result["fast_path_check"]["note"]
+    assert result["layers"] == naive["layers"]
+
+
+def test_random_directions_have_exactly_the_applied_norm_and_are_seeded():
+    directions = random_directions(64, 50, 3.7, seed=11)
+    assert directions.shape == (50, 64) and directions.dtype == torch.float32
+    torch.testing.assert_close(directions.double().norm(dim=1), torch.full((50,), 3.7, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+    assert torch.equal(directions, random_directions(64, 50, 3.7, seed=11))
+    assert not torch.equal(directions, random_directions(64, 50, 3.7, seed=12))
+    cosines = torch.nn.functional.normalize(directions, dim=1) @ torch.nn.functional.normalize(directions, dim=1).T
+    assert cosines.fill_diagonal_(0).abs().max() < 0.6  # distinct directions, not one repeated
+
+
+def test_steering_and_random_arms_share_the_applied_norm(monkeypatch):
+    lm = tiny_lm("llama", n_layers=N_LAYERS)
+    axis, alpha, seen = axis_for(lm), -2.5, {}
+
+    def recording_fast_kls(lm_, prompts, steps, **kwargs):
+        seen.update(steps)
+        return real_fast_kls(lm_, prompts, steps, **kwargs)
+
+    real_fast_kls = random_control_module.fast_kls
+    monkeypatch.setattr(random_control_module, "fast_kls", recording_fast_kls)
+    result = random_control(lm, PROMPTS, axis, layers=[2], alpha=alpha, n_random=N_RANDOM)
+    applied = abs(alpha) * float(axis[2].double().norm())
+    assert result["applied_norm"] == {"2": pytest.approx(applied)}
+    assert result["layers"]["2"]["-alpha"]["applied_norm"] == pytest.approx(applied)
+    norms = seen[2].double().norm(dim=1)  # [+αv, −αv, N random, N negated random]
+    assert len(norms) == 2 + 2 * N_RANDOM
+    torch.testing.assert_close(norms, torch.full_like(norms, applied), rtol=1e-5, atol=0)
+    torch.testing.assert_close(seen[2][0], (alpha * axis[2].double()).float())
+    torch.testing.assert_close(seen[2][2 + N_RANDOM:], -seen[2][2:2 + N_RANDOM])
+
+
+def test_summary_percentile_rank_and_privilege_on_a_hand_built_case():
+    randoms = [0.1 * k for k in range(1, 11)]  # 0.1 … 1.0
+    below = summarize_kls(0.05, randoms)
+    assert below["geometric_privilege"] is True and below["percentile_rank"] == 0.0
+    assert below["random_min"] == pytest.approx(0.1) and below["random_max"] == pytest.approx(1.0)
+    assert below["random_mean"] == pytest.approx(0.55) and below["random_median"] == pytest.approx(0.55)
+    assert below["random_p5"] == pytest.approx(0.145)  # linear: 0.1 + 0.45 · 0.1
+    assert below["random_p95"] == pytest.approx(0.955)
+    middle = summarize_kls(0.55, randoms)
+    assert middle["geometric_privilege"] is False and middle["percentile_rank"] == pytest.approx(50.0)
+    tie = summarize_kls(0.1, randoms)  # equal to the minimum: not below it, and not above any
+    assert tie["geometric_privilege"] is False and tie["percentile_rank"] == 0.0
+    assert summarize_kls(2.0, randoms)["percentile_rank"] == 100.0
+
+
+def test_result_is_reproducible_and_names_its_conventions():
+    lm = tiny_lm("llama", n_layers=N_LAYERS)
+    options = dict(layers=[3], alpha=1.0, n_random=N_RANDOM, seed=9)
+    first = random_control(lm, PROMPTS, axis_for(lm), **options)
+    assert random_control(lm, PROMPTS, axis_for(lm), **options) == first
+    other_seed = random_control(lm, PROMPTS, axis_for(lm), **{**options, "seed": 10})
+    assert all_kls(other_seed)[1] != all_kls(first)[1]  # first random direction differs
+    assert all_kls(other_seed)[0] == all_kls(first)[0]  # the steering arm does not depend on the seed
+    assert first["conventions"]["norm_matched"] == "random directions scaled to ||alpha v||"
+    arm = first["layers"]["3"]["+alpha"]
+    assert set(arm) == {"alpha", "applied_norm", "kl_base_to_steered", "kl_steered_to_base", "geometric_privilege"}
+    kl = arm["kl_base_to_steered"]
+    assert arm["geometric_privilege"] == kl["geometric_privilege"] == (kl["steering"] < min(kl["random"]))
+    assert first["layers"]["3"]["-alpha"]["alpha"] == -1.0 and first["seed"] == 9 and first["n_random"] == N_RANDOM
+
+
+def test_run_random_control_writes_json_and_figure(tmp_path):
+    lm = tiny_lm("llama", n_layers=N_LAYERS)
+    run = RunDir(tmp_path / "run")
+    save_vectors(run.vectors_path, {"md/resid": SteeringVector(axis_for(lm))}, run_meta={})
+    run.update_manifest(seed=3)
+    result = run_random_control(run.root, lm, layers=[2], n_random=N_RANDOM, n_prompts=3)
+    saved = json.loads(run.analysis_path("random_control").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert run.analysis_path("random_control").with_suffix(".png").stat().st_size > 1000
+    assert saved["seed"] == 3 and saved["n_prompts"] == 3 and saved["conventions"]["vector"] == "md/resid"
+    assert saved["schema_version"] == 1 and saved["analysis"] == "random_control"
+    neutral = [p.prompt for p in sample(load_source("neutral"), 3, seed=3)]  # the shipped set, seeded sample
+    expected = random_control(lm, neutral, axis_for(lm), layers=[2], n_random=N_RANDOM, seed=3, vector_name="md/resid")
+    assert saved["layers"] == json.loads(json.dumps(expected["layers"]))
