@@ -16,23 +16,23 @@ import platform
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 import torsion
 from torsion.analysis.categories import run_categories
 from torsion.analysis.propagation import run_propagation
 from torsion.analysis.random_control import run_random_control
-from torsion.analysis.rotation import analyze_rotation
+from torsion.analysis.rotation import run_rotation
 from torsion.capture import capture_to_file, load_activations
 from torsion.config import RunConfig
 from torsion.data import build_prompt_set, read_prompts_jsonl, write_prompts_jsonl
 from torsion.errors import TorsionError
 from torsion.generate import GenerationSettings, generate_responses
 from torsion.judge import get_judge
-from torsion.judge.base import Judge, is_complied, is_refused
+from torsion.judge.base import Judge
 from torsion.models import LoadedModel, load_model, resolve_spec
 from torsion.report import build_report
-from torsion.store import RunDir, atomic_write_json, read_jsonl
+from torsion.runs import fit_rows, labelled_prompts
+from torsion.store import RunDir
 from torsion.vectors import SteeringVector, fit_vectors, save_vectors
 
 STAGES = ("prompts", "generate", "capture", "vectors", "rotation", "propagation", "random_control",
@@ -71,11 +71,29 @@ def _check_config(run: RunDir, config: RunConfig) -> None:
         )
 
 
-def labels_for_fit(prompts, responses) -> tuple[list[int], list[float | None]]:
-    """Rows of the train split with a refused or complied label, and all rows' scores."""
-    rows = [i for i, (p, r) in enumerate(zip(prompts, responses))
-            if p.split == "train" and (is_refused(r["score"]) or is_complied(r["score"]))]
-    return rows, [r["score"] for r in responses]
+def fit_run_vectors(run: RunDir, config: RunConfig, prompts: list, responses: list[dict]) -> None:
+    """Every method × component (global and per category) on the train split: ``vectors.safetensors``."""
+    activations, _ = load_activations(run.activations_path)
+    rows = fit_rows(prompts, responses)
+    fit_scores = [responses[i]["score"] for i in rows]
+    provenance = {
+        **run.manifest().get("model", {}),
+        "position": config.positions[0],
+        "layer_indexing": "block",
+        "prompt_ids_sha256": hashlib.sha256("\n".join(prompts[i].id for i in rows).encode()).hexdigest(),
+        "split": "train",
+        "torsion_version": torsion.__version__,
+    }
+    vectors: dict[str, SteeringVector] = {}
+    for component in config.components:
+        train = activations[component][rows]
+        for method in config.methods:
+            fitted = fit_vectors(train, fit_scores, method=method, categories=[prompts[i].category for i in rows],
+                                 lam=config.ridge_lambda, lam_mode=config.ridge_lambda_mode)
+            for category, vector in fitted.items():
+                key = f"{method}/{component}" + (f"/{category}" if category else "")
+                vectors[key] = SteeringVector(vector.directions, {**vector.meta, **provenance, "component": component})
+    save_vectors(run.vectors_path, vectors, run_meta={"config": config.to_dict()})
 
 
 def run_pipeline(config: RunConfig, out: Path, *, judge: Judge | None = None,
@@ -119,49 +137,21 @@ def run_pipeline(config: RunConfig, out: Path, *, judge: Judge | None = None,
         with run.stage("generate"):
             generate_responses(model(), prompts, run.responses_path, settings=settings,
                                judge=judge or get_judge(config.judge))
-    by_id = {row["id"]: row for row in read_jsonl(run.responses_path)}
-    responses = [by_id[p.id] for p in prompts]
+    prompts, responses = labelled_prompts(run)
 
     if not run.stage_done("capture"):
         with run.stage("capture"):
             capture_to_file(model(), [p.prompt for p in prompts], run.activations_path,
                             components=config.components, positions=config.positions,
                             batch_size=config.capture_batch_size)
-    activations, _ = load_activations(run.activations_path)
-
-    fit_rows, scores = labels_for_fit(prompts, responses)
-    fit_scores = [scores[i] for i in fit_rows]
     if not run.stage_done("vectors"):
         with run.stage("vectors"):
-            provenance = {
-                **run.manifest().get("model", {}),
-                "position": config.positions[0],
-                "layer_indexing": "block",
-                "prompt_ids_sha256": hashlib.sha256("\n".join(prompts[i].id for i in fit_rows).encode()).hexdigest(),
-                "split": "train",
-                "torsion_version": torsion.__version__,
-            }
-            vectors: dict[str, SteeringVector] = {}
-            for component in config.components:
-                train = activations[component][fit_rows]
-                for method in config.methods:
-                    fitted = fit_vectors(train, fit_scores, method=method,
-                                         categories=[prompts[i].category for i in fit_rows],
-                                         lam=config.ridge_lambda, lam_mode=config.ridge_lambda_mode)
-                    for category, vector in fitted.items():
-                        key = f"{method}/{component}" + (f"/{category}" if category else "")
-                        vectors[key] = SteeringVector(vector.directions,
-                                                      {**vector.meta, **provenance, "component": component})
-            save_vectors(run.vectors_path, vectors, run_meta={"config": config.to_dict()})
+            fit_run_vectors(run, config, prompts, responses)
 
     if not run.stage_done("rotation"):
         with run.stage("rotation"):
-            refused = torch.tensor([is_refused(s) for s in fit_scores])
-            result = analyze_rotation({c: activations[c][fit_rows] for c in config.components}, refused,
-                                      B=config.bootstrap, P=config.null_permutations,
-                                      n_splits=config.split_halves, seed=config.seed)
-            result["conventions"].update(position=config.positions[0], split="train")
-            atomic_write_json(run.analysis_path("rotation"), result)
+            run_rotation(run.root, B=config.bootstrap, P=config.null_permutations,
+                         n_splits=config.split_halves, seed=config.seed)
 
     if not run.stage_done("propagation"):
         with run.stage("propagation"):

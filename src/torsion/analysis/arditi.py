@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from torsion.capture import load_activations
-from torsion.data import load_source, read_prompts_jsonl, sample
+from torsion.data import load_source, sample
 from torsion.errors import TorsionError
 from torsion.generate import GenerationSettings, generate_batch
 from torsion.judge import get_judge
@@ -34,7 +34,8 @@ from torsion.models import LoadedModel
 from torsion.selection import layer_auc, top_layers
 from torsion.stats import wilson_interval
 from torsion.steer import ablate_direction, add_steering
-from torsion.store import RunDir, atomic_write_json, read_jsonl
+from torsion.runs import fit_rows, labelled_prompts
+from torsion.store import RunDir, atomic_write_json
 from torsion.vectors import load_vectors
 
 SCHEMA_VERSION = 1
@@ -69,14 +70,12 @@ def run_arditi(run_dir: Path, lm: LoadedModel, *, component: str = "resid", max_
                alpha: float = 1.0, n_neutral: int = 48, max_new_tokens: int = 32, seed: int = 0) -> dict[str, Any]:
     """Choose the direction on the train split; test ablation and addition on unseen prompts."""
     run = RunDir(run_dir)
-    prompts = read_prompts_jsonl(run.prompts_path)
-    responses = {row["id"]: row for row in read_jsonl(run.responses_path)}
+    prompts, responses = labelled_prompts(run)
     activations, _ = load_activations(run.activations_path)
     vectors = load_vectors(run.vectors_path, d_model=lm.d_model)
     axes = vectors[f"md/{component}"].directions
-    train = [i for i, p in enumerate(prompts) if p.split == "train"
-             and (is_refused(responses[p.id]["score"]) or is_complied(responses[p.id]["score"]))]
-    refused = torch.tensor([is_refused(responses[prompts[i].id]["score"]) for i in train])
+    train = fit_rows(prompts, responses)
+    refused = torch.tensor([is_refused(responses[i]["score"]) for i in train])
     auc = layer_auc(activations[component][train], refused, axes)
     eligible = max(1, int(max_depth * lm.n_layers))
     layer = top_layers(auc[:eligible], 1)[0]

@@ -17,13 +17,18 @@ Example::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from torsion.capture import load_activations
 from torsion.geometry import adjacent_angles, angle_from_cosine, cosine, random_angle_reference
+from torsion.judge.base import is_refused
+from torsion.runs import fit_rows, labelled_prompts
+from torsion.store import RunDir, atomic_write_json
 from torsion.vectors import mean_difference
 
 SCHEMA_VERSION = 1
@@ -224,4 +229,19 @@ def analyze_rotation(activations: Mapping[str, Tensor], refused: Tensor, *, B: i
             "null": null, "split_half": split, "differs_from_null": differs, "reliable": reliable,
             "verdict": verdict,
         }
+    return result
+
+
+def run_rotation(run_dir: Path, *, B: int = 1000, P: int = 200, n_splits: int = 50, seed: int = 0) -> dict[str, Any]:
+    """Rotation on a run directory's train-split activations (primary position): ``analysis/rotation.json``."""
+    run = RunDir(run_dir)
+    prompts, responses = labelled_prompts(run)
+    rows = fit_rows(prompts, responses)
+    activations, meta = load_activations(run.activations_path)
+    components = [c for c in ("resid", "attn", "mlp") if c in activations]
+    refused = torch.tensor([is_refused(responses[i]["score"]) for i in rows])
+    result = analyze_rotation({c: activations[c][rows] for c in components}, refused, B=B, P=P,
+                              n_splits=n_splits, seed=seed)
+    result["conventions"].update(position=meta.get("primary_position", "last"), split="train")
+    atomic_write_json(run.analysis_path("rotation"), result)
     return result
