@@ -125,6 +125,129 @@ def _cmd_orthogonalize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_model_spec(run_dir: Path, given: str | None) -> str:
+    import json
+
+    if given:
+        return given
+    manifest = run_dir / "manifest.json"
+    if not manifest.is_file():
+        raise TorsionError(f"{run_dir} is not a run directory (no manifest.json); pass the output of `torsion run`")
+    return json.loads(manifest.read_text()).get("model", {}).get("spec") or "embedded:qwen2.5-coder-0.5b"
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    import json
+
+    from torsion.report import build_report
+
+    run_dir = args.run_dir
+    seed = args.seed
+    if args.name == "rotation":
+        from torsion.analysis.rotation import run_rotation
+
+        result = run_rotation(run_dir, B=args.bootstrap, P=args.permutations, n_splits=args.split_halves,
+                              seed=seed or 0)
+    elif args.name == "categories":
+        from torsion.analysis.categories import run_categories
+
+        result = run_categories(run_dir, component=args.component, layers=args.layers)
+    else:
+        from torsion.models import load_model
+
+        lm = load_model(_run_model_spec(run_dir, args.model), dtype=args.dtype or "float32",
+                        device=args.device or "cpu")
+        if args.name == "propagation":
+            from torsion.analysis.propagation import run_propagation
+
+            result = run_propagation(run_dir, lm, sources=args.layers, component=args.component,
+                                     alpha=-1.0 if args.alpha is None else args.alpha,
+                                     n_prompts=args.n_prompts or 16, seed=seed)
+        elif args.name == "random-control":
+            from torsion.analysis.random_control import run_random_control
+
+            result = run_random_control(run_dir, lm, layers=args.layers, component=args.component,
+                                        alpha=1.0 if args.alpha is None else args.alpha,
+                                        n_random=args.n_random, n_prompts=args.n_prompts or 32, seed=seed)
+        else:
+            from torsion.analysis.arditi import run_arditi
+
+            result = run_arditi(run_dir, lm, component=args.component, alpha=1.0 if args.alpha is None else args.alpha,
+                                n_neutral=args.n_prompts or 48, seed=seed or 0)
+    build_report(run_dir)
+    name = result["analysis"]
+    print(run_dir / "analysis" / f"{name}.json")
+    if args.verbose:
+        print(json.dumps(result, indent=2)[:20000])
+    return 0
+
+
+def _cmd_judge(args: argparse.Namespace) -> int:
+    import json
+
+    from torsion.judge import get_judge, judge_rows
+    from torsion.store import append_jsonl, read_jsonl
+
+    if args.input == "agree":
+        from torsion.judge.agreement import agree_files, format_agreement
+
+        if len(args.files) != 2:
+            raise TorsionError("`torsion judge agree` needs two files: torsion judge agree A.jsonl B.jsonl")
+        print(format_agreement(agree_files(*args.files)))
+        return 0
+    if args.out is None:
+        raise TorsionError("torsion judge needs --out OUT.jsonl")
+    options = {}
+    if args.judge == "llm":
+        options = {"model": args.llm_model, "base_url": args.base_url, "api_key_env": args.api_key_env,
+                   "samples": args.samples, "max_workers": args.max_workers,
+                   "cache_path": args.cache or args.out.with_suffix(".judge-cache.sqlite")}
+        options = {k: v for k, v in options.items() if v is not None}
+    judge = get_judge(args.judge, **options)
+    rows = _read_rows(Path(args.input))
+    done = {row.get("id", i) for i, row in enumerate(read_jsonl(args.out))}
+    pending = [row for i, row in enumerate(rows) if row.get("id", i) not in done]
+    batch: list[dict] = []
+    for judged in judge_rows(pending, judge):
+        batch.append(judged)
+        if len(batch) == 64:  # whole batches land at once; a killed run keeps what it judged
+            append_jsonl(args.out, batch)
+            batch = []
+    append_jsonl(args.out, batch)
+    print(f"{len(pending)} judged ({len(rows) - len(pending)} already in {args.out}) -> {args.out}",
+          file=sys.stderr)
+    print(json.dumps({"judge": judge.name, "out": str(args.out)}))
+    return 0
+
+
+def _read_rows(path: Path) -> list[dict]:
+    import json
+
+    if not path.is_file():
+        raise TorsionError(f"{path} does not exist; pass a JSONL file with 'prompt' and 'response' fields")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise TorsionError(f"{path} is not UTF-8 (byte {error.start}); re-save it as UTF-8") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise TorsionError(f"{path} line {number} is not valid JSON; fix or remove that line") from None
+    return rows
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from torsion.serve import run_server
+
+    run_server(args.model, args.host, args.port, vector_path=args.vector, layers=args.layers, alpha=args.alpha,
+               component=args.component, key=args.key, positions=args.positions, dtype=args.dtype,
+               device=args.device, log=lambda message: print(message, file=sys.stderr))
+    return 0
+
+
 def _add_model_options(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
     parser.add_argument("--model", default=default_model,
                         help="embedded:qwen2.5-coder-0.5b (default), embedded:smollm2-135m, a Hugging Face id, "
@@ -219,6 +342,65 @@ def build_parser() -> argparse.ArgumentParser:
     ortho.add_argument("--layer", type=int, required=True, help="the layer whose direction is removed")
     ortho.add_argument("--out", type=Path, required=True, help="directory for the edited model")
     ortho.set_defaults(func=_cmd_orthogonalize)
+
+    analyze = commands.add_parser(
+        "analyze", help="run one analysis on a finished run directory and refresh its report",
+        description="rotation: adjacent-layer angles with bootstrap CIs, shuffled null and split-half "
+        "reliability. propagation: inject alpha*v_s at source blocks and follow the change downstream. "
+        "random-control: steering KL against norm-matched random directions. categories: geometry of "
+        "per-category vectors. arditi: ablate the refusal direction on held-out harmful prompts and add "
+        "it on neutral ones. Each writes analysis/<name>.json and a figure.")
+    analyze.add_argument("name", choices=["rotation", "propagation", "random-control", "categories", "arditi"])
+    analyze.add_argument("run_dir", type=Path, help="a directory made by `torsion run`")
+    _add_model_options(analyze)
+    analyze.add_argument("--layers", type=int, nargs="+", default=None,
+                         help="source layers (propagation), steered layers (random-control), averaged layers "
+                         "(categories); default: 4 evenly spaced blocks in the back half")
+    analyze.add_argument("--component", default="resid", choices=["resid", "attn", "mlp"])
+    analyze.add_argument("--alpha", type=float, default=None,
+                         help="steering strength on the run's MD vector (default -1 for propagation, 1 otherwise)")
+    analyze.add_argument("--n-prompts", type=int, default=None, help="prompts used by the causal analyses")
+    analyze.add_argument("--n-random", type=int, default=50, help="random directions (random-control)")
+    analyze.add_argument("--bootstrap", type=int, default=1000, help="prompt-bootstrap resamples (rotation)")
+    analyze.add_argument("--permutations", type=int, default=200, help="shuffled-label permutations (rotation)")
+    analyze.add_argument("--split-halves", type=int, default=50, help="split-half repetitions (rotation)")
+    analyze.add_argument("--seed", type=int, default=None, help="default: the run's seed")
+    analyze.add_argument("--verbose", action="store_true", help="print the result JSON")
+    analyze.set_defaults(func=_cmd_analyze)
+
+    judge = commands.add_parser(
+        "judge", help="label responses (rules or an OpenAI-compatible LLM), or compare two labellings",
+        description="`torsion judge IN.jsonl --out OUT.jsonl` adds label, score, judge and reasons to rows "
+        "with 'prompt' and 'response'; rows already in OUT are skipped, so a killed run resumes. "
+        "`torsion judge agree A.jsonl B.jsonl` prints confusion matrices, accuracy and Cohen's kappa. "
+        "The LLM judge reads its API key from the environment variable named by --api-key-env; the key is "
+        "never written anywhere.")
+    judge.add_argument("input", help="a JSONL file, or the word agree")
+    judge.add_argument("files", nargs="*", type=Path, help="with agree: the two labelled files")
+    judge.add_argument("--out", type=Path, default=None, help="output JSONL (appended, resumable)")
+    judge.add_argument("--judge", default="rules", choices=["rules", "llm"])
+    judge.add_argument("--llm-model", default=None, help="model name at the endpoint (llm judge)")
+    judge.add_argument("--base-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    judge.add_argument("--api-key-env", default=None, help="environment variable holding the key (default OPENAI_API_KEY)")
+    judge.add_argument("--samples", type=int, default=None, help="samples per item (llm judge)")
+    judge.add_argument("--max-workers", type=int, default=None, help="concurrent requests (llm judge)")
+    judge.add_argument("--cache", type=Path, default=None, help="SQLite cache (default: next to --out)")
+    judge.set_defaults(func=_cmd_judge)
+
+    serve = commands.add_parser(
+        "serve", help="serve a model (optionally steered) on an OpenAI-compatible /v1/chat/completions",
+        description="Any evaluation harness that speaks the OpenAI chat API can talk to the model, steered "
+        "or not. Binds 127.0.0.1 by default.")
+    _add_model_options(serve, "embedded:qwen2.5-coder-0.5b")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--vector", default=None, help="a vectors.safetensors file to steer with")
+    serve.add_argument("--key", default=None, help="which vector in the file, e.g. md/resid")
+    serve.add_argument("--layers", type=int, nargs="+", default=None, help="blocks to steer")
+    serve.add_argument("--alpha", type=float, nargs="+", default=None, help="one alpha, or one per layer")
+    serve.add_argument("--component", default="resid", choices=["resid", "attn", "mlp"])
+    serve.add_argument("--positions", default="last", choices=["last", "all"])
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 
