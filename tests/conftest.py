@@ -2,8 +2,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py
+# Tiny models are dominated by thread overhead; one thread is also steadier on a shared machine.
+torch.set_num_threads(1)
 
 
 def _cached(name: str) -> bool:
