@@ -86,7 +86,11 @@ def test_pipeline_files_and_vectors_equal_recomputation(tmp_path, tiny_model_dir
             assert vectors[f"md/{component}/{category}"].shape == (4, 32)
     rotation = json.loads((out / "analysis" / "rotation.json").read_text())
     assert set(rotation["components"]) == {"resid", "attn", "mlp"}
-    assert "<img" in (out / "report.html").read_text()
+    report = (out / "report.html").read_text()
+    assert "<img" in report
+    sections = ["Axis rotation", "Causal propagation", "Random-direction control", "Category geometry"]
+    positions = [report.index(f"<h2>{name}") for name in sections]
+    assert positions == sorted(positions)  # the write-up's order
 
 
 def test_pipeline_resumes_without_redoing_work(tmp_path, tiny_model_dir, prompt_file):

@@ -88,7 +88,7 @@ def _full_run(tmp_path):
     _jsonl(run / "prompts.jsonl", prompts)
     _jsonl(run / "responses.jsonl", responses)
     (run / "analysis" / "rotation.json").write_text(json.dumps(_rotation()))  # NaN is written as NaN
-    (run / "analysis" / "propagation.json").write_text(json.dumps({"analysis": "propagation", "schema_version": 1}))
+    (run / "analysis" / "learning_curve.json").write_text(json.dumps({"analysis": "learning_curve", "schema_version": 1}))
     (run / "analysis" / "hedge_v2.json").write_text(json.dumps({"analysis": "hedge"}))
     (run / "analysis" / "broken.json").write_text("{not json")
     return run
@@ -154,7 +154,7 @@ def test_full_report_numbers_escaping_and_figures(tmp_path):
 
     # other analyses, in order, with links; unreadable files are named, not fatal
     other = html[html.index("<h2>Other analyses</h2>"):]
-    assert '<a href="analysis/propagation.json">' in other and '<a href="analysis/hedge_v2.json">' in other
+    assert '<a href="analysis/learning_curve.json">' in other and '<a href="analysis/hedge_v2.json">' in other
     assert "hedge:" in other and "broken.json is not valid JSON" in other
     assert html.index("<h2>Behaviour</h2>") < html.index("<h2>Axis rotation</h2>") < html.index("Other analyses")
     assert "layer l = decoder block l; angles from the signed cosine" in html
@@ -165,11 +165,13 @@ def test_full_report_numbers_escaping_and_figures(tmp_path):
 def test_sections_render_in_write_up_order(tmp_path, monkeypatch):
     run = _full_run(tmp_path)
     (run / "analysis" / "categories.json").write_text(json.dumps({"analysis": "categories"}))
+    (run / "analysis" / "propagation.json").write_text(json.dumps({"analysis": "propagation"}))
     monkeypatch.setitem(SECTIONS, "categories", lambda result, run_dir: "<h2>Categories</h2>")
     monkeypatch.setitem(SECTIONS, "propagation", lambda result, run_dir: f"<h2>Propagation {run_dir.name}</h2>")
     html = build_report(run).read_text()
     assert html.index("<h2>Axis rotation") < html.index("<h2>Propagation run</h2>") < html.index("<h2>Categories")
     assert "analysis/propagation.json" not in html[html.index("<h2>Other analyses"):]
+    assert "analysis/learning_curve.json" in html[html.index("<h2>Other analyses"):]
 
 
 def test_rotation_file_missing_a_key_is_reported_not_fatal(tmp_path):

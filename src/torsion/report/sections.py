@@ -1,0 +1,123 @@
+"""Report sections for the causal analyses and the category geometry, in the write-up's order.
+
+Each renderer takes the analysis JSON and the run directory and returns HTML; importing this
+module registers them in :data:`torsion.report.html.SECTIONS`.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from torsion.report.html import SECTIONS, angle, embedded_png, interval, number, table
+
+
+def _figure(run_dir: Path, name: str, caption: str) -> str:
+    path = run_dir / "analysis" / f"{name}.png"
+    return embedded_png(path, caption) if path.is_file() else ""
+
+
+def propagation_section(result: dict[str, Any], run_dir: Path) -> str:
+    """The write-up's propagation table: rows src, src+1, …, final; a column per source."""
+    conventions = result["conventions"]
+    sources = result["sources"]
+    values = {(r["source"], r["layer"]): r for r in result["rows"]}
+    final = max(layer for _, layer in values)
+    blocks = []
+    for stream, label in (("component", conventions["component"] + " output"), ("resid", "residual stream")):
+        rows = []
+        for layer in range(sources[0], final + 1):
+            cells = []
+            for source in sources:
+                row = values.get((source, layer))
+                cells.append(f"{number(row[f'cos_dh_axis_{stream}'], '+.3f')} / "
+                             f"{number(row[f'cos_dh_source_{stream}'], '+.3f')} / "
+                             f"{number(row[f'norm_ratio_{stream}'], '.2f')}" if row else "")
+            name = f"{layer} (final)" if layer == final else str(layer)
+            rows.append([name, *cells])
+        blocks.append(f"<h3>{escape(label)}</h3>" + table(["block l", *(f"src={s}" for s in sources)], rows))
+    norms = ", ".join(f"L{s} {number(result['applied_norm'][str(s)], '.2f')}" for s in sources)
+    check = result.get("fast_path_check", {})
+    return (
+        "<h2>Causal propagation</h2>"
+        f"<p>Inject Δ = α·v_s (α = {escape(str(conventions['alpha']))}, axis {escape(conventions['axis'])}, "
+        f"positions {escape(conventions['positions'])}) at block s; at every block l ≥ s, over "
+        f"{result['n_prompts']} prompts at the last token: cos(Δh_l, v_l) / cos(Δh_l, v_s) / norm_ratio "
+        f"= ‖Δh_l‖/‖α v_s‖. Applied norms ‖α v_s‖: {norms}. Fast path: {escape(str(check.get('note', 'n/a')))}.</p>"
+        + "".join(blocks) + _figure(run_dir, "propagation", "propagation by source layer")
+    )
+
+
+def random_control_section(result: dict[str, Any], run_dir: Path) -> str:
+    """Steering KL against norm-matched random directions, ±α, both KL directions."""
+    rows = []
+    for layer, arms in result["layers"].items():
+        for arm, values in arms.items():
+            for direction in ("kl_base_to_steered", "kl_steered_to_base"):
+                summary = values[direction]
+                rows.append([f"L{layer}", escape(arm), direction, number(values["applied_norm"], ".2f"),
+                             number(summary["steering"], ".2e"), number(summary["random_min"], ".2e"),
+                             number(summary["random_p5"], ".2e"), number(summary["random_mean"], ".2e"),
+                             number(summary["random_median"], ".2e"), number(summary["random_p95"], ".2e"),
+                             number(summary["random_max"], ".2e"), number(summary["percentile_rank"], ".0f"),
+                             "yes" if summary["geometric_privilege"] else "no"])
+    return (
+        "<h2>Random-direction control</h2>"
+        f"<p>First-token KL on {result['n_prompts']} neutral prompts of steering with α·v against "
+        f"{result['n_random']} seeded Gaussian directions scaled to the same applied norm ‖α v‖. "
+        "Privilege = steering KL below every random KL.</p>"
+        + table(["layer", "arm", "KL direction", "‖α v‖", "steering", "random min", "p5", "mean", "median",
+                 "p95", "max", "percentile rank", "privilege"], rows, numeric_from=3)
+        + _figure(run_dir, "random_control", "steering KL (red) among norm-matched random directions")
+    )
+
+
+def _pairwise_row(name: str, summary: dict[str, Any]) -> list[str]:
+    return [escape(name), angle(summary.get("mean_deg")), angle(summary.get("sd_deg")),
+            angle(summary.get("min_deg")), angle(summary.get("max_deg"))]
+
+
+def categories_section(result: dict[str, Any], run_dir: Path) -> str:
+    """Pairwise category-vector angles, angle to the global vector, comply-activation geometry."""
+    to_global = [[escape(c), escape(str(result["anchors"].get(c))), angle(result["angle_to_global_deg"][c])]
+                 for c in result["categories"]]
+    comply = result["comply_activation"]
+    rows = [_pairwise_row("refusal category vectors", result["vector_pairwise"]),
+            _pairwise_row("comply activations", comply)]
+    return (
+        "<h2>Category geometry</h2>"
+        f"<p>Angles per layer, averaged over blocks {escape(str(result['conventions']['layers']))}.</p>"
+        + table(["pairs of", "mean", "σ", "min", "max"], rows)
+        + table(["category", "complied anchor", "angle to global vector"], to_global, numeric_from=2)
+        + (f"<p>{escape(comply['note'])}</p>" if comply.get("note") else "")
+        + _figure(run_dir, "categories", "pairwise angles between category vectors")
+    )
+
+
+def _rate(rate: dict[str, Any]) -> str:
+    if rate.get("rate") is None:
+        return "n/a"
+    return f"{number(100 * rate['rate'])}% {interval([100 * v for v in rate['ci95']])} (n={rate['judged']})"
+
+
+def arditi_section(result: dict[str, Any], run_dir: Path) -> str:
+    """Ablation on held-out harmful prompts and addition on neutral prompts, with KL."""
+    harmful, neutral, kl = result["holdout_harmful"], result["neutral"], result["kl_neutral"]
+    rows = [["held-out harmful: refusal rate", _rate(harmful["baseline"]), _rate(harmful["ablated"]),
+             "ablated"],
+            ["neutral: refusal rate", _rate(neutral["baseline"]), _rate(neutral["added"]), "added"],
+            ["neutral: first-token KL (base→steered)", "0", f"ablation {number(kl['ablation']['kl_base_to_steered'], '.3g')}"
+             f", addition {number(kl['addition']['kl_base_to_steered'], '.3g')}", ""]]
+    return (
+        "<h2>Is the direction causal? (Arditi et al. check)</h2>"
+        f"<p>Direction: MD at block {result['layer']} (highest train-split AUC among blocks "
+        f"{escape(result['conventions']['eligible_layers'])}); addition α = {result['alpha']} "
+        f"(‖α v‖ = {number(result['applied_norm'], '.2f')}). Rates are refused/(refused+complied) with "
+        "Wilson 95% intervals; no prompt used to choose the direction is evaluated.</p>"
+        + table(["", "baseline", "intervened", "intervention"], rows)
+    )
+
+
+SECTIONS.update(propagation=propagation_section, random_control=random_control_section,
+                categories=categories_section, arditi=arditi_section)
