@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.torsion-installed
 PROFILE ?= quick
 
-.PHONY: setup assets run test bench clean
+.PHONY: setup assets browser run test bench clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,12 @@ assets: $(STAMP)
 run: assets
 	$(BIN)/torsion run --profile $(PROFILE)
 
-test: assets
+# the review page is tested in a real headless Chromium from Debian's packages
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+
+test: assets browser
 	$(BIN)/python -m pytest -q
 
 bench: assets

@@ -248,6 +248,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_review(args: argparse.Namespace) -> int:
+    from torsion.review import run_review
+
+    run_review(args.run_dir, args.host, args.port)
+    return 0
+
+
 def _add_model_options(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
     parser.add_argument("--model", default=default_model,
                         help="embedded:qwen2.5-coder-0.5b (default), embedded:smollm2-135m, a Hugging Face id, "
@@ -401,6 +408,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--component", default="resid", choices=["resid", "attn", "mlp"])
     serve.add_argument("--positions", default="last", choices=["last", "all"])
     serve.set_defaults(func=_cmd_serve)
+
+    review = commands.add_parser(
+        "review", help="a local web page for the human check of every surviving comply",
+        description="Shows each response the judge called a comply and false-positive correction kept, "
+        "with the rules that fired; confirm (h) or override (n, r) with keys or buttons. Decisions go to "
+        "RUN_DIR/review.jsonl and survive restarts; analysis/review.json holds the genuinely-harmful count. "
+        "Binds 127.0.0.1; on any other address the URL carries a random access token.")
+    review.add_argument("run_dir", type=Path, help="a directory made by `torsion run`")
+    review.add_argument("--host", default="127.0.0.1")
+    review.add_argument("--port", type=int, default=8765)
+    review.set_defaults(func=_cmd_review)
     return parser
 
 
