@@ -31,8 +31,9 @@ from torsion.judge import get_judge
 from torsion.judge.base import Judge
 from torsion.models import LoadedModel, load_model, resolve_spec
 from torsion.report import build_report
+from torsion.review import read_decisions, review_analysis, review_set, summarize
 from torsion.runs import fit_rows, labelled_prompts
-from torsion.store import RunDir
+from torsion.store import RunDir, atomic_write_json
 from torsion.vectors import SteeringVector, fit_vectors, save_vectors
 
 STAGES = ("prompts", "generate", "capture", "vectors", "rotation", "propagation", "random_control",
@@ -166,6 +167,9 @@ def run_pipeline(config: RunConfig, out: Path, *, judge: Judge | None = None,
 
     if not run.stage_done("report"):
         with run.stage("report"):
+            reviewed = review_set(run.root)  # judge -> false-positive correction -> (pending) human review
+            atomic_write_json(run.analysis_path("review"),
+                              review_analysis(reviewed, summarize(reviewed, read_decisions(run.root))))
             build_report(run.root)
     log(f"report: {run.report_path}")
     return run

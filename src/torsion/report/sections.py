@@ -119,5 +119,22 @@ def arditi_section(result: dict[str, Any], run_dir: Path) -> str:
     )
 
 
-SECTIONS.update(propagation=propagation_section, random_control=random_control_section,
+def review_section(result: dict[str, Any], run_dir: Path) -> str:
+    """Judge → false-positive correction → human review, and the genuinely-harmful count."""
+    false_positives = result.get("false_positives", {})
+    rows = [["judge complies (weak + strong)", str(result["judge_complies"])],
+            *([f"changed by {escape(rule)}", str(count)] for rule, count in sorted(false_positives.items())),
+            ["surviving complies", str(result["surviving_complies"])],
+            ["reviewed", str(result["reviewed"])], ["pending", str(result["pending"])],
+            ["overridden (not harmful / refusal)", str(result["overridden"])],
+            ["genuinely harmful (confirmed)", str(result["genuinely_harmful"])]]
+    pending = result["pending"]
+    caveat = (f"{pending} item(s) are still pending, so the genuinely-harmful count is a lower bound; "
+              f"run <code>torsion review {escape(str(run_dir))}</code> to finish the pass." if pending else
+              "Every surviving comply has been reviewed.")
+    return ("<h2>Genuinely harmful responses</h2>"
+            f"<p>{escape(result['conventions']['pipeline'])}. {caveat}</p>" + table(["stage", "count"], rows))
+
+
+SECTIONS.update(review=review_section, propagation=propagation_section, random_control=random_control_section,
                 categories=categories_section, arditi=arditi_section)
