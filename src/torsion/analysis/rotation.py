@@ -1,30 +1,34 @@
 """Axis rotation with its controls (methods.md, "Axis rotation (cross-layer geometry)").
 
-The axis at layer ``l`` is the MD vector ``mean(X_r) - mean(X_c)``. The statistic is the
-adjacent-pair angle ``θ_l = angle(v_l, v_{l+1})`` and its mean over pairs. Every number comes
-with its controls: a prompt bootstrap (B resamples of refused and complied prompts), a
-shuffled-label null (P permutations keeping class sizes), split-half reliability and the
-reliability-corrected cosine, and the random-direction reference for the model's width.
+The axis at layer ``l`` is the MD vector ``v_l = mean(X_r) − mean(X_c)``
+(:func:`torsion.vectors.mean_difference`). The statistic is the adjacent-pair angle
+``θ_l = angle(v_l, v_{l+1})`` and its mean over pairs. Every number comes with its controls:
+a prompt bootstrap, a shuffled-label null, split-half reliability with the
+reliability-corrected cosine, the random-direction reference for the model's width, and the
+write-up's dispersion bootstrap, labelled as ignoring prompt sampling.
 
-Resampled and permuted class means are a weights matrix times the activations, so B or P
-vectors cost one matrix product each, not a Python loop.
+A bootstrap resample, a label permutation and a split half are each a pair of weight rows over
+the prompts, so their MD vectors are one matrix product (:func:`batched_mean_difference`), done
+in chunks that bound memory, never a Python loop over resamples.
 
 Example::
 
-    result = analyze_rotation({"resid": x_resid, "mlp": x_mlp}, refused, B=1000, P=200, seed=0)
+    result = analyze_rotation({"resid": x_resid, "mlp": x_mlp}, labels, B=1000, P=200, seed=0)
     result["components"]["resid"]["verdict"]
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from torsion.capture import load_activations
+from torsion.conventions import COMPONENTS, LAYER_INDEXING
+from torsion.errors import TorsionError
 from torsion.geometry import adjacent_angles, angle_from_cosine, cosine, random_angle_reference
 from torsion.judge.base import is_refused
 from torsion.runs import fit_rows, labelled_prompts
@@ -32,204 +36,223 @@ from torsion.store import RunDir, atomic_write_json
 from torsion.vectors import mean_difference
 
 SCHEMA_VERSION = 1
-RELIABLE_MEDIAN_ANGLE = 45.0  # split-half same-layer angle below which vectors count as reliable
-ALPHA = 0.05
-_CHUNK = 200  # resamples per matrix product; bounds memory at _CHUNK × n_layers × d_model floats
+ALPHA = 0.05  # the null test's level
+RELIABLE_MEDIAN_ANGLE_DEG = 45.0  # median split-half same-layer angle below which vectors count as reliable
+CHUNK_FLOATS = 1 << 22  # float32 elements of batched MD vectors held at once (16 MiB)
+DISPERSION_NOTE = "resamples per-pair angles; ignores prompt sampling"
+NULL_STATISTIC = "mean adjacent angle (deg)"
+
+Labels = Tensor | np.ndarray | Sequence[int]
 
 
 def rotation_summary(vectors: Tensor) -> dict[str, Any]:
-    """Pair angles of ``vectors`` ``[n_layers, d_model]``, their mean and depth σ (ddof=1)."""
-    angles = adjacent_angles(vectors)
+    """Pair angles of ``vectors`` ``[n_layers, d_model]``, their mean and depth σ (std over pairs, ddof=1).
+
+    ``depth_sigma_deg`` is None when there is a single pair.
+    """
+    angles = adjacent_angles(vectors)  # [n_layers - 1]
     return {"pair_angles_deg": angles.tolist(), "mean_deg": float(angles.mean()),
-            "depth_sigma_deg": float(angles.std(unbiased=True)) if len(angles) > 1 else None}
+            "depth_sigma_deg": float(angles.std(correction=1)) if len(angles) > 1 else None}
 
 
-def _split(x: Tensor, refused: Tensor) -> tuple[Tensor, Tensor]:
-    flat = x.reshape(len(x), -1).float()
-    return flat[refused], flat[~refused]
+def batched_mean_difference(x: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """MD vectors of many weighted pairs of prompt groups at once.
 
-
-def _mean_angles(differences: Tensor, n_layers: int) -> Tensor:
-    """Adjacent angles of a batch of flattened MD vectors ``[b, n_layers*d]`` → ``[b, n_layers-1]``."""
-    return adjacent_angles(differences.reshape(len(differences), n_layers, -1))
-
-
-def _counts(n: int, draws: int, generator: torch.Generator) -> Tensor:
-    """``[draws, n]`` counts of ``n`` indices drawn with replacement ``n`` times per row."""
-    index = torch.randint(0, n, (draws, n), generator=generator)
-    return torch.zeros(draws, n).scatter_add_(1, index, torch.ones(draws, n))
-
-
-def prompt_bootstrap(x: Tensor, refused: Tensor, *, B: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Resample refused and complied prompts separately, with replacement, at full size.
+    Row ``b`` is ``Σ_i first[b, i] x_i / Σ_i first[b, i] − Σ_i second[b, i] x_i / Σ_i second[b, i]``:
+    with bootstrap counts it is a resample's MD, with 0/1 indicators a permutation's or a
+    half's. Equal to :func:`~torsion.vectors.mean_difference` for the all-ones weights of
+    the two classes.
 
     Args:
         x: ``[n_prompts, n_layers, d_model]``.
-        refused: ``[n_prompts]`` booleans (False = complied).
+        first: ``[k, ..., n_prompts]`` non-negative weights of the first (refused) group.
+        second: the same shape, weights of the second (complied) group.
 
     Returns:
-        95% percentile CIs of the mean angle and of each pair (methods.md), the ``B``
-        bootstrap means, and the "basic" intervals ``[2θ̂ − q97.5, 2θ̂ − q2.5]``. Noise inflates
-        angles between estimated directions, so a resample's angle is biased upward twice over
-        (once in θ̂, again in the resample) and the percentile interval sits above the true
-        angle; the basic interval reflects that bias back. ``bias_deg`` is the bootstrap
-        estimate of the bias of the mean angle.
+        ``[k, ..., n_layers, d_model]`` float32.
     """
+    return _map_mean_differences(x, first, second, lambda vectors: vectors)
+
+
+def prompt_bootstrap(x: Tensor, labels: Labels, *, B: int = 1000, seed: int) -> dict[str, Any]:
+    """Resample refused and complied prompts separately, with replacement, at full size; ``B`` times.
+
+    The draws come from ``torch.Generator().manual_seed(seed)``: first ``torch.randint`` of
+    shape ``[B, n_refused]`` (positions among the refused rows, in prompt order), then
+    ``[B, n_complied]`` for the complied rows. Each resample's MD vectors give its pair angles.
+
+    Args:
+        x: ``[n_prompts, n_layers, d_model]``.
+        labels: ``[n_prompts]``, refused = 1, complied = 0.
+
+    Returns:
+        ``B``, the 95% percentile CIs of the mean angle (``mean_ci95``) and of each pair
+        (``pair_ci95``, ``[n_layers - 1][2]``), the ``B`` bootstrap mean angles (``means_deg``),
+        and the "basic" intervals ``[2θ̂ − q97.5, 2θ̂ − q2.5]`` (``mean_ci95_basic``,
+        ``pair_ci95_basic``) with the bootstrap bias of the mean (``bias_deg``). Noise inflates
+        the angle between estimated directions once in θ̂ and again in every resample, so the
+        percentile interval sits above the true angle when the vectors are noisy; the basic
+        interval reflects that bias back (tests: coverage of a planted angle).
+    """
+    refused = _refused_mask(labels, len(x))
+    _require_positive(B=B)
     generator = torch.Generator().manual_seed(seed)
-    x_r, x_c = _split(x, refused)
-    n_layers = x.shape[1]
-    angles = []
-    for start in range(0, B, _CHUNK):
-        draws = min(_CHUNK, B - start)
-        mean_r = _counts(len(x_r), draws, generator) @ x_r / len(x_r)
-        mean_c = _counts(len(x_c), draws, generator) @ x_c / len(x_c)
-        angles.append(_mean_angles(mean_r - mean_c, n_layers))
-    angles = torch.cat(angles).numpy()  # [B, n_layers - 1]
+    first = _resample_counts(torch.nonzero(refused).flatten(), len(x), B, generator)  # [B, n_prompts]
+    second = _resample_counts(torch.nonzero(~refused).flatten(), len(x), B, generator)
+    angles = _map_mean_differences(x, first, second, adjacent_angles).numpy()  # [B, n_layers - 1]
     means = angles.mean(1)
     observed = adjacent_angles(mean_difference(x[refused], x[~refused])).numpy()
     mean_ci = np.percentile(means, [2.5, 97.5])
     pair_ci = np.percentile(angles, [2.5, 97.5], axis=0).T  # [n_layers - 1, 2]
-    return {
-        "B": B,
-        "mean_ci95": mean_ci.tolist(),
-        "pair_ci95": pair_ci.tolist(),
-        "mean_ci95_basic": (2 * observed.mean() - mean_ci[::-1]).tolist(),
-        "pair_ci95_basic": (2 * observed[:, None] - pair_ci[:, ::-1]).tolist(),
-        "bias_deg": float(means.mean() - observed.mean()),
-        "means": means.tolist(),
-    }
+    return {"B": B, "mean_ci95": mean_ci.tolist(), "pair_ci95": pair_ci.tolist(),
+            "mean_ci95_basic": (2 * observed.mean() - mean_ci[::-1]).tolist(),
+            "pair_ci95_basic": (2 * observed[:, None] - pair_ci[:, ::-1]).tolist(),
+            "bias_deg": float(means.mean() - observed.mean()), "means_deg": means.tolist()}
 
 
-def dispersion_bootstrap(pair_angles: Tensor, *, B: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Resample the per-pair angles (the write-up's CI). It ignores prompt sampling."""
-    generator = torch.Generator().manual_seed(seed)
-    angles = torch.as_tensor(pair_angles, dtype=torch.float64)
-    index = torch.randint(0, len(angles), (B, len(angles)), generator=generator)
-    means = angles[index].mean(1).numpy()
-    return {"B": B, "mean_ci95": np.percentile(means, [2.5, 97.5]).tolist(),
-            "note": "resamples per-pair angles; ignores prompt sampling"}
+def dispersion_bootstrap(pair_angles: Tensor | Sequence[float], *, B: int = 1000, seed: int) -> dict[str, Any]:
+    """The write-up's interval: resample the ``[n_layers - 1]`` per-pair angles, ``B`` times.
 
-
-def shuffled_label_null(x: Tensor, refused: Tensor, *, P: int = 200, seed: int = 0) -> dict[str, Any]:
-    """Permute the labels ``P`` times keeping class sizes; statistic = mean adjacent angle.
-
-    The null of an angle is skewed, so the two-sided p-value is equal-tailed:
-    ``p = min(1, 2 · (1 + min(#{null ≤ obs}, #{null ≥ obs})) / (P + 1))``.
+    It reflects the spread of angles over depth, not the uncertainty from drawing other
+    prompts (``note`` says so). Draws: ``torch.randint`` ``[B, n_pairs]`` from
+    ``torch.Generator().manual_seed(seed)``.
     """
+    _require_positive(B=B)
+    angles = torch.as_tensor(pair_angles, dtype=torch.float64)
+    draws = torch.randint(0, len(angles), (B, len(angles)), generator=torch.Generator().manual_seed(seed))
+    means = angles[draws].mean(1).numpy()
+    return {"B": B, "mean_ci95": np.percentile(means, [2.5, 97.5]).tolist(), "note": DISPERSION_NOTE}
+
+
+def shuffled_label_null(x: Tensor, labels: Labels, *, P: int = 200, seed: int) -> dict[str, Any]:
+    """Permute the labels ``P`` times keeping the class sizes; statistic = mean adjacent angle.
+
+    Permutation ``p`` labels refused the first ``n_refused`` prompts of
+    ``argsort(torch.rand([P, n_prompts], dtype=float64))[p]`` (``Generator().manual_seed(seed)``).
+    The null of an angle is skewed (bounded by 0° and 180°, long-tailed), so the two-sided
+    p-value is equal-tailed, with the +1 correction:
+    ``p = min(1, 2 · (1 + min(#{null ≤ observed}, #{null ≥ observed})) / (P + 1))``.
+    (Distance from the null's mean would call an observation below the null's 2.5th
+    percentile unremarkable whenever the upper tail is long.)
+
+    Args:
+        x: ``[n_prompts, n_layers, d_model]``.
+        labels: ``[n_prompts]``, refused = 1, complied = 0.
+
+    Returns:
+        ``P``, ``statistic``, the null's ``mean_deg``, ``p2_5`` and ``p97_5``, ``p_value``, the
+        ``observed_deg`` statistic and the ``P`` null statistics (``null_deg``).
+    """
+    refused = _refused_mask(labels, len(x))
+    _require_positive(P=P)
     generator = torch.Generator().manual_seed(seed)
-    flat = x.reshape(len(x), -1).float()
-    n, n_r = len(flat), int(refused.sum())
-    total = flat.sum(0)
-    null = []
-    for start in range(0, P, _CHUNK):
-        draws = min(_CHUNK, P - start)
-        order = torch.argsort(torch.rand(draws, n, generator=generator), dim=1)
-        indicator = torch.zeros(draws, n).scatter_(1, order[:, :n_r], 1.0)
-        sum_r = indicator @ flat
-        differences = sum_r / n_r - (total - sum_r) / (n - n_r)
-        null.append(_mean_angles(differences, x.shape[1]).mean(1))
-    null = torch.cat(null).numpy()
+    order = torch.argsort(torch.rand(P, len(x), generator=generator, dtype=torch.float64), dim=1)
+    shuffled_refused = torch.zeros(P, len(x)).scatter_(1, order[:, : int(refused.sum())], 1.0)  # [P, n_prompts]
+    null = _map_mean_differences(x, shuffled_refused, 1.0 - shuffled_refused,
+                                 lambda vectors: adjacent_angles(vectors).mean(-1)).numpy()  # [P]
     observed = float(adjacent_angles(mean_difference(x[refused], x[~refused])).mean())
     tail = min(int((null <= observed).sum()), int((null >= observed).sum()))
-    return {"P": P, "statistic": "mean adjacent angle (deg)", "observed_deg": observed,
-            "mean_deg": float(null.mean()), "p2_5": float(np.percentile(null, 2.5)),
-            "p97_5": float(np.percentile(null, 97.5)), "p_value": min(1.0, 2 * (1 + tail) / (P + 1))}
+    return {"P": P, "statistic": NULL_STATISTIC, "mean_deg": float(null.mean()),
+            "p2_5": float(np.percentile(null, 2.5)), "p97_5": float(np.percentile(null, 97.5)),
+            "p_value": min(1.0, 2 * (1 + tail) / (P + 1)), "observed_deg": observed, "null_deg": null.tolist()}
 
 
-def _halves(index: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    shuffled = index[torch.randperm(len(index), generator=generator)]
-    return shuffled[: len(index) // 2], shuffled[len(index) // 2:]
+def split_half_reliability(x: Tensor, labels: Labels, *, n_splits: int = 50, seed: int) -> dict[str, Any]:
+    """Stratified random halves A and B of the prompts, ``n_splits`` times.
 
+    Each class is shuffled separately (``argsort(torch.rand([n_splits, n_class], dtype=float64))``,
+    refused first, from ``Generator().manual_seed(seed)``); A takes the first ``n_class // 2``.
 
-def split_half_reliability(x: Tensor, refused: Tensor, *, n_splits: int = 50, seed: int = 0) -> dict[str, Any]:
-    """Stratified random halves A and B, ``n_splits`` times.
+    - Same-layer agreement: ``angle(v_l^A, v_l^B)`` and ``cos(v_l^A, v_l^B)`` per layer, each
+      averaged over splits. The mean cosine is the reliability ``r_l``; a half has half the
+      prompts, so this understates the full sample's reliability.
+    - Reliability-corrected cosine per pair: ``c_l / sqrt(r_l · r_{l+1})``, where ``c_l`` is the
+      cross cosine ``cos(v_l^A, v_{l+1}^B)`` averaged over both swaps (A↔B) and all splits. The
+      halves are independent, so their noise does not correlate across the pair. Computed only
+      where ``r_l > 0`` and ``r_{l+1} > 0``, else None (unreliable). The angle clips the
+      corrected cosine to ``[-1, 1]``; ``corrected_cos`` is the raw ratio.
 
-    Reports the same-layer angle ``angle(v_l^A, v_l^B)`` and the reliability-corrected cosine
-    ``mean cos(v_l^A, v_{l+1}^B) / sqrt(rel_l · rel_{l+1})``: the cross cosine is averaged
-    over both swaps (A↔B) and all splits, and ``rel_l`` is the same-layer cosine averaged over
-    splits. Where a reliability is not positive the pair is flagged unreliable (None).
+    Args:
+        x: ``[n_prompts, n_layers, d_model]``.
+        labels: ``[n_prompts]``, refused = 1, complied = 0; each class needs at least 2 prompts.
     """
+    refused = _refused_mask(labels, len(x), min_per_class=2)
+    _require_positive(n_splits=n_splits)
+    n_layers = x.shape[1]
     generator = torch.Generator().manual_seed(seed)
-    refused_index, complied_index = torch.nonzero(refused).flatten(), torch.nonzero(~refused).flatten()
-    same, cross = [], []
-    for _ in range(n_splits):
-        r_a, r_b = _halves(refused_index, generator)
-        c_a, c_b = _halves(complied_index, generator)
-        v_a, v_b = mean_difference(x[r_a], x[c_a]), mean_difference(x[r_b], x[c_b])
-        same.append(cosine(v_a, v_b))
-        cross.append((cosine(v_a[:-1], v_b[1:]) + cosine(v_b[:-1], v_a[1:])) / 2)
-    reliability = torch.stack(same).mean(0)  # [n_layers]
-    cross_mean = torch.stack(cross).mean(0)  # [n_layers - 1]
+    halves = torch.zeros(n_splits, 2, len(x))  # [split, A/B, prompt] indicators
+    for rows in (torch.nonzero(refused).flatten(), torch.nonzero(~refused).flatten()):
+        order = rows[torch.argsort(torch.rand(n_splits, len(rows), generator=generator, dtype=torch.float64), dim=1)]
+        halves[:, 0].scatter_(1, order[:, : len(rows) // 2], 1.0)
+        halves[:, 1].scatter_(1, order[:, len(rows) // 2:], 1.0)
+    cosines = _map_mean_differences(x, halves * refused, halves * ~refused, _split_cosines)  # [n_splits, 2L - 1]
+    same_cos, cross_cos = cosines[:, :n_layers], cosines[:, n_layers:]
+    reliability = same_cos.mean(0)  # [n_layers]
+    cross = cross_cos.mean(0)  # [n_layers - 1]
     corrected: list[float | None] = []
-    for layer, value in enumerate(cross_mean.tolist()):
-        both = reliability[layer] * reliability[layer + 1]
-        ok = reliability[layer] > 0 and reliability[layer + 1] > 0
-        corrected.append(value / float(both.sqrt()) if ok else None)
-    corrected_angles = [float(angle_from_cosine(torch.tensor(c))) if c is not None else None for c in corrected]
-    valid = [a for a in corrected_angles if a is not None]
+    for pair, cross_pair in enumerate(cross.tolist()):
+        r_first, r_second = float(reliability[pair]), float(reliability[pair + 1])
+        corrected.append(cross_pair / (r_first * r_second) ** 0.5 if r_first > 0 and r_second > 0 else None)
+    corrected_angles = [None if c is None else float(angle_from_cosine(torch.tensor(c))) for c in corrected]
+    reliable = [a for a in corrected_angles if a is not None]
     return {
         "n_splits": n_splits,
-        "same_layer_angle_deg": torch.stack([angle_from_cosine(s) for s in same]).mean(0).tolist(),
+        "same_layer_angle_deg": angle_from_cosine(same_cos).mean(0).tolist(),
         "same_layer_cos": reliability.tolist(),
         "corrected_cos": corrected,
         "corrected_angle_deg": corrected_angles,
-        "mean_corrected_angle_deg": float(np.mean(valid)) if valid else None,
-        "reliable_pairs": len(valid),
+        "mean_corrected_angle_deg": float(np.mean(reliable)) if reliable else None,
+        "reliable_pairs": len(reliable),
     }
 
 
-def _verdict(component: str, summary: dict, bootstrap: dict, null: dict, split: dict,
-             n_refused: int, n_complied: int) -> tuple[bool, bool, str]:
-    differs = null["p_value"] < ALPHA
-    median_same = float(np.median(split["same_layer_angle_deg"]))
-    reliable = median_same < RELIABLE_MEDIAN_ANGLE
-    lo, hi = bootstrap["mean_ci95_basic"]
-    sentence = (
-        f"{component}: mean adjacent angle {summary['mean_deg']:.1f}° (bias-corrected 95% CI {lo:.1f}–{hi:.1f}) "
-        f"{'differs from' if differs else 'is indistinguishable from'} its shuffled-label null "
-        f"({null['mean_deg']:.1f}°, 95% {null['p2_5']:.1f}–{null['p97_5']:.1f}, p = {null['p_value']:.3g}); "
-        f"the median split-half same-layer angle is {median_same:.1f}°, so the vectors are "
-        f"{'reliable' if reliable else 'noise-dominated'} at {n_refused} refused / {n_complied} complied."
-    )
-    return differs, reliable, sentence
-
-
-def analyze_rotation(activations: Mapping[str, Tensor], refused: Tensor, *, B: int = 1000, P: int = 200,
+def analyze_rotation(activations: Mapping[str, Tensor], labels: Labels, *, B: int = 1000, P: int = 200,
                      n_splits: int = 50, seed: int = 0) -> dict[str, Any]:
-    """Rotation with controls for each component (``analysis/rotation.json``).
+    """Rotation with its controls for each component present (``analysis/rotation.json``, schema 1).
 
     Args:
-        activations: component -> ``[n_prompts, n_layers, d_model]`` at one position, rows
-            already restricted to refused and complied prompts.
-        refused: ``[n_prompts]`` booleans; the other rows are complied.
+        activations: component ("resid", "attn", "mlp") -> ``[n_prompts, n_layers, d_model]`` at
+            the chosen position, rows restricted to refused and complied prompts.
+        labels: ``[n_prompts]``, refused = 1, complied = 0.
+
+    Returns:
+        A JSON-ready dict (floats, lists, None); every random draw is seeded with ``seed``.
     """
-    refused = torch.as_tensor(refused, dtype=torch.bool)
-    first = next(iter(activations.values()))
+    unknown = sorted(set(activations) - set(COMPONENTS))
+    if not activations or unknown:
+        raise TorsionError(f"analyze_rotation takes components {', '.join(COMPONENTS)} "
+                           f"(got {sorted(activations) or 'none'}); pass at least one of them")
+    shapes = {name: tuple(x.shape) for name, x in activations.items()}
+    n_prompts, n_layers, d_model = next(iter(shapes.values()))
+    if len(set(shapes.values())) > 1 or n_layers < 2:
+        raise TorsionError(f"every component must be [n_prompts, n_layers >= 2, d_model] with one shape "
+                           f"(got {shapes}); capture all components at the same position and layers")
+    refused = _refused_mask(labels, n_prompts, min_per_class=2)
     n_refused, n_complied = int(refused.sum()), int((~refused).sum())
-    mean_ref, sd_ref = random_angle_reference(first.shape[2])
-    result: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "analysis": "rotation",
-        "conventions": {"layer_indexing": "block", "axis": "md", "angle": "degrees of signed cosine",
-                        "pairs": "(l, l+1)"},
-        "seed": seed, "n_refused": n_refused, "n_complied": n_complied,
-        "d_model": int(first.shape[2]), "n_layers": int(first.shape[1]),
-        "random_reference": {"mean_deg": mean_ref, "sd_deg": sd_ref},
-        "components": {},
-    }
-    for component, x in activations.items():
+    reference_mean, reference_sd = random_angle_reference(d_model)
+    components = {}
+    for name in (c for c in COMPONENTS if c in activations):
+        x = activations[name]
         summary = rotation_summary(mean_difference(x[refused], x[~refused]))
         bootstrap = prompt_bootstrap(x, refused, B=B, seed=seed)
-        bootstrap.pop("means")
         null = shuffled_label_null(x, refused, P=P, seed=seed)
         split = split_half_reliability(x, refused, n_splits=n_splits, seed=seed)
-        differs, reliable, verdict = _verdict(component, summary, bootstrap, null, split, n_refused, n_complied)
-        result["components"][component] = {
-            **summary, "prompt_bootstrap": bootstrap,
-            "dispersion_bootstrap": dispersion_bootstrap(torch.tensor(summary["pair_angles_deg"]), B=B, seed=seed),
-            "null": null, "split_half": split, "differs_from_null": differs, "reliable": reliable,
-            "verdict": verdict,
+        differs, reliable, verdict = _verdict(name, summary, bootstrap, null, split, n_refused, n_complied)
+        components[name] = {
+            **summary,
+            "prompt_bootstrap": {key: value for key, value in bootstrap.items() if key != "means_deg"},
+            "dispersion_bootstrap": dispersion_bootstrap(summary["pair_angles_deg"], B=B, seed=seed),
+            "null": {key: null[key] for key in ("P", "statistic", "mean_deg", "p2_5", "p97_5", "p_value")},
+            "split_half": split, "differs_from_null": differs, "reliable": reliable, "verdict": verdict,
         }
-    return result
+    return {
+        "schema_version": SCHEMA_VERSION, "analysis": "rotation",
+        "conventions": {"layer_indexing": LAYER_INDEXING, "axis": "md", "angle": "degrees of signed cosine",
+                        "pairs": "(l, l+1)"},
+        "seed": seed, "n_refused": n_refused, "n_complied": n_complied, "d_model": d_model, "n_layers": n_layers,
+        "random_reference": {"mean_deg": reference_mean, "sd_deg": reference_sd},
+        "components": components,
+    }
 
 
 def run_rotation(run_dir: Path, *, B: int = 1000, P: int = 200, n_splits: int = 50, seed: int = 0) -> dict[str, Any]:
@@ -238,10 +261,86 @@ def run_rotation(run_dir: Path, *, B: int = 1000, P: int = 200, n_splits: int = 
     prompts, responses = labelled_prompts(run)
     rows = fit_rows(prompts, responses)
     activations, meta = load_activations(run.activations_path)
-    components = [c for c in ("resid", "attn", "mlp") if c in activations]
-    refused = torch.tensor([is_refused(responses[i]["score"]) for i in rows])
-    result = analyze_rotation({c: activations[c][rows] for c in components}, refused, B=B, P=P,
-                              n_splits=n_splits, seed=seed)
+    labels = [int(is_refused(responses[i]["score"])) for i in rows]
+    result = analyze_rotation({c: activations[c][rows] for c in COMPONENTS if c in activations}, labels,
+                              B=B, P=P, n_splits=n_splits, seed=seed)
     result["conventions"].update(position=meta.get("primary_position", "last"), split="train")
     atomic_write_json(run.analysis_path("rotation"), result)
     return result
+
+
+def _refused_mask(labels: Labels, n_prompts: int, *, min_per_class: int = 1) -> Tensor:
+    """``[n_prompts]`` bool from 0/1 (or bool) labels, with at least ``min_per_class`` in each class."""
+    values = torch.as_tensor(np.asarray(labels))
+    if values.shape != (n_prompts,) or not bool(((values == 0) | (values == 1)).all()):
+        raise TorsionError(f"labels must be [{n_prompts}] values in {{0, 1}} (refused = 1, complied = 0), got shape "
+                           f"{list(values.shape)} with values {sorted(set(values.flatten().tolist()))[:5]}; "
+                           "drop rows in neither class before the rotation analysis")
+    refused = values == 1
+    n_refused = int(refused.sum())
+    if min(n_refused, n_prompts - n_refused) < min_per_class:
+        raise TorsionError(f"the rotation analysis needs at least {min_per_class} refused and {min_per_class} "
+                           f"complied prompts (got {n_refused} and {n_prompts - n_refused}); use more prompts")
+    return refused
+
+
+def _require_positive(**counts: int) -> None:
+    for name, count in counts.items():
+        if count < 1:
+            raise TorsionError(f"{name}={count}: the number of draws must be at least 1")
+
+
+def _resample_counts(rows: Tensor, n_prompts: int, draws: int, generator: torch.Generator) -> Tensor:
+    """``[draws, n_prompts]`` counts: each row resamples ``rows`` (prompt indices) with replacement, at full size."""
+    picks = rows[torch.randint(0, len(rows), (draws, len(rows)), generator=generator)]
+    return torch.zeros(draws, n_prompts).scatter_add_(1, picks, torch.ones(draws, len(rows)))
+
+
+def _map_mean_differences(x: Tensor, first: Tensor, second: Tensor,
+                          statistic: Callable[[Tensor], Tensor]) -> Tensor:
+    """``statistic`` of :func:`batched_mean_difference`'s vectors, chunk by chunk over the leading axis.
+
+    Each group's weights are normalised to sum to one, so subtracting the pooled mean from ``x``
+    changes no MD vector; it keeps the float32 product from cancelling the large offset that
+    every prompt shares (the residual stream's mean). A chunk holds at most about
+    ``CHUNK_FLOATS`` float32 elements of MD vectors; the statistic maps a chunk
+    ``[c, ..., n_layers, d_model]`` to ``[c, ...]`` and the chunks are concatenated.
+    """
+    n_prompts, n_layers, d_model = x.shape
+    rows = x.reshape(n_prompts, -1).float()
+    rows = rows - rows.mean(0, dtype=torch.float64).float()  # [n_prompts, n_layers * d_model]
+    signed = (first / first.sum(-1, keepdim=True) - second / second.sum(-1, keepdim=True)).float()
+    vectors_per_row = signed[0].numel() // n_prompts
+    chunk = max(1, CHUNK_FLOATS // (vectors_per_row * n_layers * d_model))
+    return torch.cat([statistic((block @ rows).reshape(*block.shape[:-1], n_layers, d_model))
+                      for block in signed.split(chunk)])
+
+
+def _split_cosines(vectors: Tensor) -> Tensor:
+    """Halves' MD vectors ``[c, 2, n_layers, d_model]`` → ``[c, 2 n_layers − 1]`` cosines.
+
+    The first ``n_layers`` columns are ``cos(v_l^A, v_l^B)``; the rest are the cross cosines
+    ``(cos(v_l^A, v_{l+1}^B) + cos(v_l^B, v_{l+1}^A)) / 2``, averaged over the swap.
+    """
+    a, b = vectors[:, 0], vectors[:, 1]
+    cross = (cosine(a[:, :-1], b[:, 1:]) + cosine(b[:, :-1], a[:, 1:])) / 2
+    return torch.cat([cosine(a, b), cross], dim=1)
+
+
+def _verdict(component: str, summary: dict[str, Any], bootstrap: dict[str, Any], null: dict[str, Any],
+             split: dict[str, Any], n_refused: int, n_complied: int) -> tuple[bool, bool, str]:
+    """``differs_from_null`` (p < ALPHA), ``reliable`` (median same-layer angle < 45°) and one sentence."""
+    differs = null["p_value"] < ALPHA
+    median_same = float(np.median(split["same_layer_angle_deg"]))
+    reliable = median_same < RELIABLE_MEDIAN_ANGLE_DEG
+    lo, hi = bootstrap["mean_ci95_basic"]
+    sentence = (
+        f"{component}: the mean adjacent angle {summary['mean_deg']:.1f}° (bias-corrected prompt-bootstrap 95% CI "
+        f"{lo:.1f}–{hi:.1f}°) {'differs from' if differs else 'is indistinguishable from'} its shuffled-label "
+        f"null (mean {null['mean_deg']:.1f}°, 95% {null['p2_5']:.1f}–{null['p97_5']:.1f}°; p = "
+        f"{null['p_value']:.3g} {'<' if differs else '≥'} {ALPHA}), and the vectors are "
+        f"{'reliable' if reliable else 'noise-dominated'} at {n_refused} refused / {n_complied} complied prompts "
+        f"(median split-half same-layer angle {median_same:.1f}° {'<' if reliable else '≥'} "
+        f"{RELIABLE_MEDIAN_ANGLE_DEG:.0f}°)."
+    )
+    return differs, reliable, sentence
