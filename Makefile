@@ -35,10 +35,14 @@ browser:
 test: assets browser
 	$(BIN)/python -m pytest -q
 
+# each writes benchmarks/results/<name>.json with its baseline and the ratio
 bench: assets
 	$(BIN)/python benchmarks/bench_capture.py
 	$(BIN)/python benchmarks/bench_load.py
 	$(BIN)/python benchmarks/bench_bootstrap.py
+	$(BIN)/python benchmarks/bench_steer_overhead.py
+	$(BIN)/python benchmarks/bench_random_control.py
+	$(BIN)/python benchmarks/bench_peers.py  # builds .venv-peers (transformers 4, numpy 1) on first use
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
