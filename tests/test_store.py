@@ -33,3 +33,12 @@ def test_stage_marks_done_only_when_the_body_returns(tmp_path):
             raise RuntimeError("killed")
     assert not run.stage_done("generate")
     assert run.manifest()["stages"]["prompts"]["seconds"] >= 0
+
+
+def test_a_finished_stage_invalidates_its_downstream(tmp_path):
+    run = RunDir(tmp_path)
+    with run.stage("report"):
+        pass
+    with run.stage("analysis", invalidates=("report",)):
+        pass
+    assert run.stage_done("analysis") and not run.stage_done("report")

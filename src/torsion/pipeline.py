@@ -123,7 +123,7 @@ def run_pipeline(config: RunConfig, out: Path, *, judge: Judge | None = None,
         return lm
 
     if not run.stage_done("prompts"):
-        with run.stage("prompts"):
+        with run.stage("prompts", invalidates=("report",)):
             prompts = build_prompt_set(config.sources, n_per_source=config.n_per_source,
                                        holdout_fraction=config.holdout_fraction, seed=config.seed)
             write_prompts_jsonl(run.prompts_path, prompts)
@@ -135,34 +135,34 @@ def run_pipeline(config: RunConfig, out: Path, *, judge: Judge | None = None,
         settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                       seed=config.seed, batch_size=config.generation_batch_size)
         run.update_manifest(generation=settings.__dict__)
-        with run.stage("generate"):
+        with run.stage("generate", invalidates=("report",)):
             generate_responses(model(), prompts, run.responses_path, settings=settings,
                                judge=judge or get_judge(config.judge))
     prompts, responses = labelled_prompts(run)
 
     if not run.stage_done("capture"):
-        with run.stage("capture"):
+        with run.stage("capture", invalidates=("report",)):
             capture_to_file(model(), [p.prompt for p in prompts], run.activations_path,
                             components=config.components, positions=config.positions,
                             batch_size=config.capture_batch_size)
     if not run.stage_done("vectors"):
-        with run.stage("vectors"):
+        with run.stage("vectors", invalidates=("report",)):
             fit_run_vectors(run, config, prompts, responses)
 
     if not run.stage_done("rotation"):
-        with run.stage("rotation"):
+        with run.stage("rotation", invalidates=("report",)):
             run_rotation(run.root, B=config.bootstrap, P=config.null_permutations,
                          n_splits=config.split_halves, seed=config.seed)
 
     if not run.stage_done("propagation"):
-        with run.stage("propagation"):
+        with run.stage("propagation", invalidates=("report",)):
             run_propagation(run.root, model(), n_prompts=config.propagation_prompts, seed=config.seed)
     if not run.stage_done("random_control"):
-        with run.stage("random_control"):
+        with run.stage("random_control", invalidates=("report",)):
             run_random_control(run.root, model(), n_random=config.random_directions,
                                n_prompts=config.random_control_prompts, seed=config.seed)
     if not run.stage_done("categories"):
-        with run.stage("categories"):
+        with run.stage("categories", invalidates=("report",)):
             run_categories(run.root)
 
     if not run.stage_done("report"):

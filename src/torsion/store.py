@@ -113,11 +113,12 @@ class RunDir:
         return bool(self.manifest().get("stages", {}).get(name, {}).get("done"))
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def stage(self, name: str, *, invalidates: tuple[str, ...] = ()) -> Iterator[None]:
         """Time a stage and mark it done in the manifest when its body returns.
 
         Callers check ``stage_done`` first; a stage interrupted midway stays not-done and
-        resumes from its own checkpoints.
+        resumes from its own checkpoints. Stages named in ``invalidates`` (those that read this
+        one's output, such as the report) are marked not done, so they run again.
         """
         start = time.perf_counter()
         yield
@@ -125,6 +126,8 @@ class RunDir:
         stages = manifest.setdefault("stages", {})
         previous = stages.get(name, {}).get("seconds", 0.0)
         stages[name] = {"done": True, "seconds": round(previous + time.perf_counter() - start, 3)}
+        for downstream in invalidates:
+            stages.pop(downstream, None)
         atomic_write_json(self.manifest_path, manifest)
 
     def invalidate(self, *names: str) -> None:

@@ -48,7 +48,7 @@ def mean_angle_matrix(directions: Mapping[str, Tensor], layers: Sequence[int]) -
     """
     stack = torch.stack([d[list(layers)].double() for d in directions.values()])  # [n, n_sel, d_model]
     angles = angle_deg(stack[:, None], stack[None, :])  # [n, n, n_sel]
-    matrix = torch.as_tensor(angles, dtype=torch.float64).mean(-1).numpy()
+    matrix = angles.mean(-1).numpy()
     np.fill_diagonal(matrix, 0.0)
     return matrix
 

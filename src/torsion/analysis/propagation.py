@@ -98,9 +98,7 @@ def recording_block_inputs(lm: LoadedModel, first: int) -> Iterator[BlockInputs]
 
 def _repeat_batch(value: Any, batch: int, repeat: int) -> Any:
     """Tile batch-leading tensors (``ndim ≥ 2``, ``shape[0] == batch``) ``repeat`` times, direction-major."""
-    if repeat == 1:
-        return value
-    if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[0] == batch:
+    if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[0] == batch and repeat > 1:
         return value.repeat(repeat, *([1] * (value.ndim - 1)))
     if isinstance(value, tuple):
         return tuple(_repeat_batch(v, batch, repeat) for v in value)
@@ -263,9 +261,7 @@ def propagation_table(result: dict[str, Any], *, stream: str = "component", metr
 
     def cell(source: int, layer: int, name: str) -> str:
         row = values.get((source, layer))
-        if row is None:
-            return "n/a"
-        return f"{row[f'{name}_{stream}']:.3f}" if name == "norm_ratio" else f"{row[f'{name}_{stream}']:+.3f}"
+        return "n/a" if row is None else format(row[f"{name}_{stream}"], ".3f" if name == "norm_ratio" else "+.3f")
 
     header = ["Downstream layer", *(f"src={s}" for s in sources), f"norm_ratio (src={norm_source})"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -294,8 +290,8 @@ def plot_propagation(result: dict[str, Any], path: Path) -> Path:
         for index, source in enumerate(result["sources"]):
             rows = [r for r in result["rows"] if r["source"] == source]
             layers = [r["layer"] for r in rows]
-            ax.plot(layers, [r[f"{metric}_component"] for r in rows], "-", color=f"C{index}", label=f"src={source}")
-            ax.plot(layers, [r[f"{metric}_resid"] for r in rows], ":", color=f"C{index}")
+            ax.plot(layers, [r[f"{metric}_component"] for r in rows], ".-", color=f"C{index}", label=f"src={source}")
+            ax.plot(layers, [r[f"{metric}_resid"] for r in rows], ".:", color=f"C{index}")
         ax.axhline(0 if metric != "norm_ratio" else 1, color="grey", lw=0.5)
         ax.set(title=title, xlabel="block (layer)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
