@@ -12,7 +12,7 @@ from torsion.errors import TorsionError
 _EPILOG = """\
 examples:
   torsion assets pull                       install and cache the embedded models and prompt data
-  torsion run --profile smoke               a 2-minute end-to-end run on the embedded Qwen model
+  torsion run --profile smoke               a short end-to-end run on the embedded Qwen model
   torsion run --model embedded:smollm2-135m --out runs/smol
   torsion run --model Qwen/Qwen2.5-7B-Instruct --device auto --dtype bfloat16
 
@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = subcommands.add_parser(
         "run", help="the main job: prompts, generation, labels, capture, vectors, analyses, report",
-        description="Run (or resume) the main job into a run directory. Profiles: smoke (~2 min on CPU, "
-        "mechanics only), quick (default, ~10 min on CPU), paper (every prompt).",
+        description="Run (or resume) the main job into a run directory. Profiles: smoke (48 prompts, "
+        "mechanics only), quick (default, 256 prompts), paper (every prompt).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
     _add_model_options(run)

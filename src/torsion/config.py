@@ -63,10 +63,10 @@ class RunConfig:
 
 
 PROFILES: dict[str, dict] = {
-    # about 2 minutes on 2 CPU cores with the embedded Qwen model: mechanics, not science
+    # 48 prompts, short responses, reduced resampling: mechanics, not science
     "smoke": {"n_per_source": 24, "max_new_tokens": 24, "bootstrap": 200, "null_permutations": 100,
               "split_halves": 20, "propagation_prompts": 8, "random_directions": 10, "random_control_prompts": 8},
-    # about 10 minutes on 2 CPU cores: the default
+    # 256 prompts (128 per source): the default
     "quick": {},
     # every prompt of both sources; hours on CPU, minutes on a GPU
     "paper": {"n_per_source": None, "max_new_tokens": 64, "generation_batch_size": 16},
