@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from torsion.capture import load_activations
 from torsion.data import load_source, sample
@@ -50,9 +51,10 @@ def refusal_rate(scores: list[float | None]) -> dict[str, Any]:
             "rate": refused / judged if judged else None, "ci95": [lo, hi] if judged else None}
 
 
-def _judged_rate(lm: LoadedModel, prompts: list[str], settings: GenerationSettings, context=None) -> dict[str, Any]:
+def _judged_rate(lm: LoadedModel, prompts: list[str], settings: GenerationSettings, context=None, *,
+                 desc: str) -> dict[str, Any]:
     responses = []
-    for start in range(0, len(prompts), settings.batch_size):
+    for start in tqdm(range(0, len(prompts), settings.batch_size), desc=desc, unit="batch"):
         batch = prompts[start:start + settings.batch_size]
         if context is None:
             responses += generate_batch(lm, batch, settings)
@@ -99,10 +101,10 @@ def run_arditi(run_dir: Path, lm: LoadedModel, *, component: str = "resid", max_
                         "kl": "first token, neutral prompts"},
         "layer": layer, "layer_auc": auc.tolist(), "alpha": alpha, "applied_norm": applied_norm,
         "n_train": len(train), "n_holdout_harmful": len(holdout), "n_neutral": len(neutral),
-        "holdout_harmful": {"baseline": _judged_rate(lm, holdout, settings),
-                            "ablated": _judged_rate(lm, holdout, settings, ablate)},
-        "neutral": {"baseline": _judged_rate(lm, neutral, settings),
-                    "added": _judged_rate(lm, neutral, settings, add)},
+        "holdout_harmful": {"baseline": _judged_rate(lm, holdout, settings, desc="held-out harmful, baseline"),
+                            "ablated": _judged_rate(lm, holdout, settings, ablate, desc="held-out harmful, ablated")},
+        "neutral": {"baseline": _judged_rate(lm, neutral, settings, desc="neutral, baseline"),
+                    "added": _judged_rate(lm, neutral, settings, add, desc="neutral, added")},
         "kl_neutral": {"ablation": _kl(first_token_kl(lm, neutral, ablate)),
                        "addition": _kl(first_token_kl(lm, neutral, add))},
     }
