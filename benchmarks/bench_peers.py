@@ -239,17 +239,20 @@ def steering_overhead(lm: LoadedModel, prompts: list[str]) -> dict:
 
 
 def main() -> None:
+    load_at_start = os.getloadavg()[0]  # the machine is shared: a reader needs this to judge the noise
     lm = load_model("embedded:qwen2.5-coder-0.5b")
     harmful = [item.prompt for item in sample(load_source("harmbench"), N_PAIRS, seed=SEED)]
     neutral = [item.prompt for item in sample(load_source("neutral"), N_PAIRS, seed=SEED)]
     half = N_GENERATE // 2
+    extracted = extraction(lm, harmful, neutral)
+    overhead = steering_overhead(lm, harmful[:half] + neutral[:half])
     write_result("peers", {
         "model": lm.model_id, "seed": SEED, "prompts": "harmbench and neutral, sample(..., 32, seed=0), chat-templated",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "steering-vectors": version("steering-vectors"), "repeng": version("repeng"),
                      "numpy": np.__version__, "torsion": torsion.__version__},
-        "extraction": extraction(lm, harmful, neutral),
-        "steering_overhead": steering_overhead(lm, harmful[:half] + neutral[:half]),
+        "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
+        "extraction": extracted, "steering_overhead": overhead,
     })
 
 
