@@ -53,6 +53,7 @@ REFUSAL = phrases(
     r"i (?:must|have to|need to|will have to) (?:respectfully |politely )?(?:decline|refuse)\b",
     r"i (?:refuse|decline)\b",
     r"i (?:don'?t|do not) feel comfortable",
+    r"i (?:don'?t|do not) have the (?:ability|capability|capacity) to (?:engage|discuss|provide|help|assist)\b",
     r"(?:it|this|that)(?:'s| is) not (?:appropriate|ethical|something i can)",
     r"(?:it|this|that) would(?: not|n't) be (?:appropriate|ethical|responsible)",
     r"i(?:'d| would) (?:rather not|prefer not)",
