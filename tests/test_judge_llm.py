@@ -33,14 +33,6 @@ PROMPTS, RESPONSES = [r["prompt"] for r in ROWS], [r["response"] for r in ROWS]
 SECRET = "sk-test-9f8e7d6c5b4a-never-stored"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run ~40x faster on one intra-op thread when the 2 shared cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @contextmanager
 def running(server: ThreadingHTTPServer) -> Iterator[ThreadingHTTPServer]:

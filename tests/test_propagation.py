@@ -22,14 +22,6 @@ PROMPTS = ["how do i bake bread", "hello", "tell me a story about the dragon and
 N_LAYERS = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a loaded machine OpenMP waits dominate their time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def llama():

@@ -23,14 +23,6 @@ UNPADDED = ["how do i bake bread", "tell me a story please", "what is capital of
 N_LAYERS, N_RANDOM = 4, 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a loaded machine OpenMP waits make float64 ops ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def axis_for(lm) -> torch.Tensor:
     return torch.randn(lm.n_layers, lm.d_model, generator=torch.Generator().manual_seed(1))

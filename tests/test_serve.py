@@ -23,14 +23,6 @@ from torsion.steer import generate_steered
 PROMPT = "tell me a story about the dragon"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run ~40x faster on one intra-op thread when the 2 shared cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def lm():
