@@ -4,7 +4,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from torsion.capture import encode
@@ -15,7 +14,7 @@ from torsion.metrics import (first_token_kl, kl_divergence, letter_token_ids, mc
 from torsion.models import LoadedModel, chat_prompt
 from torsion.steer import add_steering
 
-from tiny import CHAT_TEMPLATE, SPECIAL, WORDS, tiny_lm
+from tiny import WORDS, tiny_lm, tiny_tokenizer
 
 PROMPTS = ["how do i bake bread", "hello", "tell me a story about the dragon and the knight please"]
 CONTINUATIONS = ["the dragon and knight", "hello cat", "what is the capital of france"]
@@ -113,15 +112,7 @@ def test_perplexity_equals_the_models_own_loss_and_changes_under_steering(family
 
 def _letter_tokenizer() -> PreTrainedTokenizerFast:
     """The tiny vocabulary with four words swapped for the answer letters (same size, so same model)."""
-    vocab = {w: i for i, w in enumerate(SPECIAL + ["A", "B", "C", "D"] + WORDS[4:])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens(SPECIAL)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                        eos_token="<eos>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.padding_side = "left"
-    return tokenizer
+    return tiny_tokenizer(["A", "B", "C", "D"] + WORDS[4:])
 
 
 ITEMS = [

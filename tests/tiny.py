@@ -20,8 +20,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+def tiny_tokenizer(words: list[str] = WORDS) -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(SPECIAL + list(words))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.add_special_tokens(SPECIAL)
