@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.torsion-installed
 PROFILE ?= quick
 
-.PHONY: setup assets browser run test bench clean
+.PHONY: setup assets browser postgres run test bench clean
 
 setup: $(STAMP)
 
@@ -32,8 +32,14 @@ browser:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 
-test: assets browser
-	$(BIN)/python -m pytest -q
+# the distributed-search test starts its own PostgreSQL server on loopback from Debian's packages
+postgres:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq postgresql)
+
+# -rs prints the reason of every skipped test
+test: assets browser postgres
+	$(BIN)/python -m pytest -q -rs
 
 # each writes benchmarks/results/<name>.json with its baseline and the ratio
 bench: assets

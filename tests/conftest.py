@@ -31,3 +31,36 @@ def qwen():
     from torsion.models import load_model
 
     return load_model("embedded:qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from tiny_run import write_tiny_model_dir
+
+    return write_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory):
+    from tiny_run import write_prompt_file
+
+    return write_prompt_file(tmp_path_factory.mktemp("prompts") / "prompts.jsonl")
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_run(tmp_path_factory, tiny_model_dir, prompt_file):
+    """A finished `torsion run` directory on the tiny model (oracle labels). Copy it before writing."""
+    from tiny_run import OracleJudge, run_config
+    from torsion.pipeline import run_pipeline
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    run_pipeline(run_config(tiny_model_dir, prompt_file), out, judge=OracleJudge(), log=lambda m: None)
+    return out
+
+
+@pytest.fixture
+def tiny_run(tmp_path, finished_tiny_run):
+    """A private copy of :func:`finished_tiny_run` that a test may write into."""
+    import shutil
+
+    return Path(shutil.copytree(finished_tiny_run, tmp_path / "run"))

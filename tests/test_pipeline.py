@@ -6,56 +6,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from torsion.config import RunConfig
-from torsion.judge.base import Verdict
 from torsion.pipeline import STAGES, run_pipeline
 from torsion.store import read_jsonl
 
-from tiny import tiny_lm
-
-WORDS = "how do i bake bread tell me a story about the dragon and knight please what is capital".split()
-
-
-class OracleJudge:
-    """Labels by a hash of the prompt, so both classes exist whatever a random model says."""
-
-    name = "oracle"
-
-    def judge(self, prompts, responses):
-        labels = ["strong_refuse", "weak_refuse", "strong_comply", "weak_comply", "degenerate"]
-        scores = {"strong_refuse": 1.0, "weak_refuse": 0.5, "strong_comply": -1.0, "weak_comply": -0.5,
-                  "degenerate": 2.0}
-        out = []
-        for prompt in prompts:
-            label = labels[sum(map(ord, prompt)) % 5]
-            out.append(Verdict(label, scores[label], self.name))
-        return out
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm = tiny_lm("llama", n_layers=4)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    rows = [{"prompt": " ".join(rng.choice(WORDS, size=rng.integers(2, 8))) + f" {i}",
-             "category": ["a", "b"][i % 2]} for i in range(40)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def _config(model_dir, prompt_file, **overrides):
-    return RunConfig.from_profile(
-        "smoke", model=str(model_dir), sources=(str(prompt_file),), n_per_source=None,
-        max_new_tokens=4, bootstrap=50, null_permutations=20, split_halves=5, **overrides)
-
+from tiny_run import OracleJudge, run_config as _config
 
 def test_pipeline_files_and_vectors_equal_recomputation(tmp_path, tiny_model_dir, prompt_file):
     out = tmp_path / "run"

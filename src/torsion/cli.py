@@ -140,6 +140,56 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--verbose", action="store_true", help="print the result JSON")
     analyze.set_defaults(func=commands.analyze)
 
+    optimize = subcommands.add_parser(
+        "optimize", help="search the steering strength alpha (Optuna), then evaluate it once on the holdout",
+        description="Steer the top-k blocks of a run (train-split AUC) with alpha * v_l and search alpha on "
+        "train-split prompts. comply minimises mean_score + w*min(KL, cap); refuse minimises "
+        "-mean_score + w*min(KL, cap); degenerate responses score +2; KL is the first-token "
+        "kl_base_to_steered on half of the neutral set. Trials live in an Optuna storage (SQLite in the "
+        "run directory by default; --storage URL lets workers on several machines share one study). A "
+        "killed search resumes without re-running finished trials; a changed objective is refused. The "
+        "best alpha is then frozen and evaluated once on the holdout split -> analysis/optimize_<study>.json.",
+        epilog="examples:\n"
+        "  torsion optimize runs/quick --objective comply --trials 12\n"
+        "  torsion optimize runs/quick --objective refuse --sampler grid --trials 9\n"
+        "  torsion optimize runs/quick --per-category --trials 8\n"
+        "  torsion optimize runs/quick --storage postgresql://user@db-host/torsion   # on each worker",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    optimize.add_argument("run_dir", type=Path, help="a directory made by `torsion run`")
+    _add_model_options(optimize)
+    optimize.add_argument("--objective", default="comply", choices=["comply", "refuse"],
+                          help="comply (default): steer toward compliance; refuse: deepen refusal")
+    optimize.add_argument("--key", default="md/resid", help="vector (method/component), default md/resid")
+    scope = optimize.add_mutually_exclusive_group()
+    scope.add_argument("--category", default=None, help="search one category with its own vector and prompts")
+    scope.add_argument("--per-category", action="store_true", help="one search per category in the vector file")
+    optimize.add_argument("--trials", type=int, default=12, help="finished trials in the study (default 12)")
+    optimize.add_argument("--sampler", default="tpe", choices=["tpe", "grid"],
+                          help="tpe (default), or grid: --trials evenly spaced alphas over the range")
+    optimize.add_argument("--alpha-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                          help="search range of alpha (default -4 0 for comply, 0 4 for refuse)")
+    optimize.add_argument("--top-k", type=int, default=4, help="steered blocks, best train-split AUC (default 4)")
+    optimize.add_argument("--layer-window", type=float, nargs=2, default=[0.25, 0.8], metavar=("LO", "HI"),
+                          help="eligible blocks as fractions of depth (default 0.25 0.8)")
+    optimize.add_argument("--n-prompts", type=int, default=24, help="train-split prompts per trial (default 24)")
+    optimize.add_argument("--n-kl-prompts", type=int, default=16, help="neutral prompts for the KL (default 16)")
+    optimize.add_argument("--kl-weight", type=float, default=1.0, help="w in w*min(KL, cap) (default 1)")
+    optimize.add_argument("--kl-cap", type=float, default=1.0, help="cap in w*min(KL, cap) (default 1)")
+    optimize.add_argument("--mcq-weight", type=float, default=0.0,
+                          help="capability penalty per unit of MCQ accuracy lost (default 0: off)")
+    optimize.add_argument("--perplexity-weight", type=float, default=0.0,
+                          help="capability penalty per unit of log perplexity gained (default 0: off)")
+    optimize.add_argument("--positions", default="all", choices=["last", "all"], help="steered positions (default all)")
+    optimize.add_argument("--no-prune", action="store_true", help="run every trial to the end")
+    optimize.add_argument("--storage", default=None,
+                          help="Optuna storage URL (default sqlite:///RUN_DIR/optimize.db); e.g. postgresql://...")
+    optimize.add_argument("--study", default=None, help="study name (default <objective>-<category or global>)")
+    optimize.add_argument("--no-evaluate", action="store_true",
+                          help="search only; skip the held-out evaluation (extra workers)")
+    optimize.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default 8)")
+    optimize.add_argument("--seed", type=int, default=0, help="sampler seed and prompt sampling (default 0)")
+    optimize.set_defaults(func=commands.optimize)
+
     judge = subcommands.add_parser(
         "judge", help="label responses (rules or an OpenAI-compatible LLM), or compare two labellings",
         description="`torsion judge IN.jsonl --out OUT.jsonl` adds label, score, judge and reasons to rows "

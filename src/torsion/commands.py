@@ -176,6 +176,41 @@ def analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def optimize(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from torsion.models import load_model
+    from torsion.optimize import SearchSettings, check_vector, run_optimize, search_categories
+    from torsion.report import build_report
+
+    settings = SearchSettings(
+        objective=args.objective, key=args.key, category=args.category, top_k=args.top_k,
+        layer_window=tuple(args.layer_window), alpha_range=tuple(args.alpha_range) if args.alpha_range else None,
+        n_trials=args.trials, sampler=args.sampler, prune=not args.no_prune, n_prompts=args.n_prompts,
+        n_kl_prompts=args.n_kl_prompts, kl_weight=args.kl_weight, kl_cap=args.kl_cap, mcq_weight=args.mcq_weight,
+        perplexity_weight=args.perplexity_weight, positions=args.positions, batch_size=args.batch_size,
+        seed=args.seed)
+    scopes = [replace(settings, category=c) for c in search_categories(args.run_dir, args.key)] \
+        if args.per_category else [settings]
+    if args.study and len(scopes) > 1:
+        raise TorsionError("--study names one study; drop it with --per-category (each category gets its own)")
+    for scope in scopes:
+        check_vector(args.run_dir, scope)
+    lm = load_model(_run_model_spec(args.run_dir, args.model), dtype=args.dtype or "float32",
+                    device=args.device or "cpu")
+    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    for scope in scopes:
+        result = run_optimize(args.run_dir, lm, scope, storage=args.storage, study_name=args.study,
+                              evaluate=not args.no_evaluate, log=log)
+        held = result.get("held_out", {}).get("rates", {})
+        summary = {"study": result["study"], "alpha": result["alpha"], "layers": result["layers"],
+                   "in_sample": {k: result["in_sample"]["rates"][k]["rate"] for k in ("strong_comply", "refused")},
+                   "held_out": {k: held[k]["rate"] for k in ("strong_comply", "refused")} if held else None}
+        print(f"{args.run_dir / 'analysis' / ('optimize_' + result['study'] + '.json')}\t{summary}")
+    build_report(args.run_dir)
+    return 0
+
+
 def judge(args: argparse.Namespace) -> int:
     import json
 

@@ -4,9 +4,13 @@ Example::
 
     scores = layer_auc(train_acts, refused, md_vectors)   # [n_layers]
     best = top_layers(scores, k=4)
+    select_layers("runs/quick", key="md/resid", k=4)["layers"]   # the same, on a run directory
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,3 +58,48 @@ def top_layers(auc: np.ndarray, k: int) -> list[int]:
         raise TorsionError(f"top-k needs 1 <= k <= {len(auc)} layers, got k={k}")
     order = sorted(range(len(auc)), key=lambda layer: (-auc[layer], layer))
     return order[:k]
+
+
+# Arditi et al. skip the first blocks (token-level features) and the last fifth (next-token
+# features); torsion's default eligible window is the same, as fractions of the depth.
+DEFAULT_WINDOW = (0.25, 0.8)
+
+
+def eligible_layers(n_layers: int, window: tuple[float, float] = DEFAULT_WINDOW) -> range:
+    """Blocks ``int(lo·L) … int(hi·L) − 1`` for ``window = (lo, hi)``; at least one block."""
+    lo, hi = window
+    if not 0 <= lo < hi <= 1:
+        raise TorsionError(f"layer window {list(window)} must satisfy 0 <= lo < hi <= 1; e.g. 0.25 0.8")
+    start = min(int(lo * n_layers), n_layers - 1)
+    return range(start, max(start + 1, int(hi * n_layers)))
+
+
+def select_layers(run_dir: str | Path, *, key: str = "md/resid", k: int = 4,
+                  window: tuple[float, float] = DEFAULT_WINDOW) -> dict[str, Any]:
+    """The top-``k`` blocks of a run by train-split AUC of ``x·v̂_l`` within the eligible window.
+
+    ``key`` names the vector (``method/component[/category]``); its component's activations are
+    projected. Rows: the train split's refused and complied prompts (:func:`torsion.runs.fit_rows`).
+
+    Returns ``layers`` (best first), ``auc`` (every block), ``eligible`` and the ``prompt_ids`` used.
+    """
+    from torsion.capture import load_activations
+    from torsion.judge.base import is_refused
+    from torsion.runs import fit_rows, labelled_prompts
+    from torsion.store import RunDir
+    from torsion.vectors import load_vectors
+
+    run = RunDir(Path(run_dir))
+    vectors = load_vectors(run.vectors_path)
+    if key not in vectors:
+        raise TorsionError(f"{run.vectors_path} has no vector {key!r}; choose one of: {', '.join(sorted(vectors))}")
+    component = key.split("/")[1] if key.count("/") >= 1 else "resid"
+    prompts, responses = labelled_prompts(run)
+    rows = fit_rows(prompts, responses)
+    activations, _ = load_activations(run.activations_path)
+    refused = torch.tensor([is_refused(responses[i]["score"]) for i in rows])
+    auc = layer_auc(activations[component][rows], refused, vectors[key].directions)
+    eligible = eligible_layers(len(auc), window)
+    layers = [eligible[i] for i in top_layers(auc[eligible.start:eligible.stop], k)]
+    return {"layers": layers, "auc": auc.tolist(), "eligible": [eligible.start, eligible.stop - 1],
+            "window": list(window), "key": key, "prompt_ids": [prompts[i].id for i in rows]}

@@ -1,7 +1,8 @@
 """The report's figures, drawn with matplotlib's Agg backend and written atomically as PNG.
 
-Both figures read ``analysis/rotation.json`` (``torsion.analysis.rotation.analyze_rotation``).
-Layer ``l`` is decoder block ``l``; the pair ``(l, l+1)`` is drawn at ``x = l + 0.5``.
+The rotation figures read ``analysis/rotation.json`` (``torsion.analysis.rotation.analyze_rotation``);
+layer ``l`` is decoder block ``l`` and the pair ``(l, l+1)`` is drawn at ``x = l + 0.5``. The
+strength figure reads an ``analysis/optimize_<study>.json`` (:mod:`torsion.optimize`).
 
 Example::
 
@@ -104,4 +105,39 @@ def split_half_figure(rotation: dict[str, Any], path: Path) -> Path:
     ax.set_yticks(range(0, 181, 30))
     ax.grid(alpha=0.2)
     ax.legend(fontsize=8)
+    return _save(figure, path)
+
+
+CLASS_COLOURS = {"strong_comply": "#c00000", "weak_comply": "#f4a582", "weak_refuse": "#92c5de",
+                 "strong_refuse": "#1f4e79", "degenerate": "#7f7f7f"}
+
+
+def strength_figure(result: dict[str, Any], path: Path) -> Path:
+    """Rate of each class vs ``α`` (complete trials, in-sample) and ``kl_base_to_steered`` vs ``α``.
+
+    The frozen ``α``'s held-out rates, when evaluated, are drawn as hollow markers.
+    """
+    trials = sorted((t for t in result["trials"] if t["state"] == "COMPLETE" and "rates" in t),
+                    key=lambda t: t["alpha"])
+    figure, (rates_ax, kl_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    alphas = [t["alpha"] for t in trials]
+    for name, colour in CLASS_COLOURS.items():
+        rates_ax.plot(alphas, [100 * t["rates"][name]["rate"] for t in trials], marker="o", ms=3, color=colour,
+                      label=name.replace("_", " "))
+        held = result.get("held_out", {}).get("rates", {}).get(name)
+        if held and held["rate"] is not None:
+            rates_ax.plot([result["alpha"]], [100 * held["rate"]], marker="o", ms=8, mfc="none", color=colour)
+    rates_ax.axvline(result["alpha"], color="black", lw=0.8, ls="--")
+    rates_ax.set_xlabel("α (raw multiplier of v)")
+    rates_ax.set_ylabel("% of judged responses")
+    rates_ax.set_title(f"{result['study']}: rates vs α (hollow: held-out at the chosen α)", fontsize=10)
+    rates_ax.set_ylim(-2, 102)
+    rates_ax.grid(alpha=0.2)
+    rates_ax.legend(fontsize=7, frameon=False)
+    kl = [max(t["kl_base_to_steered"], 1e-9) for t in trials]
+    kl_ax.semilogy(alphas, kl, marker="o", ms=3, color="black")
+    kl_ax.axvline(result["alpha"], color="black", lw=0.8, ls="--")
+    kl_ax.set_xlabel("α (raw multiplier of v)")
+    kl_ax.set_ylabel("first-token KL base→steered (neutral)")
+    kl_ax.grid(alpha=0.2, which="both")
     return _save(figure, path)

@@ -136,5 +136,42 @@ def review_section(result: dict[str, Any], run_dir: Path) -> str:
             f"<p>{escape(result['conventions']['pipeline'])}. {caveat}</p>" + table(["stage", "count"], rows))
 
 
+def _class_rate(rates: dict[str, Any], name: str) -> str:
+    rate = rates.get(name)
+    if not rate or rate.get("rate") is None:
+        return "n/a"
+    return f"{number(100 * rate['rate'])}% {interval([100 * v for v in rate['ci95']])}"
+
+
+STRENGTH_CLASSES = ("strong_comply", "genuine_strong_comply", "weak_comply", "weak_refuse", "strong_refuse",
+                    "degenerate")
+
+
+def optimize_section(result: dict[str, Any], run_dir: Path) -> str:
+    """One strength search: the frozen α, then in-sample and held-out rates of every class."""
+    columns = [("baseline (train prompts)", result["baseline_in_sample"]), ("at α, in-sample", result["in_sample"]),
+               ("baseline (holdout)", result.get("baseline_held_out")), ("at α, held-out", result.get("held_out"))]
+    columns = [(title, values) for title, values in columns if values]
+    rows = [[escape(name.replace("_", " "))] + [_class_rate(values["rates"], name) for _, values in columns]
+            for name in STRENGTH_CLASSES]
+    rows.append(["n prompts"] + [str(values["n_prompts"]) for _, values in columns])
+    held = result.get("held_out")
+    kl = (f" Held-out first-token KL base→steered {number(held['kl_base_to_steered'], '.3g')} "
+          f"(other neutral half)." if held else " Not evaluated on the holdout yet (run without --no-evaluate).")
+    finished = sum(t["state"] in ("COMPLETE", "PRUNED") for t in result["trials"])
+    return (
+        f"<h2>Strength search: {escape(result['study'])}</h2>"
+        f"<p>{escape(result['objective'])} objective on {escape(result['vector_key'])} at blocks "
+        f"{escape(str(result['layers']))}, {finished} trials ({escape(result['settings']['sampler'])}); chosen "
+        f"α = {number(result['alpha'], '.3f')} (in-sample first-token KL "
+        f"{number(result['in_sample']['kl_base_to_steered'], '.3g')}).{kl} Baselines are the run's own "
+        "unsteered responses; rates are shares of judged responses with Wilson 95% intervals; genuine strong "
+        "comply = strong complies that false-positive correction keeps (not hand-reviewed).</p>"
+        + table([""] + [title for title, _ in columns], rows)
+        + _figure(run_dir, f"optimize_{result['study']}", "class rates and KL against α; dashed: the chosen α")
+    )
+
+
 SECTIONS.update(review=review_section, propagation=propagation_section, random_control=random_control_section,
-                categories=categories_section, arditi=arditi_section)
+                categories=categories_section, arditi=arditi_section,
+                optimize=optimize_section)

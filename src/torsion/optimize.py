@@ -1,0 +1,342 @@
+"""Strength search and held-out evaluation (methods.md, "Layer selection and strength").
+
+The search steers the top-``k`` blocks of a run (train-split AUC, :func:`select_layers`) with
+``α · v_l`` and scores each ``α`` on train-split prompts:
+
+- comply objective: ``mean_score + w · min(KL, cap)`` (minimised);
+- refuse objective: ``−mean_score + w · min(KL, cap)``;
+
+with degenerate responses scoring +2 and ``KL = kl_base_to_steered`` at the first token of a
+neutral probe set. An optional capability penalty adds ``w_mcq · max(0, acc_base − acc)`` (MCQ
+accuracy) and ``w_ppl · max(0, log(ppl / ppl_base))`` (perplexity of the probe texts). Trials
+live in an Optuna storage (:mod:`torsion.search`): resumable, shareable by several workers.
+
+The chosen ``α`` is then frozen and evaluated once on the holdout split, which chose nothing:
+vectors and layers were fit on train rows, ``α`` on train prompts, and the KL probe is one
+half of the neutral set while the held-out KL uses the other half.
+
+Example::
+
+    settings = SearchSettings(objective="comply", n_trials=12)
+    result = run_optimize(Path("runs/quick"), lm, settings)
+    result["held_out"]["rates"]["strong_comply"], result["in_sample"]["rates"]["strong_comply"]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from torsion.behaviour import evaluate_behaviour
+from torsion.data import Prompt, assign_split, load_mcq, load_source, sample
+from torsion.errors import TorsionError
+from torsion.generate import GenerationSettings
+from torsion.metrics import first_token_kl, mcq_accuracy, perplexity
+from torsion.models import LoadedModel
+from torsion.report.figures import strength_figure
+from torsion.runs import labelled_prompts
+from torsion.search import redact_url, best_params, open_study, run_worker, storage_url, study_summary
+from torsion.selection import DEFAULT_WINDOW, eligible_layers, select_layers
+from torsion.steer import add_steering
+from torsion.store import RunDir, atomic_write_json
+from torsion.vectors import load_vectors
+
+SCHEMA_VERSION = 1
+OBJECTIVES = ("comply", "refuse")
+DEFAULT_ALPHA_RANGE = {"comply": (-4.0, 0.0), "refuse": (0.0, 4.0)}
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """One strength search. ``alpha`` multiplies the raw vector ``v_l`` (not a unit vector)."""
+
+    objective: str = "comply"
+    key: str = "md/resid"
+    category: str | None = None
+    top_k: int = 4
+    layer_window: tuple[float, float] = DEFAULT_WINDOW
+    alpha_range: tuple[float, float] | None = None  # default: DEFAULT_ALPHA_RANGE[objective]
+    n_trials: int = 12
+    sampler: str = "tpe"
+    prune: bool = True
+    n_prompts: int = 24
+    n_kl_prompts: int = 16
+    kl_weight: float = 1.0
+    kl_cap: float = 1.0
+    mcq_weight: float = 0.0
+    perplexity_weight: float = 0.0
+    n_mcq: int = 40
+    positions: str = "all"
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise TorsionError(f"unknown objective {self.objective!r}; choose comply or refuse")
+        if self.alpha_range is None:
+            object.__setattr__(self, "alpha_range", DEFAULT_ALPHA_RANGE[self.objective])
+        for name in ("kl_weight", "kl_cap", "mcq_weight", "perplexity_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise TorsionError(f"{name} = {value} must be finite and >= 0")
+        if self.n_prompts < 1 or self.n_kl_prompts < 1:
+            raise TorsionError("--n-prompts and --n-kl-prompts must be at least 1")
+        low, high = self.alpha_range
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise TorsionError(f"the search range needs low < high, got [{low}, {high}]; fix --alpha-range")
+        eligible_layers(100, self.layer_window)  # checks the window
+
+    @property
+    def scope(self) -> str:
+        return self.category or "global"
+
+    @property
+    def study_name(self) -> str:
+        return f"{self.objective}-{self.scope}"
+
+    @property
+    def vector_key(self) -> str:
+        return f"{self.key}/{self.category}" if self.category else self.key
+
+
+def check_vector(run_dir: Path, settings: SearchSettings) -> None:
+    """Fail before any model is loaded when the run lacks the vector the search steers with."""
+    vectors = load_vectors(RunDir(run_dir).vectors_path)
+    if settings.vector_key not in vectors:
+        raise TorsionError(f"{RunDir(run_dir).vectors_path} has no vector {settings.vector_key!r}; choose --key and "
+                           f"--category from: {', '.join(sorted(vectors))}")
+
+
+def strength_objective(objective: str, mean_score: float, kl: float, *, kl_weight: float, kl_cap: float,
+                       penalty: float = 0.0) -> float:
+    """methods.md: comply ``mean_score + w·min(KL, cap)``, refuse ``−mean_score + w·min(KL, cap)``, plus a penalty."""
+    sign = {"comply": 1.0, "refuse": -1.0}[objective]
+    return sign * mean_score + kl_weight * min(kl, kl_cap) + penalty
+
+
+def capability_penalty(base: dict[str, float], steered: dict[str, float], *, mcq_weight: float,
+                       perplexity_weight: float) -> float:
+    """``w_mcq · max(0, acc_base − acc) + w_ppl · max(0, log(ppl / ppl_base))``; 0 for a metric not measured."""
+    penalty = 0.0
+    if mcq_weight and "mcq_accuracy" in steered:
+        penalty += mcq_weight * max(0.0, base["mcq_accuracy"] - steered["mcq_accuracy"])
+    if perplexity_weight and "perplexity" in steered:
+        penalty += perplexity_weight * max(0.0, math.log(steered["perplexity"] / base["perplexity"]))
+    return penalty
+
+
+def neutral_halves(seed: int) -> tuple[list[Prompt], list[Prompt]]:
+    """The shipped neutral set split in two, stratified by topic: (search probe, held-out probe)."""
+    halves = assign_split(load_source("neutral"), holdout_fraction=0.5, seed=seed)
+    return [p for p in halves if p.split == "train"], [p for p in halves if p.split == "holdout"]
+
+
+def prompt_sets(run: RunDir, settings: SearchSettings) -> dict[str, list[Prompt]]:
+    """The prompts each step uses: ``search`` (train split), ``holdout``, ``kl_probe``, ``kl_eval``."""
+    prompts, _ = labelled_prompts(run)
+    if settings.category is not None:
+        prompts = [p for p in prompts if p.category == settings.category]
+        if not prompts:
+            raise TorsionError(f"the run has no prompts in category {settings.category!r}; "
+                               "use one of the categories in prompts.jsonl")
+    train = [p for p in prompts if p.split == "train"]
+    holdout = [p for p in prompts if p.split == "holdout"]
+    if not train or not holdout:
+        raise TorsionError(f"scope {settings.scope!r} has {len(train)} train and {len(holdout)} held-out prompts; "
+                           "a search needs both (use a run with a holdout fraction > 0, or a larger category)")
+    probe, evaluation = neutral_halves(settings.seed)
+    return {"search": sample(train, settings.n_prompts, seed=settings.seed), "holdout": holdout,
+            "kl_probe": sample(probe, settings.n_kl_prompts, seed=settings.seed),
+            "kl_eval": sample(evaluation, settings.n_kl_prompts, seed=settings.seed)}
+
+
+def _ids_sha256(prompts: list[Prompt]) -> str:
+    return hashlib.sha256("\n".join(p.id for p in prompts).encode()).hexdigest()
+
+
+class Steering:
+    """``α ↦`` a steering context on fixed layers: ``steering(α)`` is a :data:`SteerFactory`."""
+
+    def __init__(self, lm: LoadedModel, directions: torch.Tensor, layers: list[int], *, component: str,
+                 positions: str) -> None:
+        self.lm, self.directions, self.layers = lm, directions, layers
+        self.component, self.positions = component, positions
+
+    def __call__(self, alpha: float) -> Callable:
+        return lambda: add_steering(self.lm, self.directions, layers=self.layers, alpha=alpha,
+                                    component=self.component, positions=self.positions)
+
+
+def capability(lm: LoadedModel, settings: SearchSettings, probe: list[Prompt], steer=None) -> dict[str, float]:
+    """The capability metrics the penalty uses (only those with a non-zero weight)."""
+    measured: dict[str, float] = {}
+    if settings.mcq_weight:
+        items = load_mcq()
+        items = [items[i] for i in sorted(random.Random(settings.seed).sample(range(len(items)),
+                                                                             min(settings.n_mcq, len(items))))]
+        measured["mcq_accuracy"] = mcq_accuracy(lm, items, steer)["accuracy"]
+    if settings.perplexity_weight:
+        measured["perplexity"] = perplexity(lm, [p.prompt for p in probe], steer)["perplexity"]
+    return measured
+
+
+def _trial_objective(lm: LoadedModel, settings: SearchSettings, steering: Steering, sets: dict[str, list[Prompt]],
+                     generation: GenerationSettings, base_capability: dict[str, float]):
+    import optuna
+
+    low, high = settings.alpha_range
+    search = [p.prompt for p in sets["search"]]
+    probe = [p.prompt for p in sets["kl_probe"]]
+
+    def objective(trial) -> float:
+        start = time.perf_counter()
+        alpha = trial.suggest_float("alpha", low, high)
+        kl = first_token_kl(lm, probe, steering(alpha))
+        measured = capability(lm, settings, sets["kl_probe"], steering(alpha)) if base_capability else {}
+        penalty = capability_penalty(base_capability, measured, mcq_weight=settings.mcq_weight,
+                                     perplexity_weight=settings.perplexity_weight)
+
+        def value(score: float) -> float:
+            return strength_objective(settings.objective, score, kl["kl_base_to_steered"],
+                                      kl_weight=settings.kl_weight, kl_cap=settings.kl_cap, penalty=penalty)
+
+        def on_batch(step: int, running: float | None) -> None:
+            if running is None or not settings.prune:
+                return
+            trial.report(value(running), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"alpha={alpha:.3f} after {step + 1} batch(es)")
+
+        result = evaluate_behaviour(lm, search, steering(alpha), generation, on_batch=on_batch,
+                                    desc=f"trial {trial.number} alpha={alpha:+.3f}")
+        if result["mean_score"] is None:
+            raise TorsionError("every response of the trial was a judge error; check the judge")
+        trial.set_user_attr("evaluation", {
+            "alpha": alpha, "mean_score": result["mean_score"], "rates": result["rates"],
+            "kl_base_to_steered": kl["kl_base_to_steered"], "kl_steered_to_base": kl["kl_steered_to_base"],
+            "capability": measured, "penalty": penalty, "applied_norm": result["steering"]["applied_norm"],
+            "labels": result["labels"], "responses": result["responses"],
+            "seconds": round(time.perf_counter() - start, 2)})
+        return value(result["mean_score"])
+
+    return objective
+
+
+def _run_generation(run: RunDir, settings: SearchSettings) -> GenerationSettings:
+    recorded = run.manifest().get("generation", {})
+    return GenerationSettings(max_new_tokens=int(recorded.get("max_new_tokens", 32)),
+                              batch_size=settings.batch_size)
+
+
+def _baseline_rates(run: RunDir, prompts: list[Prompt]) -> dict[str, Any]:
+    """Unsteered class rates from the run's own responses (same greedy decoding and length)."""
+    from torsion.behaviour import class_rates, mean_score
+
+    _, responses = labelled_prompts(run)
+    by_id = {r["id"]: r for r in responses}
+    rows = [by_id[p.id] for p in prompts]
+    labels = [r["label"] for r in rows]
+    return {"n_prompts": len(prompts), "mean_score": mean_score(labels), "source": "responses.jsonl",
+            "rates": class_rates([p.prompt for p in prompts], [r["response"] for r in rows], labels)}
+
+
+def run_optimize(run_dir: Path, lm: LoadedModel, settings: SearchSettings, *, storage: str | None = None,
+                 study_name: str | None = None, evaluate: bool = True, heartbeat_interval: int = 5,
+                 grace_period: int = 15, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or join, or resume) the search; then freeze the best ``α`` and evaluate it on the holdout.
+
+    Writes ``analysis/optimize_<study>.json`` (the held-out part only with ``evaluate``) and
+    returns it. Trials live in ``storage`` (default SQLite ``run_dir/optimize.db``).
+    """
+    run = RunDir(run_dir)
+    study_name = study_name or settings.study_name
+    check_vector(run.root, settings)
+    vector = load_vectors(run.vectors_path, d_model=lm.d_model)[settings.vector_key]
+    component = settings.key.split("/")[1]
+    selection = select_layers(run.root, key=settings.vector_key, k=settings.top_k, window=settings.layer_window)
+    layers = selection["layers"]
+    sets = prompt_sets(run, settings)
+    generation = _run_generation(run, settings)
+    steering = Steering(lm, vector.directions, layers, component=component, positions=settings.positions)
+    spec = {"settings": json.loads(json.dumps(asdict(settings))), "layers": layers, "component": component,
+            "vector_sha256": hashlib.sha256(vector.directions.numpy().tobytes()).hexdigest(),
+            "weights_sha256": lm.weights_sha256, "max_new_tokens": generation.max_new_tokens, "judge": "rules",
+            **{f"{name}_ids_sha256": _ids_sha256(prompts) for name, prompts in sets.items() if name != "holdout"}}
+    url = storage_url(run.root, storage)
+    study = open_study(url, study_name, spec, n_trials=settings.n_trials, low=settings.alpha_range[0],
+                       high=settings.alpha_range[1], sampler=settings.sampler, seed=settings.seed,
+                       prune=settings.prune, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    base_capability = capability(lm, settings, sets["kl_probe"])
+    log(f"study {study_name} in {redact_url(url)}: layers {layers}, alpha in {list(settings.alpha_range)}, "
+        f"{settings.n_trials} trials ({settings.sampler})")
+    summary = run_worker(study, _trial_objective(lm, settings, steering, sets, generation, base_capability), log=log)
+    alpha = best_params(summary)["alpha"]
+    result: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "analysis": "optimize", "study": study_name,
+        "storage": redact_url(url), "objective": settings.objective, "scope": settings.scope,
+        "settings": spec["settings"], "vector_key": settings.vector_key,
+        "conventions": {"layer_indexing": "block", "alpha": "raw multiplier of the vector (alpha * v_l)",
+                        "component": component, "positions": settings.positions,
+                        "kl": "kl_base_to_steered, first token, neutral probe half",
+                        "objective": "comply: mean_score + w*min(KL, cap); refuse: -mean_score + w*min(KL, cap)",
+                        "rates": "share of judged rows (judge errors excluded), Wilson 95%"},
+        "layers": layers, "layer_selection": {k: v for k, v in selection.items() if k != "prompt_ids"},
+        "trials": [_trial_row(t) for t in summary["trials"]], "best": _trial_row(summary["best"]),
+        "alpha": alpha, "in_sample": {**summary["best"]["user_attrs"]["evaluation"], "n_prompts": len(sets["search"])},
+        "baseline_in_sample": _baseline_rates(run, sets["search"]),
+        "prompt_ids": {"fit_and_layer_selection": selection["prompt_ids"],
+                       **{name: [p.id for p in prompts] for name, prompts in sets.items()}},
+    }
+    if evaluate:
+        result.update(held_out_evaluation(run, lm, steering, alpha, sets, generation, log=log))
+    atomic_write_json(run.analysis_path(f"optimize_{study_name}"), result)
+    strength_figure(result, run.analysis_path(f"optimize_{study_name}").with_suffix(".png"))
+    return result
+
+
+def _trial_row(trial: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A trial for the result file: number, state, value, alpha and its rates (no response texts)."""
+    if trial is None:
+        return None
+    evaluation = {k: v for k, v in trial["user_attrs"].get("evaluation", {}).items() if k not in ("responses", "labels")}
+    return {"number": trial["number"], "state": trial["state"], "value": trial["value"],
+            "alpha": trial["params"].get("alpha"), **evaluation}
+
+
+def held_out_evaluation(run: RunDir, lm: LoadedModel, steering: Steering, alpha: float, sets: dict[str, list[Prompt]],
+                        generation: GenerationSettings, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The frozen ``α`` once on the holdout split, its baseline, and the KL on the held-out neutral half."""
+    log(f"held-out evaluation at alpha={alpha:+.4f} on {len(sets['holdout'])} prompts")
+    held_out = evaluate_behaviour(lm, [p.prompt for p in sets["holdout"]], steering(alpha), generation,
+                                  desc="held-out")
+    kl = first_token_kl(lm, [p.prompt for p in sets["kl_eval"]], steering(alpha))
+    return {"held_out": {**held_out, "kl_base_to_steered": kl["kl_base_to_steered"],
+                         "kl_steered_to_base": kl["kl_steered_to_base"], "kl_prompts": "kl_eval"},
+            "baseline_held_out": _baseline_rates(run, sets["holdout"])}
+
+
+def load_result(run_dir: Path, study_name: str) -> dict[str, Any]:
+    """``analysis/optimize_<study>.json``, or an error naming the command that makes it."""
+    path = RunDir(run_dir).analysis_path(f"optimize_{study_name}")
+    if not path.is_file():
+        objective = study_name.split("-")[0]
+        raise TorsionError(f"{path} is missing; run `torsion optimize {run_dir} --objective {objective}` first")
+    return json.loads(path.read_text())
+
+
+
+def search_categories(run_dir: Path, key: str) -> list[str]:
+    """Categories that have a ``key/<category>`` vector in the run (the per-category searches)."""
+    vectors = load_vectors(RunDir(run_dir).vectors_path)
+    categories = sorted(k[len(key) + 1:] for k in vectors if k.startswith(key + "/"))
+    if not categories:
+        raise TorsionError(f"the run has no per-category vectors under {key!r}; run `torsion run` with categories")
+    return categories

@@ -1,0 +1,240 @@
+"""Resumable, distributable trial bookkeeping for the strength search, on an Optuna storage.
+
+A *study* is a budget of ``n_trials`` finished trials (complete or pruned) of one objective.
+Any number of workers, on one machine or several, run :func:`run_worker` against the same
+storage (SQLite in the run directory by default; any SQLAlchemy URL, such as PostgreSQL, for
+workers on several machines) and share that budget:
+
+- **Same objective scale.** The creator writes the objective's spec (what is scored, on which
+  prompts, with which weights) into the study; a worker or a resume whose spec differs is
+  refused (methods.md, defect 9: resume replayed trials under a different scale).
+- **No replay.** Finished trials are never re-run or re-scored: a resumed search only adds
+  the trials its budget still lacks.
+- **Killed trials are retried.** Every running trial sends a heartbeat; one silent for
+  ``grace_period`` seconds is failed and its parameters are queued again, so a kill mid-trial
+  loses that trial's work but not its place. A worker that finds every remaining trial
+  claimed waits for those to finish (or go stale) instead of starting surplus ones.
+- **Grid mode** queues every grid point once, when the study is created; workers take queued
+  trials first, so each point is run once whatever the number of workers.
+
+Example::
+
+    study = open_study("sqlite:///runs/quick/optimize.db", "comply-global", spec, n_trials=12, seed=0)
+    summary = run_worker(study, objective)      # objective(trial) -> float, minimised
+    summary["best"]["params"]
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from torsion.errors import TorsionError
+
+SPEC_KEY = "torsion_spec"  # study user attribute: the objective's spec, written once by the creator
+SURPLUS = "surplus"        # a trial asked for after the budget was claimed; closed as FAIL unevaluated
+SAMPLERS = ("tpe", "grid")
+
+
+def storage_url(run_dir: str | Path, storage: str | None) -> str:
+    """The storage a study lives in: ``storage`` as given, else SQLite at ``run_dir/optimize.db``."""
+    if storage:
+        return storage
+    return f"sqlite:///{(Path(run_dir) / 'optimize.db').resolve()}"
+
+
+def grid_points(low: float, high: float, n: int) -> list[float]:
+    """``n`` evenly spaced values from ``low`` to ``high`` inclusive (the dense-grid mode)."""
+    if n < 1:
+        raise TorsionError(f"a grid needs at least 1 point, got {n}; pass --trials 1 or more")
+    if n == 1:
+        return [(low + high) / 2]
+    return [low + (high - low) * i / (n - 1) for i in range(n)]
+
+
+def _storage(url: str, heartbeat_interval: int, grace_period: int):
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+                                  engine_kwargs={"pool_pre_ping": True})
+        except Exception as error:  # SQLAlchemy raises many kinds; the user needs the URL and the cause
+            # Workers starting together on an empty database race to create Optuna's tables; the
+            # loser sees a unique-key violation and succeeds on retry, once the tables exist.
+            if "IntegrityError" in type(error).__name__ + str(error)[:100] and attempt < 4:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise TorsionError(f"cannot open the study storage {redact_url(url)} ({type(error).__name__}: "
+                               f"{str(error).splitlines()[0][:200]}); check the URL, the server and the driver "
+                               "(PostgreSQL needs psycopg2: pip install psycopg2-binary)") from None
+    raise AssertionError("unreachable")
+
+
+def redact_url(url: str) -> str:
+    """A storage URL without its password, for messages and files."""
+    head, sep, tail = url.partition("@")
+    if not sep or "://" not in head:
+        return url
+    scheme, _, credentials = head.partition("://")
+    user, has_password, _ = credentials.partition(":")
+    return f"{scheme}://{user}:***@{tail}" if has_password else url
+
+
+def _sampler(kind: str, seed: int, n_trials: int):
+    import optuna
+
+    if kind not in SAMPLERS:
+        raise TorsionError(f"unknown sampler {kind!r}; choose tpe or grid")
+    if kind == "grid":  # every point is queued; this sampler only serves a retried or stray ask
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(5, n_trials // 2)))
+
+
+def open_study(url: str, name: str, spec: dict[str, Any], *, n_trials: int, param: str = "alpha",
+               low: float, high: float, sampler: str = "tpe", seed: int = 0, prune: bool = True,
+               heartbeat_interval: int = 5, grace_period: int = 15, wait_s: float = 60.0):
+    """Create the study ``name`` in ``url``, or join it when it exists with the same spec.
+
+    ``spec`` is any JSON object that fixes the objective's scale; the search range, budget and
+    sampler are added to it. The creator queues the grid (grid mode) before it publishes the
+    spec, and a joining worker waits up to ``wait_s`` for the spec, so no worker can run a
+    trial of a half-created study.
+    """
+    import optuna
+
+    if n_trials < 1:
+        raise TorsionError(f"a search needs at least 1 trial, got {n_trials}; pass --trials 1 or more")
+    if not low < high:
+        raise TorsionError(f"the search range needs low < high, got [{low}, {high}]; fix --alpha-range")
+    full_spec = {**spec, "param": param, "low": low, "high": high, "n_trials": n_trials, "sampler": sampler}
+    storage = _storage(url, heartbeat_interval, grace_period)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if prune else optuna.pruners.NopPruner()
+    common = dict(storage=storage, study_name=name, direction="minimize", pruner=pruner,
+                  sampler=_sampler(sampler, seed, n_trials))
+    try:
+        study = optuna.create_study(**common, load_if_exists=False)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.create_study(**common, load_if_exists=True)
+        _check_spec(study, full_spec, wait_s)
+        return study
+    if sampler == "grid":
+        for value in grid_points(low, high, n_trials):
+            study.enqueue_trial({param: value})
+    study.set_user_attr(SPEC_KEY, full_spec)
+    return study
+
+
+def _check_spec(study, spec: dict[str, Any], wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while (stored := study.user_attrs.get(SPEC_KEY)) is None:
+        if time.monotonic() > deadline:
+            raise TorsionError(f"study {study.study_name!r} exists but has no objective spec after {wait_s:.0f} s "
+                               "(its creator died while creating it); delete it or use a new --study name")
+        time.sleep(0.5)
+    stored, spec = json.loads(json.dumps(stored)), json.loads(json.dumps(spec))
+    changed = sorted(k for k in set(stored) | set(spec) if stored.get(k) != spec.get(k))
+    if changed:
+        raise TorsionError(f"study {study.study_name!r} was made with a different objective ({', '.join(changed)}); "
+                           "resume with the same settings, or pass a new --study name")
+
+
+def _trial_states(study) -> dict[str, list]:
+    from optuna.trial import TrialState
+
+    groups: dict[str, list] = {"finished": [], "claimed": [], "waiting": []}
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            groups["finished"].append(trial)
+        elif trial.state == TrialState.RUNNING:
+            groups["claimed"].append(trial)
+        elif trial.state == TrialState.WAITING:
+            groups["waiting"].append(trial)
+    return groups
+
+
+def _is_surplus(study, number: int, n_trials: int) -> bool:
+    """True when ``n_trials`` trials numbered below ``number`` are finished, running or queued."""
+    from optuna.trial import TrialState
+
+    alive = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    return sum(t.number < number and t.state in alive for t in study.get_trials(deepcopy=False)) >= n_trials
+
+
+class _Surplus(Exception):
+    pass
+
+
+def run_worker(study, objective: Callable[[Any], float], *, poll_s: float = 1.0,
+               log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """Run trials of ``study`` until its budget is finished; return :func:`study_summary`.
+
+    Safe to run in several processes at once and to re-run after a kill: see the module
+    docstring. ``objective(trial)`` returns the value to minimise, or raises
+    ``optuna.TrialPruned``.
+    """
+    import optuna
+    from optuna.storages import fail_stale_trials
+
+    n_trials = int(study.user_attrs[SPEC_KEY]["n_trials"])
+
+    def guarded(trial) -> float:
+        if _is_surplus(study, trial.number, n_trials):
+            trial.set_user_attr(SURPLUS, True)
+            raise _Surplus
+        return objective(trial)
+
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            fail_stale_trials(study)
+        states = _trial_states(study)
+        if len(states["finished"]) >= n_trials:
+            break
+        if len(states["finished"]) + len(states["claimed"]) >= n_trials and not states["waiting"]:
+            log(f"waiting for trial(s) {[t.number for t in states['claimed']]} (running elsewhere, "
+                "or stale after the grace period)")
+            time.sleep(poll_s)
+            continue
+        study.optimize(guarded, n_trials=1, catch=(_Surplus,), callbacks=[_logger(log, n_trials)])
+    return study_summary(study)
+
+
+def _logger(log: Callable[[str], None], n_trials: int):
+    def callback(study, trial) -> None:
+        if not trial.user_attrs.get(SURPLUS):
+            value = "" if trial.value is None else f" value {trial.value:.4f}"
+            log(f"trial {trial.number} {trial.state.name.lower()}{value} {trial.params} "
+                f"({len(_trial_states(study)['finished'])}/{n_trials} finished)")
+    return callback
+
+
+def study_summary(study) -> dict[str, Any]:
+    """Every trial's number, state, value, params and user attributes; the best complete trial."""
+    from optuna.trial import TrialState
+
+    trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+               "user_attrs": t.user_attrs} for t in study.get_trials(deepcopy=False)
+              if t.state != TrialState.FAIL or not t.user_attrs.get(SURPLUS)]
+    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    best = min(complete, key=lambda t: (t["value"], t["number"])) if complete else None
+    return {"study": study.study_name, "spec": study.user_attrs.get(SPEC_KEY), "trials": trials, "best": best,
+            "n_finished": sum(t["state"] in ("COMPLETE", "PRUNED") for t in trials)}
+
+
+def best_params(summary: dict[str, Any]) -> dict[str, Any]:
+    """The best complete trial's params, or an error naming the fix when none completed."""
+    if summary["best"] is None:
+        raise TorsionError(f"study {summary['study']!r} has no complete trial (all pruned or failed); "
+                           "run more trials, or pass --no-prune")
+    return summary["best"]["params"]

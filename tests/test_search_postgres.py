@@ -1,0 +1,77 @@
+"""Two search workers against one study on a real PostgreSQL server (loopback, started here).
+
+Skipped, with the reason printed, only where PostgreSQL is not installed; ``make test``
+installs it from Debian's packages.
+"""
+
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+
+import optuna
+import pytest
+
+from postgres import postgres_bindir, postgres_server
+
+BINDIR = postgres_bindir()
+pytestmark = pytest.mark.skipif(BINDIR is None, reason="PostgreSQL is not installed (initdb/pg_ctl not found); "
+                                "`make test` installs Debian's postgresql, or set TORSION_PG_BINDIR")
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    with postgres_server(BINDIR) as url:
+        yield url
+
+
+WORKER = textwrap.dedent("""
+    import json, os, sys, time
+    from torsion.search import open_study, run_worker
+
+    url, name, sampler, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+
+    def objective(trial):
+        alpha = trial.suggest_float("alpha", -4.0, 4.0)
+        trial.set_user_attr("worker", os.getpid())
+        time.sleep(0.3)                      # long enough that the two workers interleave
+        return (alpha - 1.0) ** 2
+
+    study = open_study(url, name, {"objective": "toy"}, n_trials=n, low=-4, high=4, sampler=sampler, seed=7)
+    summary = run_worker(study, objective, poll_s=0.2)
+    print(json.dumps({"pid": os.getpid(), "best": summary["best"]["number"], "value": summary["best"]["value"],
+                      "n_finished": summary["n_finished"]}))
+""")
+
+
+def _two_workers(tmp_path, url, name, sampler, n):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+
+    def worker(_):
+        done = subprocess.run([sys.executable, str(script), url, name, sampler, str(n)], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return __import__("json").loads(done.stdout.splitlines()[-1])
+
+    with ThreadPoolExecutor(2) as pool:
+        reports = list(pool.map(worker, range(2)))
+    return reports, optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "grid"])
+def test_two_workers_share_one_study(tmp_path, postgres_url, sampler):
+    n = 10
+    reports, trials = _two_workers(tmp_path, postgres_url, f"toy-{sampler}", sampler, n)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    surplus = [t for t in trials if t.user_attrs.get("surplus")]
+    assert len(complete) == n  # nothing lost
+    assert len(trials) == n + len(surplus) and all(t.state.name == "FAIL" for t in surplus)
+    assert len({t.number for t in complete}) == n  # nothing duplicated
+    workers = {t.user_attrs["worker"] for t in complete}
+    assert workers == {r["pid"] for r in reports}  # both workers ran trials
+    best = min(complete, key=lambda t: (t.value, t.number))
+    assert all(r["best"] == best.number and r["value"] == best.value for r in reports)  # one consistent best
+    assert all(r["n_finished"] == n for r in reports)
+    if sampler == "grid":  # every grid point exactly once
+        assert sorted(round(t.params["alpha"], 9) for t in complete) == [round(-4 + 8 * i / 9, 9) for i in range(n)]
