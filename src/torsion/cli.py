@@ -121,8 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         "reliability. propagation: inject alpha*v_s at source blocks and follow the change downstream. "
         "random-control: steering KL against norm-matched random directions. categories: geometry of "
         "per-category vectors. arditi: ablate the refusal direction on held-out harmful prompts and add "
-        "it on neutral ones. Each writes analysis/<name>.json and a figure.")
-    analyze.add_argument("name", choices=["rotation", "propagation", "random-control", "categories", "arditi"])
+        "it on neutral ones. asymmetry (after `torsion optimize` with both objectives): the write-up's "
+        "refuse/comply asymmetry table, and dense (every block) against flat top-k steering at matched KL. "
+        "Each writes analysis/<name>.json.")
+    analyze.add_argument("name", choices=["rotation", "propagation", "random-control", "categories", "arditi",
+                                          "asymmetry"])
     analyze.add_argument("run_dir", type=Path, help="a directory made by `torsion run`")
     _add_model_options(analyze)
     analyze.add_argument("--layers", type=int, nargs="+", default=None,
@@ -136,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--bootstrap", type=int, default=1000, help="prompt-bootstrap resamples (rotation)")
     analyze.add_argument("--permutations", type=int, default=200, help="shuffled-label permutations (rotation)")
     analyze.add_argument("--split-halves", type=int, default=50, help="split-half repetitions (rotation)")
+    analyze.add_argument("--scope", default="global",
+                         help="asymmetry: which searches, global (default) or a category name")
     analyze.add_argument("--seed", type=int, default=None, help="default: the run's seed")
     analyze.add_argument("--verbose", action="store_true", help="print the result JSON")
     analyze.set_defaults(func=commands.analyze)

@@ -149,6 +149,10 @@ def analyze(args: argparse.Namespace) -> int:
     else:
         from torsion.models import load_model
 
+        if args.name == "asymmetry":  # both searches must exist before a model is loaded
+            from torsion.optimize import load_result
+
+            load_result(run_dir, f"comply-{args.scope}"), load_result(run_dir, f"refuse-{args.scope}")
         lm = load_model(_run_model_spec(run_dir, args.model), dtype=args.dtype or "float32",
                         device=args.device or "cpu")
         if args.name == "propagation":
@@ -163,6 +167,11 @@ def analyze(args: argparse.Namespace) -> int:
             result = run_random_control(run_dir, lm, layers=args.layers, component=args.component,
                                         alpha=1.0 if args.alpha is None else args.alpha,
                                         n_random=args.n_random, n_prompts=args.n_prompts or 32, seed=seed)
+        elif args.name == "asymmetry":
+            from torsion.analysis.asymmetry import run_asymmetry
+
+            result = run_asymmetry(run_dir, lm, scope=args.scope, n_neutral=args.n_prompts or 32,
+                                   log=lambda message: print(message, file=sys.stderr))
         else:
             from torsion.analysis.arditi import run_arditi
 

@@ -230,7 +230,8 @@ def _trial_objective(lm: LoadedModel, settings: SearchSettings, steering: Steeri
     return objective
 
 
-def _run_generation(run: RunDir, settings: SearchSettings) -> GenerationSettings:
+def run_generation_settings(run: RunDir, settings: SearchSettings) -> GenerationSettings:
+    """Greedy decoding of the run's own length, so the run's responses are the unsteered baseline."""
     recorded = run.manifest().get("generation", {})
     return GenerationSettings(max_new_tokens=int(recorded.get("max_new_tokens", 32)),
                               batch_size=settings.batch_size)
@@ -264,7 +265,7 @@ def run_optimize(run_dir: Path, lm: LoadedModel, settings: SearchSettings, *, st
     selection = select_layers(run.root, key=settings.vector_key, k=settings.top_k, window=settings.layer_window)
     layers = selection["layers"]
     sets = prompt_sets(run, settings)
-    generation = _run_generation(run, settings)
+    generation = run_generation_settings(run, settings)
     steering = Steering(lm, vector.directions, layers, component=component, positions=settings.positions)
     spec = {"settings": json.loads(json.dumps(asdict(settings))), "layers": layers, "component": component,
             "vector_sha256": hashlib.sha256(vector.directions.numpy().tobytes()).hexdigest(),

@@ -172,6 +172,31 @@ def optimize_section(result: dict[str, Any], run_dir: Path) -> str:
     )
 
 
+def asymmetry_section(result: dict[str, Any], run_dir: Path) -> str:
+    """The write-up's asymmetry table for this model, then dense against flat steering."""
+    rows = [[escape(row["property"]), escape(row["value"])] for row in result["table"]]
+    dense = result["dense_vs_flat"]
+    arms = []
+    for name, arm in dense["arms"].items():
+        held = arm.get("held_out") or {}
+        arms.append([name, escape(str(arm["layers"] if name == "flat" else f"all {len(arm['layers'])}")),
+                     number(arm["alpha"], ".3f"), number(arm["kl_probe"], ".3g"), number(arm.get("kl_eval"), ".3g"),
+                     _class_rate(arm["in_sample"], "complied"), _class_rate(held, "complied"),
+                     _class_rate(arm["in_sample"], "genuine_strong_comply"), _class_rate(held, "genuine_strong_comply"),
+                     _class_rate(held, "degenerate")])
+    return (
+        "<h2>The refuse/comply asymmetry</h2>"
+        f"<p>From the searches {escape(result['studies']['comply'])} and {escape(result['studies']['refuse'])}; "
+        "rates are shares of judged responses; genuine = strong complies kept by false-positive correction "
+        "(not hand-reviewed).</p>"
+        + table(["property", "this model"], rows, numeric_from=2)
+        + f"<h3>Dense vs flat steering at matched KL: {escape(dense['verdict'])}</h3>"
+        + table(["arm", "blocks", "α", "KL (probe)", "KL (held-out neutral)", "complied, in-sample",
+                 "complied, held-out", "genuine strong comply, in-sample", "genuine strong comply, held-out",
+                 "degenerate, held-out"], arms, numeric_from=2)
+    )
+
+
 SECTIONS.update(review=review_section, propagation=propagation_section, random_control=random_control_section,
                 categories=categories_section, arditi=arditi_section,
-                optimize=optimize_section)
+                optimize=optimize_section, asymmetry=asymmetry_section)

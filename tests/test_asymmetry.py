@@ -1,0 +1,51 @@
+"""The asymmetry analysis on a tiny run: KL matching, dense vs flat, over-refusal, push past α."""
+
+import json
+
+import pytest
+
+from torsion.analysis.asymmetry import match_kl, run_asymmetry
+from torsion.cli import main
+from torsion.models import load_model
+from torsion.optimize import SearchSettings, run_optimize
+
+
+def test_match_kl_finds_the_alpha_of_a_known_curve():
+    calls = []
+
+    def kl(alpha):
+        calls.append(alpha)
+        return alpha ** 2
+
+    alpha, value = match_kl(kl, 4.0, sign=-1.0, start=0.3)
+    assert alpha == pytest.approx(-2.0, rel=0.03) and value == pytest.approx(4.0, rel=0.05)
+    assert all(a <= 0 for a in calls)
+    assert match_kl(kl, 0.0, sign=1.0) == (0.0, 0.0)
+
+
+def test_asymmetry_on_a_tiny_run(tiny_run, tiny_model_dir, capsys):
+    lm = load_model(str(tiny_model_dir))
+    common = dict(n_trials=2, sampler="grid", n_prompts=8, n_kl_prompts=4, top_k=2, layer_window=(0.0, 1.0),
+                  prune=False, batch_size=4)
+    assert main(["analyze", "asymmetry", str(tiny_run), "--model", str(tiny_model_dir)]) == 2
+    assert "torsion optimize" in capsys.readouterr().err
+    comply = run_optimize(tiny_run, lm, SearchSettings(objective="comply", alpha_range=(-8.0, -4.0), **common),
+                          log=lambda m: None)
+    refuse = run_optimize(tiny_run, lm, SearchSettings(objective="refuse", **common), log=lambda m: None)
+    result = run_asymmetry(tiny_run, lm, push_factors=(2.0,), n_neutral=6, log=lambda m: None)
+
+    dense = result["dense_vs_flat"]
+    assert dense["arms"]["dense"]["layers"] == [0, 1, 2, 3]
+    assert dense["arms"]["flat"]["alpha"] == comply["alpha"] < 0 and dense["arms"]["dense"]["alpha"] < 0
+    assert dense["arms"]["dense"]["kl_probe"] == pytest.approx(comply["in_sample"]["kl_base_to_steered"], rel=0.05)
+    lifts = dense["complied_uplift"]
+    baseline = comply["baseline_held_out"]["rates"]["complied"]["rate"]
+    assert lifts["flat"] == pytest.approx(comply["held_out"]["rates"]["complied"]["rate"] - baseline)
+    neutral = result["over_refusal"]
+    assert neutral["over_refusal_pp"] == pytest.approx(
+        100 * (neutral["steered"]["rates"]["refused"]["rate"] - neutral["baseline"]["rates"]["refused"]["rate"]))
+    assert [row["factor"] for row in result["push_past"]] == [1.0, 2.0]
+    assert result["push_past"][1]["alpha"] == pytest.approx(2 * refuse["alpha"])
+    properties = [row["property"] for row in result["table"]]
+    assert properties[0].startswith("Genuine harmful compliance") and any("random-direction" in p for p in properties)
+    assert json.loads((tiny_run / "analysis" / "asymmetry.json").read_text())["scope"] == "global"
