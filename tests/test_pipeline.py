@@ -79,20 +79,21 @@ def test_changed_settings_are_refused(tmp_path, tiny_model_dir, prompt_file):
 
 def test_arditi_check_selects_on_train_and_tests_on_holdout(tmp_path, tiny_model_dir, prompt_file, monkeypatch):
     import torsion.analysis.arditi as arditi
+    import torsion.behaviour as behaviour
     from torsion.models import load_model
 
     out = tmp_path / "run"
     run_pipeline(_config(tiny_model_dir, prompt_file), out, judge=OracleJudge(), log=lambda m: None)
     seen = []
-    original = arditi.generate_batch
-    monkeypatch.setattr(arditi, "generate_batch", lambda lm, batch, s: seen.extend(batch) or original(lm, batch, s))
+    original = behaviour.generate_batch
+    monkeypatch.setattr(behaviour, "generate_batch", lambda lm, batch, s: seen.extend(batch) or original(lm, batch, s))
     result = arditi.run_arditi(out, load_model(str(tiny_model_dir)), n_neutral=6, max_new_tokens=3)
     prompts = read_jsonl(out / "prompts.jsonl")
     train = {p["prompt"] for p in prompts if p["split"] == "train"}
     holdout = [p["prompt"] for p in prompts if p["split"] == "holdout"]
     assert result["n_holdout_harmful"] == len(holdout) == 8
     assert not train & set(seen)  # no prompt used to choose the direction is evaluated
-    assert 0 <= result["layer"] < 3 and len(result["layer_auc"]) == 4  # eligible: first 80% of 4 blocks
+    assert 1 <= result["layer"] <= 2 and len(result["layer_auc"]) == 4  # eligible: blocks int(L/4) .. int(0.8 L) - 1
     assert result["holdout_harmful"]["ablated"]["judged"] + result["holdout_harmful"]["ablated"]["other"] == 8
     assert result["kl_neutral"]["ablation"]["kl_base_to_steered"] >= 0
     assert json.loads((out / "analysis" / "arditi.json").read_text())["layer"] == result["layer"]

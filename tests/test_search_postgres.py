@@ -75,3 +75,22 @@ def test_two_workers_share_one_study(tmp_path, postgres_url, sampler):
     assert all(r["n_finished"] == n for r in reports)
     if sampler == "grid":  # every grid point exactly once
         assert sorted(round(t.params["alpha"], 9) for t in complete) == [round(-4 + 8 * i / 9, 9) for i in range(n)]
+
+
+def test_two_torsion_optimize_workers_on_a_tiny_run(tmp_path, postgres_url, tiny_run, tiny_model_dir):
+    """The real command: two `torsion optimize` processes share one grid study on PostgreSQL."""
+    common = [sys.executable, "-m", "torsion.cli", "optimize", str(tiny_run), "--model", str(tiny_model_dir),
+              "--storage", postgres_url, "--study", "tiny-grid", "--sampler", "grid", "--trials", "6",
+              "--n-prompts", "6", "--n-kl-prompts", "3", "--layer-window", "0", "1", "--top-k", "2",
+              "--no-prune", "--batch-size", "3"]
+    workers = [subprocess.Popen(common + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for extra in ([], ["--no-evaluate"])]
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    trials = optuna.load_study(study_name="tiny-grid", storage=postgres_url).get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(round(t.params["alpha"], 6) for t in complete) == [round(-4 + 0.8 * i, 6) for i in range(6)]
+    best = min(complete, key=lambda t: (t.value, t.number))
+    result = __import__("json").loads((tiny_run / "analysis" / "optimize_tiny-grid.json").read_text())
+    assert result["alpha"] == best.params["alpha"] and result["storage"] == postgres_url
+    assert len(result["trials"]) == 6 and "held_out" in result

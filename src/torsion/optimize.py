@@ -296,10 +296,15 @@ def run_optimize(run_dir: Path, lm: LoadedModel, settings: SearchSettings, *, st
         "prompt_ids": {"fit_and_layer_selection": selection["prompt_ids"],
                        **{name: [p.id for p in prompts] for name, prompts in sets.items()}},
     }
+    path = run.analysis_path(f"optimize_{study_name}")
     if evaluate:
         result.update(held_out_evaluation(run, lm, steering, alpha, sets, generation, log=log))
-    atomic_write_json(run.analysis_path(f"optimize_{study_name}"), result)
-    strength_figure(result, run.analysis_path(f"optimize_{study_name}").with_suffix(".png"))
+    elif path.is_file():  # a search-only worker keeps another worker's held-out evaluation of the same trial
+        existing = json.loads(path.read_text())
+        if "held_out" in existing and (existing.get("best") or {}).get("number") == result["best"]["number"]:
+            return existing
+    atomic_write_json(path, result)
+    strength_figure(result, path.with_suffix(".png"))
     return result
 
 

@@ -1,9 +1,10 @@
 """The Arditi et al. check: is the refusal direction causal in both directions?
 
 The direction is chosen on the train split only: the MD axis at the layer whose projection
-best separates refused from complied (ROC-AUC, :mod:`torsion.selection`), among the first
-``max_depth`` of the blocks (directions near the output mostly encode the next token).
-It is then tested on prompts that chose nothing:
+best separates refused from complied (ROC-AUC, :func:`torsion.selection.select_layers`), among
+the blocks of the eligible window (default: from a quarter to four fifths of the depth, as
+Arditi et al. skip the first blocks and the last fifth). It is then tested on prompts that
+chose nothing:
 
 - **ablation** (every write into the residual stream) on held-out harmful prompts: the
   refusal rate should fall;
@@ -21,21 +22,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-
-from torsion.capture import load_activations
+from torsion.behaviour import evaluate_behaviour
 from torsion.data import load_source, sample
 from torsion.errors import TorsionError
-from torsion.generate import GenerationSettings, generate_batch
-from torsion.judge import get_judge
-from torsion.judge.base import is_complied, is_refused
+from torsion.generate import GenerationSettings
+from torsion.judge.base import LABEL_SCORES, is_complied, is_refused
 from torsion.metrics import first_token_kl
 from torsion.models import LoadedModel
-from torsion.selection import layer_auc, top_layers
+from torsion.runs import labelled_prompts
+from torsion.selection import DEFAULT_WINDOW, select_layers
 from torsion.stats import wilson_interval
 from torsion.steer import ablate_direction, add_steering
-from torsion.runs import fit_rows, labelled_prompts
 from torsion.store import RunDir, atomic_write_json
 from torsion.vectors import load_vectors
 
@@ -51,36 +48,25 @@ def refusal_rate(scores: list[float | None]) -> dict[str, Any]:
             "rate": refused / judged if judged else None, "ci95": [lo, hi] if judged else None}
 
 
-def _judged_rate(lm: LoadedModel, prompts: list[str], settings: GenerationSettings, context=None, *,
+def _judged_rate(lm: LoadedModel, prompts: list[str], settings: GenerationSettings, steer=None, *,
                  desc: str) -> dict[str, Any]:
-    responses = []
-    for start in tqdm(range(0, len(prompts), settings.batch_size), desc=desc, unit="batch"):
-        batch = prompts[start:start + settings.batch_size]
-        if context is None:
-            responses += generate_batch(lm, batch, settings)
-        else:
-            with context():
-                responses += generate_batch(lm, batch, settings)
-    verdicts = get_judge("rules").judge(prompts, responses)
-    result = refusal_rate([v.score for v in verdicts])
-    result["examples"] = [{"prompt": p, "response": r, "label": v.label}
-                          for p, r, v in list(zip(prompts, responses, verdicts))[:3]]
+    evaluation = evaluate_behaviour(lm, prompts, steer, settings, desc=desc)
+    result = refusal_rate([LABEL_SCORES.get(label) for label in evaluation["labels"]])
+    result["classes"] = evaluation["rates"]
+    result["examples"] = [{"prompt": p, "response": r, "label": label}
+                          for p, r, label in list(zip(prompts, evaluation["responses"], evaluation["labels"]))[:3]]
     return result
 
 
-def run_arditi(run_dir: Path, lm: LoadedModel, *, component: str = "resid", max_depth: float = 0.8,
+def run_arditi(run_dir: Path, lm: LoadedModel, *, component: str = "resid",
+               window: tuple[float, float] = DEFAULT_WINDOW,
                alpha: float = 1.0, n_neutral: int = 48, max_new_tokens: int = 32, seed: int = 0) -> dict[str, Any]:
     """Choose the direction on the train split; test ablation and addition on unseen prompts."""
     run = RunDir(run_dir)
-    prompts, responses = labelled_prompts(run)
-    activations, _ = load_activations(run.activations_path)
-    vectors = load_vectors(run.vectors_path, d_model=lm.d_model)
-    axes = vectors[f"md/{component}"].directions
-    train = fit_rows(prompts, responses)
-    refused = torch.tensor([is_refused(responses[i]["score"]) for i in train])
-    auc = layer_auc(activations[component][train], refused, axes)
-    eligible = max(1, int(max_depth * lm.n_layers))
-    layer = top_layers(auc[:eligible], 1)[0]
+    prompts, _ = labelled_prompts(run)
+    axes = load_vectors(run.vectors_path, d_model=lm.d_model)[f"md/{component}"].directions
+    selection = select_layers(run.root, key=f"md/{component}", k=1, window=window)
+    layer = selection["layers"][0]
     direction = axes[layer]
 
     holdout = [p.prompt for p in prompts if p.split == "holdout"]
@@ -96,11 +82,11 @@ def run_arditi(run_dir: Path, lm: LoadedModel, *, component: str = "resid", max_
     result = {
         "schema_version": SCHEMA_VERSION, "analysis": "arditi",
         "conventions": {"layer_indexing": "block", "axis": f"md/{component}", "selection": "max ROC-AUC on train split",
-                        "eligible_layers": f"0..{eligible - 1}", "ablation": "every write into the residual stream",
+                        "eligible_layers": "{}..{}".format(*selection["eligible"]), "ablation": "every write into the residual stream",
                         "addition": "alpha * v at the chosen layer, all positions", "judge": "rules",
                         "kl": "first token, neutral prompts"},
-        "layer": layer, "layer_auc": auc.tolist(), "alpha": alpha, "applied_norm": applied_norm,
-        "n_train": len(train), "n_holdout_harmful": len(holdout), "n_neutral": len(neutral),
+        "layer": layer, "layer_auc": selection["auc"], "alpha": alpha, "applied_norm": applied_norm,
+        "n_train": len(selection["prompt_ids"]), "n_holdout_harmful": len(holdout), "n_neutral": len(neutral),
         "holdout_harmful": {"baseline": _judged_rate(lm, holdout, settings, desc="held-out harmful, baseline"),
                             "ablated": _judged_rate(lm, holdout, settings, ablate, desc="held-out harmful, ablated")},
         "neutral": {"baseline": _judged_rate(lm, neutral, settings, desc="neutral, baseline"),

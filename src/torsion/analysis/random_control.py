@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -25,6 +26,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from torsion.analysis.propagation import (BlockInputs, back_half_layers, fast_path_check, recording_block_inputs,
                                           relative_gap, run_blocks, run_vector, save_figure)
@@ -165,6 +167,8 @@ def fast_kls(lm: LoadedModel, prompts: Sequence[str], steps: dict[int, Tensor], 
     per_batch: dict[int, dict[str, list[Tensor]]] = {layer: {name: [] for name in KL_DIRECTIONS} for layer in steps}
     chunk = max(1, max_rows // min(batch_size, len(prompts)))
     gap = 0.0
+    bar = tqdm(total=math.ceil(len(prompts) / batch_size) * len(steps), desc="random control (layer x batch)",
+               leave=False)
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start:start + batch_size])
         with recording_block_inputs(lm, min(steps)) as inputs:
@@ -182,6 +186,8 @@ def fast_kls(lm: LoadedModel, prompts: Sequence[str], steps: dict[int, Tensor], 
                                  for i in range(0, len(layer_steps), chunk)])  # [n_steps, batch, vocab]
             per_batch[layer]["kl_base_to_steered"].append(kl_divergence(base.expand_as(steered), steered))
             per_batch[layer]["kl_steered_to_base"].append(kl_divergence(steered, base.expand_as(steered)))
+            bar.update()
+    bar.close()
     return {layer: {name: torch.cat(pieces, dim=1).mean(1) for name, pieces in kls.items()}
             for layer, kls in per_batch.items()}, gap
 
