@@ -8,6 +8,7 @@ from torsion.analysis.asymmetry import match_kl, run_asymmetry
 from torsion.cli import main
 from torsion.models import load_model
 from torsion.optimize import SearchSettings, run_optimize
+from torsion.report import build_report
 
 
 def test_match_kl_finds_the_alpha_of_a_known_curve():
@@ -49,3 +50,9 @@ def test_asymmetry_on_a_tiny_run(tiny_run, tiny_model_dir, capsys):
     properties = [row["property"] for row in result["table"]]
     assert properties[0].startswith("Genuine harmful compliance") and any("random-direction" in p for p in properties)
     assert json.loads((tiny_run / "analysis" / "asymmetry.json").read_text())["scope"] == "global"
+    page = build_report(tiny_run).read_text()
+    headings = ["Strength search: comply-global", "Strength search: refuse-global", "The refuse/comply asymmetry",
+                "Dense vs flat steering at matched KL"]
+    positions = [page.index(heading) for heading in headings]
+    assert positions == sorted(positions)
+    assert page.count("data:image/png;base64") >= 2  # the two strength figures

@@ -81,13 +81,15 @@ def test_arditi_check_selects_on_train_and_tests_on_holdout(tmp_path, tiny_model
     import torsion.analysis.arditi as arditi
     import torsion.behaviour as behaviour
     from torsion.models import load_model
+    from torsion.optimize import neutral_halves
+    from torsion.vectors import load_vectors
 
     out = tmp_path / "run"
     run_pipeline(_config(tiny_model_dir, prompt_file), out, judge=OracleJudge(), log=lambda m: None)
     seen = []
     original = behaviour.generate_batch
     monkeypatch.setattr(behaviour, "generate_batch", lambda lm, batch, s: seen.extend(batch) or original(lm, batch, s))
-    result = arditi.run_arditi(out, load_model(str(tiny_model_dir)), n_neutral=6, max_new_tokens=3)
+    result = arditi.run_arditi(out, load_model(str(tiny_model_dir)), alphas=(0.0, 2.0), n_neutral=6, max_new_tokens=3)
     prompts = read_jsonl(out / "prompts.jsonl")
     train = {p["prompt"] for p in prompts if p["split"] == "train"}
     holdout = [p["prompt"] for p in prompts if p["split"] == "holdout"]
@@ -95,5 +97,15 @@ def test_arditi_check_selects_on_train_and_tests_on_holdout(tmp_path, tiny_model
     assert not train & set(seen)  # no prompt used to choose the direction is evaluated
     assert 1 <= result["layer"] <= 2 and len(result["layer_auc"]) == 4  # eligible: blocks int(L/4) .. int(0.8 L) - 1
     assert result["holdout_harmful"]["ablated"]["judged"] + result["holdout_harmful"]["ablated"]["other"] == 8
-    assert result["kl_neutral"]["ablation"]["kl_base_to_steered"] >= 0
+    assert result["kl_neutral_ablation"]["kl_base_to_steered"] >= 0
+    zero, two = result["neutral"]["added"]
+    assert zero["kl"]["kl_base_to_steered"] == 0.0 and zero["refused"] == result["neutral"]["baseline"]["refused"]
+    assert two["applied_norm"] == pytest.approx(2 * float(load_vectors(out / "vectors.safetensors")["md/resid"]
+                                                          .directions[result["layer"]].double().norm()), rel=1e-6)
+    neutral_seen = set(seen) - {p["prompt"] for p in prompts}
+    assert neutral_seen <= {p.prompt for p in neutral_halves(0)[1]}  # only the neutral half no search saw
     assert json.loads((out / "analysis" / "arditi.json").read_text())["layer"] == result["layer"]
+    from torsion.report import build_report
+
+    page = build_report(out).read_text()
+    assert "Arditi et al. check" in page and page.count("added α = ") == 2

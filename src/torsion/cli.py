@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="source layers (propagation), steered layers (random-control), averaged layers "
                          "(categories); default: 4 evenly spaced blocks in the back half")
     analyze.add_argument("--component", default="resid", choices=["resid", "attn", "mlp"])
-    analyze.add_argument("--alpha", type=float, default=None,
-                         help="steering strength on the run's MD vector (default -1 for propagation, 1 otherwise)")
+    analyze.add_argument("--alpha", type=float, nargs="+", default=None,
+                         help="steering strength on the run's MD vector (default -1 for propagation, 1 otherwise); "
+                         "arditi takes several (a dose-response of the addition)")
     analyze.add_argument("--n-prompts", type=int, default=None, help="prompts used by the causal analyses")
     analyze.add_argument("--n-random", type=int, default=50, help="random directions (random-control)")
     analyze.add_argument("--bootstrap", type=int, default=1000, help="prompt-bootstrap resamples (rotation)")

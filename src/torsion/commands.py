@@ -130,6 +130,12 @@ def _run_model_spec(run_dir: Path, given: str | None) -> str:
     return json.loads(manifest.read_text()).get("model", {}).get("spec") or "embedded:qwen2.5-coder-0.5b"
 
 
+def _one_alpha(alphas: list[float]) -> float:
+    if len(alphas) != 1:
+        raise TorsionError(f"this analysis takes one --alpha, got {len(alphas)}; only arditi takes several")
+    return alphas[0]
+
+
 def analyze(args: argparse.Namespace) -> int:
     import json
 
@@ -159,13 +165,13 @@ def analyze(args: argparse.Namespace) -> int:
             from torsion.analysis.propagation import run_propagation
 
             result = run_propagation(run_dir, lm, sources=args.layers, component=args.component,
-                                     alpha=-1.0 if args.alpha is None else args.alpha,
+                                     alpha=-1.0 if args.alpha is None else _one_alpha(args.alpha),
                                      n_prompts=args.n_prompts or 16, seed=seed)
         elif args.name == "random-control":
             from torsion.analysis.random_control import run_random_control
 
             result = run_random_control(run_dir, lm, layers=args.layers, component=args.component,
-                                        alpha=1.0 if args.alpha is None else args.alpha,
+                                        alpha=1.0 if args.alpha is None else _one_alpha(args.alpha),
                                         n_random=args.n_random, n_prompts=args.n_prompts or 32, seed=seed)
         elif args.name == "asymmetry":
             from torsion.analysis.asymmetry import run_asymmetry
@@ -175,7 +181,7 @@ def analyze(args: argparse.Namespace) -> int:
         else:
             from torsion.analysis.arditi import run_arditi
 
-            result = run_arditi(run_dir, lm, component=args.component, alpha=1.0 if args.alpha is None else args.alpha,
+            result = run_arditi(run_dir, lm, component=args.component, alphas=args.alpha or (1.0,),
                                 n_neutral=args.n_prompts or 48, seed=seed or 0)
     build_report(run_dir)
     name = result["analysis"]

@@ -8,27 +8,32 @@ chose nothing:
 
 - **ablation** (every write into the residual stream) on held-out harmful prompts: the
   refusal rate should fall;
-- **addition** of ``α · v`` at the chosen layer, every position, on ``neutral`` prompts: the
-  refusal rate should rise;
+- **addition** of ``α · v`` at the chosen layer, every position, on ``neutral`` prompts (the
+  held-out half of the neutral set, which no strength search saw): the refusal rate should
+  rise. Several ``α`` may be given; each is reported (a dose-response, none of them chosen on
+  these prompts). ``α = 1`` moves a complied activation by exactly the refused-minus-complied
+  mean gap;
 - the first-token KL of both interventions on the neutral prompts, with its direction named.
 
 Example::
 
-    result = run_arditi(Path("runs/quick"), lm, n_neutral=48)
+    result = run_arditi(Path("runs/quick"), lm, alphas=(1.0, 2.0, 4.0), n_neutral=48)
+    result["neutral"]["added"][0]["rate"], result["holdout_harmful"]["ablated"]["rate"]
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torsion.behaviour import evaluate_behaviour
-from torsion.data import load_source, sample
+from torsion.data import sample
 from torsion.errors import TorsionError
 from torsion.generate import GenerationSettings
 from torsion.judge.base import LABEL_SCORES, is_complied, is_refused
 from torsion.metrics import first_token_kl
 from torsion.models import LoadedModel
+from torsion.optimize import neutral_halves
 from torsion.runs import labelled_prompts
 from torsion.selection import DEFAULT_WINDOW, select_layers
 from torsion.stats import wilson_interval
@@ -36,7 +41,7 @@ from torsion.steer import ablate_direction, add_steering
 from torsion.store import RunDir, atomic_write_json
 from torsion.vectors import load_vectors
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def refusal_rate(scores: list[float | None]) -> dict[str, Any]:
@@ -60,7 +65,8 @@ def _judged_rate(lm: LoadedModel, prompts: list[str], settings: GenerationSettin
 
 def run_arditi(run_dir: Path, lm: LoadedModel, *, component: str = "resid",
                window: tuple[float, float] = DEFAULT_WINDOW,
-               alpha: float = 1.0, n_neutral: int = 48, max_new_tokens: int = 32, seed: int = 0) -> dict[str, Any]:
+               alphas: Sequence[float] = (1.0,), n_neutral: int = 48, max_new_tokens: int = 32,
+               seed: int = 0) -> dict[str, Any]:
     """Choose the direction on the train split; test ablation and addition on unseen prompts."""
     run = RunDir(run_dir)
     prompts, _ = labelled_prompts(run)
@@ -72,27 +78,34 @@ def run_arditi(run_dir: Path, lm: LoadedModel, *, component: str = "resid",
     holdout = [p.prompt for p in prompts if p.split == "holdout"]
     if not holdout:
         raise TorsionError("the run has no held-out prompts; re-run with a holdout fraction > 0")
-    neutral = [p.prompt for p in sample(load_source("neutral"), n_neutral, seed=seed)]
+    if not alphas:
+        raise TorsionError("no addition strength given; pass at least one --alpha")
+    neutral = [p.prompt for p in sample(neutral_halves(seed)[1], n_neutral, seed=seed)]
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     ablate = lambda: ablate_direction(lm, direction)  # noqa: E731
-    add = lambda: add_steering(lm, axes, layers=[layer], alpha=alpha, component=component,  # noqa: E731
-                               positions="all")
-    with add() as record:
-        applied_norm = record.applied_norms[0]
+
+    def add(alpha: float):
+        return lambda: add_steering(lm, axes, layers=[layer], alpha=alpha, component=component, positions="all")
+
+    added = []
+    for alpha in alphas:
+        with add(alpha)() as record:
+            applied_norm = record.applied_norms[0]
+        added.append({"alpha": alpha, "applied_norm": applied_norm,
+                      **_judged_rate(lm, neutral, settings, add(alpha), desc=f"neutral, added alpha={alpha:g}"),
+                      "kl": _kl(first_token_kl(lm, neutral, add(alpha)))})
     result = {
         "schema_version": SCHEMA_VERSION, "analysis": "arditi",
         "conventions": {"layer_indexing": "block", "axis": f"md/{component}", "selection": "max ROC-AUC on train split",
                         "eligible_layers": "{}..{}".format(*selection["eligible"]), "ablation": "every write into the residual stream",
                         "addition": "alpha * v at the chosen layer, all positions", "judge": "rules",
-                        "kl": "first token, neutral prompts"},
-        "layer": layer, "layer_auc": selection["auc"], "alpha": alpha, "applied_norm": applied_norm,
+                        "kl": "first token, neutral prompts", "neutral": "held-out half of the neutral set"},
+        "layer": layer, "layer_auc": selection["auc"],
         "n_train": len(selection["prompt_ids"]), "n_holdout_harmful": len(holdout), "n_neutral": len(neutral),
         "holdout_harmful": {"baseline": _judged_rate(lm, holdout, settings, desc="held-out harmful, baseline"),
                             "ablated": _judged_rate(lm, holdout, settings, ablate, desc="held-out harmful, ablated")},
-        "neutral": {"baseline": _judged_rate(lm, neutral, settings, desc="neutral, baseline"),
-                    "added": _judged_rate(lm, neutral, settings, add, desc="neutral, added")},
-        "kl_neutral": {"ablation": _kl(first_token_kl(lm, neutral, ablate)),
-                       "addition": _kl(first_token_kl(lm, neutral, add))},
+        "neutral": {"baseline": _judged_rate(lm, neutral, settings, desc="neutral, baseline"), "added": added},
+        "kl_neutral_ablation": _kl(first_token_kl(lm, neutral, ablate)),
     }
     atomic_write_json(run.analysis_path("arditi"), result)
     return result

@@ -102,20 +102,21 @@ def _rate(rate: dict[str, Any]) -> str:
 
 
 def arditi_section(result: dict[str, Any], run_dir: Path) -> str:
-    """Ablation on held-out harmful prompts and addition on neutral prompts, with KL."""
-    harmful, neutral, kl = result["holdout_harmful"], result["neutral"], result["kl_neutral"]
-    rows = [["held-out harmful: refusal rate", _rate(harmful["baseline"]), _rate(harmful["ablated"]),
-             "ablated"],
-            ["neutral: refusal rate", _rate(neutral["baseline"]), _rate(neutral["added"]), "added"],
-            ["neutral: first-token KL (base→steered)", "0", f"ablation {number(kl['ablation']['kl_base_to_steered'], '.3g')}"
-             f", addition {number(kl['addition']['kl_base_to_steered'], '.3g')}", ""]]
+    """Ablation on held-out harmful prompts and addition (one row per α) on held-out neutral prompts."""
+    harmful, neutral = result["holdout_harmful"], result["neutral"]
+    ablation_kl = result["kl_neutral_ablation"]["kl_base_to_steered"]
+    rows = [["held-out harmful: refusal rate", "ablated", _rate(harmful["baseline"]), _rate(harmful["ablated"]),
+             f"{number(ablation_kl, '.3g')} (neutral)"]]
+    rows += [["neutral: refusal rate", f"added α = {added['alpha']:g} (‖α v‖ = {number(added['applied_norm'], '.2f')})",
+              _rate(neutral["baseline"]), _rate(added), number(added["kl"]["kl_base_to_steered"], ".3g")]
+             for added in neutral["added"]]
     return (
         "<h2>Is the direction causal? (Arditi et al. check)</h2>"
         f"<p>Direction: MD at block {result['layer']} (highest train-split AUC among blocks "
-        f"{escape(result['conventions']['eligible_layers'])}); addition α = {result['alpha']} "
-        f"(‖α v‖ = {number(result['applied_norm'], '.2f')}). Rates are refused/(refused+complied) with "
-        "Wilson 95% intervals; no prompt used to choose the direction is evaluated.</p>"
-        + table(["", "baseline", "intervened", "intervention"], rows)
+        f"{escape(result['conventions']['eligible_layers'])}). Rates are refused/(refused+complied) with "
+        "Wilson 95% intervals; no prompt used to choose the direction is evaluated, and each α is reported "
+        "(none was chosen on these prompts).</p>"
+        + table(["", "intervention", "baseline", "intervened", "first-token KL base→steered"], rows, numeric_from=2)
     )
 
 
