@@ -101,6 +101,28 @@ def test_refuse_objective_and_category_scope(tiny_run, tiny_lm_loaded):
     assert {prompts[i]["category"] for i in result["prompt_ids"]["search"] + result["prompt_ids"]["holdout"]} == {"a"}
 
 
+def test_perplexity_penalty_enters_the_trial_value(tiny_run, tiny_lm_loaded):
+    from torsion.metrics import perplexity
+    from torsion.optimize import Steering, prompt_sets
+    from torsion.store import RunDir
+
+    settings = _settings(n_trials=2, alpha_range=(-8.0, -4.0), perplexity_weight=0.5)
+    result = run_optimize(tiny_run, tiny_lm_loaded, settings, evaluate=False, log=lambda m: None)
+    probe = [p.prompt for p in prompt_sets(RunDir(tiny_run), settings)["kl_probe"]]
+    vector = load_vectors(tiny_run / "vectors.safetensors")["md/resid"].directions
+    steering = Steering(tiny_lm_loaded, vector, result["layers"], component="resid", positions="all")
+    base = perplexity(tiny_lm_loaded, probe)["perplexity"]
+    for trial in result["trials"]:
+        steered = perplexity(tiny_lm_loaded, probe, steering(trial["alpha"]))["perplexity"]
+        assert trial["capability"]["perplexity"] == pytest.approx(steered)
+        assert trial["penalty"] == pytest.approx(0.5 * max(0.0, math.log(steered / base)))
+        assert trial["value"] == pytest.approx(trial["mean_score"] + min(trial["kl_base_to_steered"], 1.0)
+                                               + trial["penalty"])
+    assert any(t["penalty"] > 0 for t in result["trials"])
+    with pytest.raises(TorsionError, match="needs --positions all"):
+        _settings(perplexity_weight=0.5, positions="last")
+
+
 def test_cli_optimize_and_bad_input(tiny_run, tiny_model_dir, capsys):
     common = [str(tiny_run), "--model", str(tiny_model_dir), "--trials", "2", "--sampler", "grid",
               "--n-prompts", "4", "--n-kl-prompts", "2", "--layer-window", "0", "1", "--top-k", "1"]

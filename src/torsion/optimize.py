@@ -93,6 +93,8 @@ class SearchSettings:
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise TorsionError(f"the search range needs low < high, got [{low}, {high}]; fix --alpha-range")
         eligible_layers(100, self.layer_window)  # checks the window
+        if self.perplexity_weight and self.positions != "all":
+            raise TorsionError("the perplexity penalty scores every position, so it needs --positions all")
 
     @property
     def scope(self) -> str:

@@ -61,7 +61,8 @@ def _storage(url: str, heartbeat_interval: int, grace_period: int):
 
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(5):
+    attempts = 5
+    for attempt in range(1, attempts + 1):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -71,13 +72,13 @@ def _storage(url: str, heartbeat_interval: int, grace_period: int):
         except Exception as error:  # SQLAlchemy raises many kinds; the user needs the URL and the cause
             # Workers starting together on an empty database race to create Optuna's tables; the
             # loser sees a unique-key violation and succeeds on retry, once the tables exist.
-            if "IntegrityError" in type(error).__name__ + str(error)[:100] and attempt < 4:
-                time.sleep(0.5 * (attempt + 1))
-                continue
-            raise TorsionError(f"cannot open the study storage {redact_url(url)} ({type(error).__name__}: "
-                               f"{str(error).splitlines()[0][:200]}); check the URL, the server and the driver "
-                               "(PostgreSQL needs psycopg2: pip install psycopg2-binary)") from None
-    raise AssertionError("unreachable")
+            racing = "IntegrityError" in type(error).__name__ + str(error)[:100]
+            if not racing or attempt == attempts:
+                raise TorsionError(f"cannot open the study storage {redact_url(url)} ({type(error).__name__}: "
+                                   f"{str(error).splitlines()[0][:200]}); check the URL, the server and the "
+                                   "driver (PostgreSQL needs psycopg2: pip install psycopg2-binary)") from None
+            time.sleep(0.5 * attempt)
+    raise AssertionError("the loop returns or raises")
 
 
 def redact_url(url: str) -> str:
