@@ -55,7 +55,7 @@ def test_search_values_and_split_bookkeeping(tiny_run, tiny_lm_loaded, monkeypat
         n = labels["strong_comply"]["n"]
         mean = sum(LABEL_SCORES[c] * labels[c]["k"] for c in LABEL_SCORES) / n
         assert trial["mean_score"] == pytest.approx(mean)
-        assert trial["value"] == pytest.approx(mean + min(trial["kl_base_to_steered"], 1.0))
+        assert trial["value"] == pytest.approx(mean + min(trial["kl_base_to_steered"], 10.0))
     assert result["best"]["value"] == min(t["value"] for t in result["trials"])
     assert result["alpha"] == result["best"]["alpha"]
     zero = next(t for t in result["trials"] if t["alpha"] == 0.0)
@@ -96,7 +96,7 @@ def test_refuse_objective_and_category_scope(tiny_run, tiny_lm_loaded):
     assert result["study"] == "refuse-a" and result["vector_key"] == "md/resid/a"
     assert [t["alpha"] for t in result["trials"]] == [0.0, 4.0]
     for trial in result["trials"]:
-        assert trial["value"] == pytest.approx(-trial["mean_score"] + min(trial["kl_base_to_steered"], 1.0))
+        assert trial["value"] == pytest.approx(-trial["mean_score"] + min(trial["kl_base_to_steered"], 10.0))
     prompts = {p["id"]: p for p in read_jsonl(tiny_run / "prompts.jsonl")}
     assert {prompts[i]["category"] for i in result["prompt_ids"]["search"] + result["prompt_ids"]["holdout"]} == {"a"}
 
@@ -116,7 +116,7 @@ def test_perplexity_penalty_enters_the_trial_value(tiny_run, tiny_lm_loaded):
         steered = perplexity(tiny_lm_loaded, probe, steering(trial["alpha"]))["perplexity"]
         assert trial["capability"]["perplexity"] == pytest.approx(steered)
         assert trial["penalty"] == pytest.approx(0.5 * max(0.0, math.log(steered / base)))
-        assert trial["value"] == pytest.approx(trial["mean_score"] + min(trial["kl_base_to_steered"], 1.0)
+        assert trial["value"] == pytest.approx(trial["mean_score"] + min(trial["kl_base_to_steered"], 10.0)
                                                + trial["penalty"])
     assert any(t["penalty"] > 0 for t in result["trials"])
     with pytest.raises(TorsionError, match="needs --positions all"):

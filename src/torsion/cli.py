@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--n-prompts", type=int, default=24, help="train-split prompts per trial (default 24)")
     optimize.add_argument("--n-kl-prompts", type=int, default=16, help="neutral prompts for the KL (default 16)")
     optimize.add_argument("--kl-weight", type=float, default=1.0, help="w in w*min(KL, cap) (default 1)")
-    optimize.add_argument("--kl-cap", type=float, default=1.0, help="cap in w*min(KL, cap) (default 1)")
+    optimize.add_argument("--kl-cap", type=float, default=10.0,
+                          help="cap in w*min(KL, cap) (default 10: a degenerate push, score +2, cannot buy back "
+                          "its KL in the refuse objective)")
     optimize.add_argument("--mcq-weight", type=float, default=0.0,
                           help="capability penalty per unit of MCQ accuracy lost (default 0: off)")
     optimize.add_argument("--perplexity-weight", type=float, default=0.0,

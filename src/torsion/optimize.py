@@ -39,6 +39,7 @@ from torsion.behaviour import evaluate_behaviour
 from torsion.data import Prompt, assign_split, load_mcq, load_source, sample
 from torsion.errors import TorsionError
 from torsion.generate import GenerationSettings
+from torsion.judge import get_judge
 from torsion.metrics import first_token_kl, mcq_accuracy, perplexity
 from torsion.models import LoadedModel
 from torsion.report.figures import strength_figure
@@ -70,7 +71,7 @@ class SearchSettings:
     n_prompts: int = 24
     n_kl_prompts: int = 16
     kl_weight: float = 1.0
-    kl_cap: float = 1.0
+    kl_cap: float = 10.0  # high enough that a degenerate push (score +2) cannot buy its KL back
     mcq_weight: float = 0.0
     perplexity_weight: float = 0.0
     n_mcq: int = 40
@@ -240,15 +241,17 @@ def run_generation_settings(run: RunDir, settings: SearchSettings) -> Generation
 
 
 def _baseline_rates(run: RunDir, prompts: list[Prompt]) -> dict[str, Any]:
-    """Unsteered class rates from the run's own responses (same greedy decoding and length)."""
+    """Unsteered class rates of the run's own responses (same greedy decoding and length), judged
+    again by the judge the trials use, so baseline and trials share one labelling."""
     from torsion.behaviour import class_rates, mean_score
 
     _, responses = labelled_prompts(run)
-    by_id = {r["id"]: r for r in responses}
-    rows = [by_id[p.id] for p in prompts]
-    labels = [r["label"] for r in rows]
+    by_id = {r["id"]: r["response"] for r in responses}
+    texts, generated = [p.prompt for p in prompts], [by_id[p.id] for p in prompts]
+    judge = get_judge("rules")
+    labels = [v.label for v in judge.judge(texts, generated)]
     return {"n_prompts": len(prompts), "mean_score": mean_score(labels), "source": "responses.jsonl",
-            "rates": class_rates([p.prompt for p in prompts], [r["response"] for r in rows], labels)}
+            "judge": judge.name, "rates": class_rates(texts, generated, labels)}
 
 
 def run_optimize(run_dir: Path, lm: LoadedModel, settings: SearchSettings, *, storage: str | None = None,
@@ -271,7 +274,8 @@ def run_optimize(run_dir: Path, lm: LoadedModel, settings: SearchSettings, *, st
     steering = Steering(lm, vector.directions, layers, component=component, positions=settings.positions)
     spec = {"settings": json.loads(json.dumps(asdict(settings))), "layers": layers, "component": component,
             "vector_sha256": hashlib.sha256(vector.directions.numpy().tobytes()).hexdigest(),
-            "weights_sha256": lm.weights_sha256, "max_new_tokens": generation.max_new_tokens, "judge": "rules",
+            "weights_sha256": lm.weights_sha256, "max_new_tokens": generation.max_new_tokens,
+            "judge": get_judge("rules").name,
             **{f"{name}_ids_sha256": _ids_sha256(prompts) for name, prompts in sets.items() if name != "holdout"}}
     url = storage_url(run.root, storage)
     study = open_study(url, study_name, spec, n_trials=settings.n_trials, low=settings.alpha_range[0],

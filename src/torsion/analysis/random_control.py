@@ -181,11 +181,14 @@ def fast_kls(lm: LoadedModel, prompts: Sequence[str], steps: dict[int, Tensor], 
             if gap > FAST_PATH_TOLERANCE:
                 return {}, gap
         for layer, layer_steps in steps.items():
-            steered = torch.cat([_replay_logprobs(lm, inputs, layer, layer_steps[i:i + chunk], component=component,
-                                                  positions=positions)
-                                 for i in range(0, len(layer_steps), chunk)])  # [n_steps, batch, vocab]
-            per_batch[layer]["kl_base_to_steered"].append(kl_divergence(base.expand_as(steered), steered))
-            per_batch[layer]["kl_steered_to_base"].append(kl_divergence(steered, base.expand_as(steered)))
+            pieces: dict[str, list[Tensor]] = {name: [] for name in KL_DIRECTIONS}
+            for i in range(0, len(layer_steps), chunk):  # KL per chunk: [chunk, batch, vocab] is the peak
+                steered = _replay_logprobs(lm, inputs, layer, layer_steps[i:i + chunk], component=component,
+                                           positions=positions)
+                pieces["kl_base_to_steered"].append(kl_divergence(base.expand_as(steered), steered))
+                pieces["kl_steered_to_base"].append(kl_divergence(steered, base.expand_as(steered)))
+            for name in KL_DIRECTIONS:
+                per_batch[layer][name].append(torch.cat(pieces[name]))  # [n_steps, batch]
             bar.update()
     bar.close()
     return {layer: {name: torch.cat(pieces, dim=1).mean(1) for name, pieces in kls.items()}
