@@ -109,3 +109,24 @@ def test_kill_mid_trial_then_resume(tmp_path):
     assert killed.state == optuna.trial.TrialState.FAIL
     retried = [t for t in complete if t.system_attrs.get("failed_trial") == 3]
     assert len(retried) == 1 and retried[0].params == killed.params  # the killed alpha is run again, once
+
+
+def test_pruned_trials_count_toward_the_budget_and_keep_their_last_value(tmp_path):
+    def reporting(trial):
+        alpha = trial.suggest_float("alpha", -4.0, 4.0)
+        for step in range(3):
+            trial.report((alpha - 1.0) ** 2 + step, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return (alpha - 1.0) ** 2 + 2
+
+    study = open_study(storage_url(tmp_path, None), "p", SPEC, n_trials=12, low=-4, high=4, seed=0)
+    summary = run_worker(study, reporting)
+    pruned = [t for t in summary["trials"] if t["state"] == "PRUNED"]
+    assert summary["n_finished"] == 12 and pruned  # the median rule stopped some trials early
+    for trial in pruned:
+        stored = study.trials[trial["number"]]
+        assert trial["value"] == stored.intermediate_values[max(stored.intermediate_values)]
+    assert summary["best"]["state"] == "COMPLETE"
+    grid = open_study(storage_url(tmp_path, None), "g", SPEC, n_trials=5, low=-4, high=4, sampler="grid", prune=False)
+    assert all(t["state"] == "COMPLETE" for t in run_worker(grid, reporting)["trials"])

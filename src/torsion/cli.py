@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--perplexity-weight", type=float, default=0.0,
                           help="capability penalty per unit of log perplexity gained (default 0: off)")
     optimize.add_argument("--positions", default="all", choices=["last", "all"], help="steered positions (default all)")
-    optimize.add_argument("--no-prune", action="store_true", help="run every trial to the end")
+    optimize.add_argument("--no-prune", action="store_true",
+                          help="run every trial to the end (a grid always does; tpe prunes by the median rule)")
     optimize.add_argument("--storage", default=None,
                           help="Optuna storage URL (default sqlite:///RUN_DIR/optimize.db); e.g. postgresql://...")
     optimize.add_argument("--study", default=None, help="study name (default <objective>-<category or global>)")

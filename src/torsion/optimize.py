@@ -94,6 +94,8 @@ class SearchSettings:
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise TorsionError(f"the search range needs low < high, got [{low}, {high}]; fix --alpha-range")
         eligible_layers(100, self.layer_window)  # checks the window
+        if self.sampler == "grid":  # a grid is a complete curve: every point runs to the end
+            object.__setattr__(self, "prune", False)
         if self.perplexity_weight and self.positions != "all":
             raise TorsionError("the perplexity penalty scores every position, so it needs --positions all")
 
@@ -272,7 +274,8 @@ def run_optimize(run_dir: Path, lm: LoadedModel, settings: SearchSettings, *, st
     sets = prompt_sets(run, settings)
     generation = run_generation_settings(run, settings)
     steering = Steering(lm, vector.directions, layers, component=component, positions=settings.positions)
-    spec = {"settings": json.loads(json.dumps(asdict(settings))), "layers": layers, "component": component,
+    scale = {k: v for k, v in asdict(settings).items() if k != "prune"}  # pruning stops trials, never rescales them
+    spec = {"settings": json.loads(json.dumps(scale)), "layers": layers, "component": component,
             "vector_sha256": hashlib.sha256(vector.directions.numpy().tobytes()).hexdigest(),
             "weights_sha256": lm.weights_sha256, "max_new_tokens": generation.max_new_tokens,
             "judge": get_judge("rules").name,
@@ -289,7 +292,7 @@ def run_optimize(run_dir: Path, lm: LoadedModel, settings: SearchSettings, *, st
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "analysis": "optimize", "study": study_name,
         "storage": redact_url(url), "objective": settings.objective, "scope": settings.scope,
-        "settings": spec["settings"], "vector_key": settings.vector_key,
+        "settings": json.loads(json.dumps(asdict(settings))), "vector_key": settings.vector_key,
         "conventions": {"layer_indexing": "block", "alpha": "raw multiplier of the vector (alpha * v_l)",
                         "component": component, "positions": settings.positions,
                         "kl": "kl_base_to_steered, first token, neutral probe half",
