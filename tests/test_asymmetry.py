@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from torsion.analysis.asymmetry import match_kl, run_asymmetry
+from torsion.analysis.asymmetry import compare_arms, match_kl, run_asymmetry
 from torsion.cli import main
+from torsion.judge.base import LABEL_SCORES
 from torsion.models import load_model
 from torsion.optimize import SearchSettings, run_optimize
 from torsion.report import build_report
@@ -22,6 +23,20 @@ def test_match_kl_finds_the_alpha_of_a_known_curve():
     assert alpha == pytest.approx(-2.0, rel=0.03) and value == pytest.approx(4.0, rel=0.05)
     assert all(a <= 0 for a in calls)
     assert match_kl(kl, 0.0, sign=1.0) == (0.0, 0.0)
+    alpha, value = match_kl(lambda a: min(a * a, 1.0), 4.0, sign=1.0, max_steps=6)  # unreachable: a plateau
+    assert value == 1.0 and abs(value - 4.0) > 0.05 * 4.0
+
+
+def test_compare_arms_speaks_only_with_matched_kl_and_disjoint_intervals():
+    def rate(k, n):
+        from torsion.behaviour import class_rates
+
+        return class_rates(["p"] * n, ["r"] * n, ["strong_comply"] * k + ["strong_refuse"] * (n - k))["complied"]
+
+    assert compare_arms(rate(5, 50), rate(45, 50), True, "held-out").startswith("dense lifts compliance more")
+    assert compare_arms(rate(45, 50), rate(5, 50), True, "held-out").startswith("flat lifts compliance more")
+    assert compare_arms(rate(20, 50), rate(25, 50), True, "held-out").startswith("no clear difference")
+    assert compare_arms(rate(5, 50), rate(45, 50), False, "held-out").startswith("not compared")
 
 
 def test_asymmetry_on_a_tiny_run(tiny_run, tiny_model_dir, capsys):
@@ -42,11 +57,19 @@ def test_asymmetry_on_a_tiny_run(tiny_run, tiny_model_dir, capsys):
     lifts = dense["complied_uplift"]
     baseline = comply["baseline_held_out"]["rates"]["complied"]["rate"]
     assert lifts["flat"] == pytest.approx(comply["held_out"]["rates"]["complied"]["rate"] - baseline)
+    assert lifts["dense"] == pytest.approx(dense["arms"]["dense"]["held_out"]["complied"]["rate"] - baseline)
+    assert dense["kl_matched"] and dense["verdict"] == compare_arms(
+        dense["arms"]["flat"]["held_out"]["complied"], dense["arms"]["dense"]["held_out"]["complied"], True, "held-out")
     neutral = result["over_refusal"]
     assert neutral["over_refusal_pp"] == pytest.approx(
         100 * (neutral["steered"]["rates"]["refused"]["rate"] - neutral["baseline"]["rates"]["refused"]["rate"]))
     assert [row["factor"] for row in result["push_past"]] == [1.0, 2.0]
-    assert result["push_past"][1]["alpha"] == pytest.approx(2 * refuse["alpha"])
+    pushed = result["push_past"][1]
+    assert pushed["alpha"] == pytest.approx(2 * refuse["alpha"])
+    rates = pushed["rates"]
+    assert pushed["mean_score"] == pytest.approx(sum(
+        score * rates[name]["k"] for name, score in LABEL_SCORES.items()) / rates["refused"]["n"])
+    assert result["table"][3]["value"].startswith(f"at 2× α ({pushed['alpha']:+.2f}): degenerate")
     properties = [row["property"] for row in result["table"]]
     assert properties[0].startswith("Genuine harmful compliance") and any("random-direction" in p for p in properties)
     assert json.loads((tiny_run / "analysis" / "asymmetry.json").read_text())["scope"] == "global"

@@ -85,9 +85,19 @@ def test_rerun_does_not_replay_and_a_changed_scale_is_refused(tiny_run, tiny_lm_
     again = run_optimize(tiny_run, tiny_lm_loaded, _settings(sampler="tpe"), evaluate=False, log=lambda m: None)
     assert seen == []  # finished trials are neither re-run nor re-scored
     assert [(t["number"], t["value"]) for t in again["trials"]] == [(t["number"], t["value"]) for t in first["trials"]]
-    with pytest.raises(TorsionError, match=r"different objective \(settings\)"):
+    with pytest.raises(TorsionError, match=r"different objective \(settings.kl_weight 1.0 -> 2.0\)"):
         run_optimize(tiny_run, tiny_lm_loaded, _settings(sampler="tpe", kl_weight=2.0), evaluate=False,
                      log=lambda m: None)
+
+
+def test_kl_weight_and_cap_enter_the_value(tiny_run, tiny_lm_loaded):
+    cap = 0.005  # the tiny model's KLs at these alphas are about 0.003 and 0.006: one below, one above
+    result = run_optimize(tiny_run, tiny_lm_loaded, _settings(n_trials=2, alpha_range=(-8.0, -4.0), kl_weight=3.0,
+                                                              kl_cap=cap), evaluate=False, log=lambda m: None)
+    kls = sorted(t["kl_base_to_steered"] for t in result["trials"])
+    assert kls[0] < cap < kls[1]
+    for trial in result["trials"]:
+        assert trial["value"] == pytest.approx(trial["mean_score"] + 3.0 * min(trial["kl_base_to_steered"], cap))
 
 
 def test_refuse_objective_and_category_scope(tiny_run, tiny_lm_loaded):

@@ -82,6 +82,7 @@ def test_arditi_check_selects_on_train_and_tests_on_holdout(tmp_path, tiny_model
     import torsion.behaviour as behaviour
     from torsion.models import load_model
     from torsion.optimize import neutral_halves
+    from torsion.store import RunDir
     from torsion.vectors import load_vectors
 
     out = tmp_path / "run"
@@ -96,14 +97,15 @@ def test_arditi_check_selects_on_train_and_tests_on_holdout(tmp_path, tiny_model
     assert result["n_holdout_harmful"] == len(holdout) == 8
     assert not train & set(seen)  # no prompt used to choose the direction is evaluated
     assert 1 <= result["layer"] <= 2 and len(result["layer_auc"]) == 4  # eligible: blocks int(L/4) .. int(0.8 L) - 1
-    assert result["holdout_harmful"]["ablated"]["judged"] + result["holdout_harmful"]["ablated"]["other"] == 8
+    ablated = result["holdout_harmful"]["ablated"]
+    assert ablated["n"] == 8 and ablated["k"] == ablated["classes"]["refused"]["k"]  # the rule judge never errors
     assert result["kl_neutral_ablation"]["kl_base_to_steered"] >= 0
     zero, two = result["neutral"]["added"]
-    assert zero["kl"]["kl_base_to_steered"] == 0.0 and zero["refused"] == result["neutral"]["baseline"]["refused"]
+    assert zero["kl"]["kl_base_to_steered"] == 0.0 and zero["k"] == result["neutral"]["baseline"]["k"]
     assert two["applied_norm"] == pytest.approx(2 * float(load_vectors(out / "vectors.safetensors")["md/resid"]
                                                           .directions[result["layer"]].double().norm()), rel=1e-6)
     neutral_seen = set(seen) - {p["prompt"] for p in prompts}
-    assert neutral_seen <= {p.prompt for p in neutral_halves(0)[1]}  # only the neutral half no search saw
+    assert neutral_seen <= {p.prompt for p in neutral_halves(RunDir(out))[1]}  # only the half no search saw
     assert json.loads((out / "analysis" / "arditi.json").read_text())["layer"] == result["layer"]
     from torsion.report import build_report
 

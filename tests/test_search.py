@@ -44,9 +44,9 @@ def test_grid_mode_runs_each_point_once(tmp_path):
 def test_a_changed_objective_is_refused(tmp_path):
     url = storage_url(tmp_path, None)
     open_study(url, "s", SPEC, n_trials=3, low=-1, high=1)
-    with pytest.raises(TorsionError, match=r"different objective \(scale\)"):
+    with pytest.raises(TorsionError, match=r"different objective \(scale 1.0 -> 2.0\)"):
         open_study(url, "s", {**SPEC, "scale": 2.0}, n_trials=3, low=-1, high=1)
-    with pytest.raises(TorsionError, match=r"different objective \(n_trials\)"):
+    with pytest.raises(TorsionError, match=r"different objective \(n_trials 3 -> 4\)"):
         open_study(url, "s", SPEC, n_trials=4, low=-1, high=1)
 
 

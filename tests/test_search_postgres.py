@@ -4,10 +4,12 @@ Skipped, with the reason printed, only where PostgreSQL is not installed; ``make
 installs it from Debian's packages.
 """
 
+import json
+import signal
 import subprocess
 import sys
 import textwrap
-from concurrent.futures import ThreadPoolExecutor
+import time
 
 import optuna
 import pytest
@@ -27,35 +29,50 @@ def postgres_url():
 
 WORKER = textwrap.dedent("""
     import json, os, sys, time
+    from pathlib import Path
     from torsion.search import open_study, run_worker
 
-    url, name, sampler, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    url, name, sampler, n, barrier, kill_marker = sys.argv[1:7]
+    barrier, kill_marker = Path(barrier), Path(kill_marker)
 
     def objective(trial):
         alpha = trial.suggest_float("alpha", -4.0, 4.0)
         trial.set_user_attr("worker", os.getpid())
-        time.sleep(0.3)                      # long enough that the two workers interleave
+        if kill_marker.name != "none" and trial.number == 2 and not kill_marker.exists():
+            kill_marker.write_text(str(os.getpid()))   # the test kills this worker here, mid-trial
+            time.sleep(600)
+        time.sleep(0.3)
         return (alpha - 1.0) ** 2
 
-    study = open_study(url, name, {"objective": "toy"}, n_trials=n, low=-4, high=4, sampler=sampler, seed=7)
+    study = open_study(url, name, {"objective": "toy"}, n_trials=int(n), low=-4, high=4, sampler=sampler, seed=7,
+                       heartbeat_interval=1, grace_period=3)
+    (barrier / str(os.getpid())).touch()         # start together: both workers must take part
+    while len(list(barrier.iterdir())) < 2:
+        time.sleep(0.05)
     summary = run_worker(study, objective, poll_s=0.2)
     print(json.dumps({"pid": os.getpid(), "best": summary["best"]["number"], "value": summary["best"]["value"],
                       "n_finished": summary["n_finished"]}))
 """)
 
 
-def _two_workers(tmp_path, url, name, sampler, n):
-    script = tmp_path / "worker.py"
+def _start(tmp_path, url, name, sampler, n, kill_marker="none"):
+    script, barrier = tmp_path / "worker.py", tmp_path / f"barrier-{name}"
     script.write_text(WORKER)
+    barrier.mkdir()
+    return [subprocess.Popen([sys.executable, str(script), url, name, sampler, str(n), str(barrier),
+                              str(kill_marker)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
 
-    def worker(_):
-        done = subprocess.run([sys.executable, str(script), url, name, sampler, str(n)], capture_output=True,
-                              text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return __import__("json").loads(done.stdout.splitlines()[-1])
 
-    with ThreadPoolExecutor(2) as pool:
-        reports = list(pool.map(worker, range(2)))
+def _reports(workers):
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    for worker, (_, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-2000:]
+    return [json.loads(out.splitlines()[-1]) for out, _ in outputs]
+
+
+def _two_workers(tmp_path, url, name, sampler, n):
+    reports = _reports(_start(tmp_path, url, name, sampler, n))
     return reports, optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
 
 
@@ -73,8 +90,31 @@ def test_two_workers_share_one_study(tmp_path, postgres_url, sampler):
     best = min(complete, key=lambda t: (t.value, t.number))
     assert all(r["best"] == best.number and r["value"] == best.value for r in reports)  # one consistent best
     assert all(r["n_finished"] == n for r in reports)
+    alphas = sorted(round(t.params["alpha"], 9) for t in complete)
+    assert len(set(alphas)) == n  # no alpha run twice (each worker samples with its own seed)
     if sampler == "grid":  # every grid point exactly once
-        assert sorted(round(t.params["alpha"], 9) for t in complete) == [round(-4 + 8 * i / 9, 9) for i in range(n)]
+        assert alphas == [round(-4 + 8 * i / 9, 9) for i in range(n)]
+
+
+def test_a_killed_worker_s_grid_point_is_run_once_by_the_other(tmp_path, postgres_url):
+    marker = tmp_path / "killed"
+    workers = _start(tmp_path, postgres_url, "toy-kill", "grid", 8, kill_marker=marker)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert time.monotonic() < deadline, "no worker reached trial 2"
+        time.sleep(0.05)
+    victim = next(w for w in workers if w.pid == int(marker.read_text()))
+    victim.send_signal(signal.SIGKILL)
+    survivor = next(w for w in workers if w is not victim)
+    report = _reports([survivor])[0]
+    victim.communicate()
+    trials = optuna.load_study(study_name="toy-kill", storage=postgres_url).get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(round(t.params["alpha"], 9) for t in complete) == [round(-4 + 8 * i / 7, 9) for i in range(8)]
+    killed = next(t for t in trials if t.number == 2)
+    assert killed.state == optuna.trial.TrialState.FAIL
+    assert [t.user_attrs["worker"] for t in complete if t.system_attrs.get("failed_trial") == 2] == [survivor.pid]
+    assert report["n_finished"] == 8
 
 
 def test_two_torsion_optimize_workers_on_a_tiny_run(tmp_path, postgres_url, tiny_run, tiny_model_dir):

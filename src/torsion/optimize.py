@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 from torsion.behaviour import evaluate_behaviour
-from torsion.data import Prompt, assign_split, load_mcq, load_source, sample
+from torsion.data import Prompt, assign_split, load_mcq, load_source, read_prompts_jsonl, sample
 from torsion.errors import TorsionError
 from torsion.generate import GenerationSettings
 from torsion.judge import get_judge
@@ -44,7 +44,7 @@ from torsion.metrics import first_token_kl, mcq_accuracy, perplexity
 from torsion.models import LoadedModel
 from torsion.report.figures import strength_figure
 from torsion.runs import labelled_prompts
-from torsion.search import redact_url, best_params, open_study, run_worker, storage_url, study_summary
+from torsion.search import best_params, open_study, redact_url, run_worker, storage_url
 from torsion.selection import DEFAULT_WINDOW, eligible_layers, select_layers
 from torsion.steer import add_steering
 from torsion.store import RunDir, atomic_write_json
@@ -138,9 +138,16 @@ def capability_penalty(base: dict[str, float], steered: dict[str, float], *, mcq
     return penalty
 
 
-def neutral_halves(seed: int) -> tuple[list[Prompt], list[Prompt]]:
-    """The shipped neutral set split in two, stratified by topic: (search probe, held-out probe)."""
-    halves = assign_split(load_source("neutral"), holdout_fraction=0.5, seed=seed)
+def neutral_halves(run: RunDir) -> tuple[list[Prompt], list[Prompt]]:
+    """The shipped neutral set split in two by the run's seed, stratified by topic: (search probe,
+    held-out probe). Prompts that are also in the run (a run may use the neutral source) are
+    left out of both, so no prompt that fit a vector is a probe."""
+    in_run = {p.prompt_hash for p in read_prompts_jsonl(run.prompts_path)}
+    neutral = [p for p in load_source("neutral") if p.prompt_hash not in in_run]
+    if len(neutral) < 2:
+        raise TorsionError("the run uses the neutral prompts itself, so none is left for the KL probes; "
+                           "run without the neutral source")
+    halves = assign_split(neutral, holdout_fraction=0.5, seed=int(run.manifest().get("seed", 0)))
     return [p for p in halves if p.split == "train"], [p for p in halves if p.split == "holdout"]
 
 
@@ -157,7 +164,7 @@ def prompt_sets(run: RunDir, settings: SearchSettings) -> dict[str, list[Prompt]
     if not train or not holdout:
         raise TorsionError(f"scope {settings.scope!r} has {len(train)} train and {len(holdout)} held-out prompts; "
                            "a search needs both (use a run with a holdout fraction > 0, or a larger category)")
-    probe, evaluation = neutral_halves(settings.seed)
+    probe, evaluation = neutral_halves(run)
     return {"search": sample(train, settings.n_prompts, seed=settings.seed), "holdout": holdout,
             "kl_probe": sample(probe, settings.n_kl_prompts, seed=settings.seed),
             "kl_eval": sample(evaluation, settings.n_kl_prompts, seed=settings.seed)}
@@ -238,6 +245,9 @@ def _trial_objective(lm: LoadedModel, settings: SearchSettings, steering: Steeri
 def run_generation_settings(run: RunDir, settings: SearchSettings) -> GenerationSettings:
     """Greedy decoding of the run's own length, so the run's responses are the unsteered baseline."""
     recorded = run.manifest().get("generation", {})
+    if float(recorded.get("temperature", 0.0)) != 0.0:
+        raise TorsionError(f"{run.root} was generated with temperature {recorded['temperature']}, but the search "
+                           "compares greedy steered responses with the run's own; use a greedy run (temperature 0)")
     return GenerationSettings(max_new_tokens=int(recorded.get("max_new_tokens", 32)),
                               batch_size=settings.batch_size)
 
@@ -257,8 +267,8 @@ def _baseline_rates(run: RunDir, prompts: list[Prompt]) -> dict[str, Any]:
 
 
 def run_optimize(run_dir: Path, lm: LoadedModel, settings: SearchSettings, *, storage: str | None = None,
-                 study_name: str | None = None, evaluate: bool = True, heartbeat_interval: int = 5,
-                 grace_period: int = 15, log: Callable[[str], None] = print) -> dict[str, Any]:
+                 study_name: str | None = None, evaluate: bool = True, heartbeat_interval: int = 10,
+                 grace_period: int = 60, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or join, or resume) the search; then freeze the best ``α`` and evaluate it on the holdout.
 
     Writes ``analysis/optimize_<study>.json`` (the held-out part only with ``evaluate``) and
@@ -306,12 +316,12 @@ def run_optimize(run_dir: Path, lm: LoadedModel, settings: SearchSettings, *, st
                        **{name: [p.id for p in prompts] for name, prompts in sets.items()}},
     }
     path = run.analysis_path(f"optimize_{study_name}")
+    existing = json.loads(path.read_text()) if path.is_file() else {}
+    if "held_out" in existing and existing.get("best") == result["best"] and existing.get("storage") == result["storage"]:
+        log(f"held-out evaluation of trial {result['best']['number']} already in {path}; not repeated")
+        return existing  # the holdout is evaluated once per chosen trial, by whichever worker got there first
     if evaluate:
         result.update(held_out_evaluation(run, lm, steering, alpha, sets, generation, log=log))
-    elif path.is_file():  # a search-only worker keeps another worker's held-out evaluation of the same trial
-        existing = json.loads(path.read_text())
-        if "held_out" in existing and (existing.get("best") or {}).get("number") == result["best"]["number"]:
-            return existing
     atomic_write_json(path, result)
     strength_figure(result, path.with_suffix(".png"))
     return result
@@ -342,8 +352,10 @@ def load_result(run_dir: Path, study_name: str) -> dict[str, Any]:
     """``analysis/optimize_<study>.json``, or an error naming the command that makes it."""
     path = RunDir(run_dir).analysis_path(f"optimize_{study_name}")
     if not path.is_file():
-        objective = study_name.split("-")[0]
-        raise TorsionError(f"{path} is missing; run `torsion optimize {run_dir} --objective {objective}` first")
+        objective, _, scope = study_name.partition("-")
+        category = "" if scope == "global" else f" --category {scope}"
+        raise TorsionError(f"{path} is missing; run `torsion optimize {run_dir} --objective {objective}{category}` "
+                           "first (or pass the --scope of the searches you ran)")
     return json.loads(path.read_text())
 
 

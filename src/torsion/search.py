@@ -26,17 +26,21 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import socket
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from torsion.errors import TorsionError
 
 SPEC_KEY = "torsion_spec"  # study user attribute: the objective's spec, written once by the creator
 SURPLUS = "surplus"        # a trial asked for after the budget was claimed; closed as FAIL unevaluated
 SAMPLERS = ("tpe", "grid")
+MAX_RETRY = 2  # a trial killed this many times (say, out of memory at a large alpha) is not queued again
 
 
 def storage_url(run_dir: str | Path, storage: str | None) -> str:
@@ -67,12 +71,13 @@ def _storage(url: str, heartbeat_interval: int, grace_period: int):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return RDBStorage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
                                   engine_kwargs={"pool_pre_ping": True})
         except Exception as error:  # SQLAlchemy raises many kinds; the user needs the URL and the cause
             # Workers starting together on an empty database race to create Optuna's tables; the
             # loser sees a unique-key violation and succeeds on retry, once the tables exist.
-            racing = "IntegrityError" in type(error).__name__ + str(error)[:100]
+            text = f"{type(error).__name__} {str(error)[:300]}"
+            racing = any(sign in text for sign in ("IntegrityError", "UniqueViolation", "already exists"))
             if not racing or attempt == attempts:
                 raise TorsionError(f"cannot open the study storage {redact_url(url)} ({type(error).__name__}: "
                                    f"{str(error).splitlines()[0][:200]}); check the URL, the server and the "
@@ -91,19 +96,28 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{user}:***@{tail}" if has_password else url
 
 
+def worker_seed(seed: int) -> int:
+    """A sampler seed for a worker that joins (or resumes) a study: ``seed`` mixed with this
+    process's identity, so two workers never draw the same startup values. The creator uses
+    ``seed`` itself, so a search run start to finish by one worker is reproducible."""
+    identity = f"{seed}:{socket.gethostname()}:{os.getpid()}:{time.time_ns()}".encode()
+    return int.from_bytes(hashlib.sha256(identity).digest()[:4], "little")
+
+
 def _sampler(kind: str, seed: int, n_trials: int):
     import optuna
 
     if kind not in SAMPLERS:
         raise TorsionError(f"unknown sampler {kind!r}; choose tpe or grid")
-    if kind == "grid":  # every point is queued; this sampler only serves a retried or stray ask
+    if kind == "grid":  # workers only take queued points; no trial is ever sampled
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(5, n_trials // 2)))
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(5, n_trials // 2)),
+                                      constant_liar=True)
 
 
 def open_study(url: str, name: str, spec: dict[str, Any], *, n_trials: int, param: str = "alpha",
                low: float, high: float, sampler: str = "tpe", seed: int = 0, prune: bool = True,
-               heartbeat_interval: int = 5, grace_period: int = 15, wait_s: float = 60.0):
+               heartbeat_interval: int = 10, grace_period: int = 60, wait_s: float = 60.0):
     """Create the study ``name`` in ``url``, or join it when it exists with the same spec.
 
     ``spec`` is any JSON object that fixes the objective's scale; the search range, budget and
@@ -121,12 +135,12 @@ def open_study(url: str, name: str, spec: dict[str, Any], *, n_trials: int, para
     storage = _storage(url, heartbeat_interval, grace_period)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if prune else optuna.pruners.NopPruner()
-    common = dict(storage=storage, study_name=name, direction="minimize", pruner=pruner,
-                  sampler=_sampler(sampler, seed, n_trials))
+    common = dict(storage=storage, study_name=name, direction="minimize", pruner=pruner)
     try:
-        study = optuna.create_study(**common, load_if_exists=False)
+        study = optuna.create_study(**common, sampler=_sampler(sampler, seed, n_trials), load_if_exists=False)
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.create_study(**common, load_if_exists=True)
+        study = optuna.create_study(**common, sampler=_sampler(sampler, worker_seed(seed), n_trials),
+                                    load_if_exists=True)
         _check_spec(study, full_spec, wait_s)
         return study
     if sampler == "grid":
@@ -141,13 +155,25 @@ def _check_spec(study, spec: dict[str, Any], wait_s: float) -> None:
     while (stored := study.user_attrs.get(SPEC_KEY)) is None:
         if time.monotonic() > deadline:
             raise TorsionError(f"study {study.study_name!r} exists but has no objective spec after {wait_s:.0f} s "
-                               "(its creator died while creating it); delete it or use a new --study name")
+                               "(its creator died while creating it); use a new --study name, or delete it with "
+                               f"`optuna delete-study --storage URL --study-name {study.study_name}`")
         time.sleep(0.5)
-    stored, spec = json.loads(json.dumps(stored)), json.loads(json.dumps(spec))
-    changed = sorted(k for k in set(stored) | set(spec) if stored.get(k) != spec.get(k))
+    before, now = _flatten(json.loads(json.dumps(stored))), _flatten(json.loads(json.dumps(spec)))
+    changed = [f"{key} {before.get(key, '(none)')} -> {now.get(key, '(none)')}"
+               for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
     if changed:
-        raise TorsionError(f"study {study.study_name!r} was made with a different objective ({', '.join(changed)}); "
+        raise TorsionError(f"study {study.study_name!r} was made with a different objective ({'; '.join(changed)}); "
                            "resume with the same settings, or pass a new --study name")
+
+
+def _flatten(spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in spec.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _trial_states(study) -> dict[str, list]:
@@ -172,6 +198,11 @@ def _is_surplus(study, number: int, n_trials: int) -> bool:
     return sum(t.number < number and t.state in alive for t in study.get_trials(deepcopy=False)) >= n_trials
 
 
+def _was_queued(study, number: int) -> bool:
+    """True for a trial taken from the queue (a grid point or a retry), not sampled."""
+    return any(t.number == number and "fixed_params" in t.system_attrs for t in study.get_trials(deepcopy=False))
+
+
 class _Surplus(Exception):
     pass
 
@@ -187,14 +218,17 @@ def run_worker(study, objective: Callable[[Any], float], *, poll_s: float = 1.0,
     import optuna
     from optuna.storages import fail_stale_trials
 
-    n_trials = int(study.user_attrs[SPEC_KEY]["n_trials"])
+    spec = study.user_attrs[SPEC_KEY]
+    n_trials = int(spec["n_trials"])
+    queued_only = spec["sampler"] == "grid"  # grid points are queued at creation; none is ever sampled
 
     def guarded(trial) -> float:
-        if _is_surplus(study, trial.number, n_trials):
+        if (queued_only and not _was_queued(study, trial.number)) or _is_surplus(study, trial.number, n_trials):
             trial.set_user_attr(SURPLUS, True)
             raise _Surplus
         return objective(trial)
 
+    waited_for: list[int] = []
     while True:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -202,12 +236,22 @@ def run_worker(study, objective: Callable[[Any], float], *, poll_s: float = 1.0,
         states = _trial_states(study)
         if len(states["finished"]) >= n_trials:
             break
-        if len(states["finished"]) + len(states["claimed"]) >= n_trials and not states["waiting"]:
-            log(f"waiting for trial(s) {[t.number for t in states['claimed']]} (running elsewhere, "
-                "or stale after the grace period)")
+        full = len(states["finished"]) + len(states["claimed"]) >= n_trials
+        if not states["waiting"] and (full or queued_only):
+            claimed = [t.number for t in states["claimed"]]
+            if claimed != waited_for:
+                log(f"waiting for trial(s) {claimed}: running elsewhere, or stale after the grace period")
+                waited_for = claimed
             time.sleep(poll_s)
             continue
-        study.optimize(guarded, n_trials=1, catch=(_Surplus,), callbacks=[_logger(log, n_trials)])
+        try:
+            study.optimize(guarded, n_trials=1, catch=(_Surplus,), callbacks=[_logger(log, n_trials)])
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as error:
+            # Another worker judged this trial stale (its heartbeat stalled) and queued it again:
+            # its result is dropped here and the retry counts instead. Anything else is a real error.
+            if isinstance(error, ValueError) and not str(error).startswith("Cannot tell a FAIL trial"):
+                raise
+            log(f"a trial of this worker was failed as stale elsewhere ({error}); continuing")
     return study_summary(study)
 
 
@@ -237,5 +281,5 @@ def best_params(summary: dict[str, Any]) -> dict[str, Any]:
     """The best complete trial's params, or an error naming the fix when none completed."""
     if summary["best"] is None:
         raise TorsionError(f"study {summary['study']!r} has no complete trial (all pruned or failed); "
-                           "run more trials, or pass --no-prune")
+                           "start a new --study with more --trials, or with --no-prune")
     return summary["best"]["params"]

@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +71,8 @@ def eligible_layers(n_layers: int, window: tuple[float, float] = DEFAULT_WINDOW)
     lo, hi = window
     if not 0 <= lo < hi <= 1:
         raise TorsionError(f"layer window {list(window)} must satisfy 0 <= lo < hi <= 1; e.g. 0.25 0.8")
-    start = min(int(lo * n_layers), n_layers - 1)
-    return range(start, max(start + 1, int(hi * n_layers)))
+    start = min(math.floor(lo * n_layers + 1e-9), n_layers - 1)  # 1e-9: 0.29 * 100 is 28.999…
+    return range(start, max(start + 1, math.floor(hi * n_layers + 1e-9)))
 
 
 def select_layers(run_dir: str | Path, *, key: str = "md/resid", k: int = 4,
@@ -100,6 +101,10 @@ def select_layers(run_dir: str | Path, *, key: str = "md/resid", k: int = 4,
     refused = torch.tensor([is_refused(responses[i]["score"]) for i in rows])
     auc = layer_auc(activations[component][rows], refused, vectors[key].directions)
     eligible = eligible_layers(len(auc), window)
+    if k > len(eligible):
+        raise TorsionError(f"top-{k} needs {k} eligible blocks but the layer window {list(window)} leaves "
+                           f"{len(eligible)} (blocks {eligible.start}..{eligible.stop - 1}); lower --top-k or "
+                           "widen --layer-window")
     layers = [eligible[i] for i in top_layers(auc[eligible.start:eligible.stop], k)]
     return {"layers": layers, "auc": auc.tolist(), "eligible": [eligible.start, eligible.stop - 1],
             "window": list(window), "key": key, "prompt_ids": [prompts[i].id for i in rows]}

@@ -30,34 +30,23 @@ from torsion.behaviour import evaluate_behaviour
 from torsion.data import sample
 from torsion.errors import TorsionError
 from torsion.generate import GenerationSettings
-from torsion.judge.base import LABEL_SCORES, is_complied, is_refused
 from torsion.metrics import first_token_kl
 from torsion.models import LoadedModel
 from torsion.optimize import neutral_halves
 from torsion.runs import labelled_prompts
 from torsion.selection import DEFAULT_WINDOW, select_layers
-from torsion.stats import wilson_interval
 from torsion.steer import ablate_direction, add_steering
 from torsion.store import RunDir, atomic_write_json
 from torsion.vectors import load_vectors
 
-SCHEMA_VERSION = 2
-
-
-def refusal_rate(scores: list[float | None]) -> dict[str, Any]:
-    """Refused / (refused + complied) with a Wilson 95% interval; other labels are counted apart."""
-    refused = sum(is_refused(s) for s in scores)
-    judged = refused + sum(is_complied(s) for s in scores)
-    lo, hi = wilson_interval(refused, judged)
-    return {"refused": refused, "judged": judged, "other": len(scores) - judged,
-            "rate": refused / judged if judged else None, "ci95": [lo, hi] if judged else None}
+SCHEMA_VERSION = 3
 
 
 def _judged_rate(lm: LoadedModel, prompts: list[str], settings: GenerationSettings, steer=None, *,
                  desc: str) -> dict[str, Any]:
+    """The refusal rate (refused / judged, as every rate in torsion), every class, and examples."""
     evaluation = evaluate_behaviour(lm, prompts, steer, settings, desc=desc)
-    result = refusal_rate([LABEL_SCORES.get(label) for label in evaluation["labels"]])
-    result["classes"] = evaluation["rates"]
+    result = {**evaluation["rates"]["refused"], "classes": evaluation["rates"]}
     result["examples"] = [{"prompt": p, "response": r, "label": label}
                           for p, r, label in list(zip(prompts, evaluation["responses"], evaluation["labels"]))[:3]]
     return result
@@ -80,7 +69,7 @@ def run_arditi(run_dir: Path, lm: LoadedModel, *, component: str = "resid",
         raise TorsionError("the run has no held-out prompts; re-run with a holdout fraction > 0")
     if not alphas:
         raise TorsionError("no addition strength given; pass at least one --alpha")
-    neutral = [p.prompt for p in sample(neutral_halves(seed)[1], n_neutral, seed=seed)]
+    neutral = [p.prompt for p in sample(neutral_halves(run)[1], n_neutral, seed=seed)]
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     ablate = lambda: ablate_direction(lm, direction)  # noqa: E731
 
@@ -99,7 +88,8 @@ def run_arditi(run_dir: Path, lm: LoadedModel, *, component: str = "resid",
         "conventions": {"layer_indexing": "block", "axis": f"md/{component}", "selection": "max ROC-AUC on train split",
                         "eligible_layers": "{}..{}".format(*selection["eligible"]), "ablation": "every write into the residual stream",
                         "addition": "alpha * v at the chosen layer, all positions", "judge": "rules",
-                        "kl": "first token, neutral prompts", "neutral": "held-out half of the neutral set"},
+                        "kl": "first token, neutral prompts", "neutral": "held-out half of the neutral set",
+                        "rate": "refused (strong + weak refuse) / judged responses, Wilson 95%"},
         "layer": layer, "layer_auc": selection["auc"],
         "n_train": len(selection["prompt_ids"]), "n_holdout_harmful": len(holdout), "n_neutral": len(neutral),
         "holdout_harmful": {"baseline": _judged_rate(lm, holdout, settings, desc="held-out harmful, baseline"),

@@ -98,7 +98,7 @@ def categories_section(result: dict[str, Any], run_dir: Path) -> str:
 def _rate(rate: dict[str, Any]) -> str:
     if rate.get("rate") is None:
         return "n/a"
-    return f"{number(100 * rate['rate'])}% {interval([100 * v for v in rate['ci95']])} (n={rate['judged']})"
+    return f"{number(100 * rate['rate'])}% {interval([100 * v for v in rate['ci95']])} (n={rate['n']})"
 
 
 def arditi_section(result: dict[str, Any], run_dir: Path) -> str:
@@ -113,7 +113,7 @@ def arditi_section(result: dict[str, Any], run_dir: Path) -> str:
     return (
         "<h2>Is the direction causal? (Arditi et al. check)</h2>"
         f"<p>Direction: MD at block {result['layer']} (highest train-split AUC among blocks "
-        f"{escape(result['conventions']['eligible_layers'])}). Rates are refused/(refused+complied) with "
+        f"{escape(result['conventions']['eligible_layers'])}). Rates are refused/judged responses with "
         "Wilson 95% intervals; no prompt used to choose the direction is evaluated, and each α is reported "
         "(none was chosen on these prompts).</p>"
         + table(["", "intervention", "baseline", "intervened", "first-token KL base→steered"], rows, numeric_from=2)
