@@ -69,7 +69,7 @@ def test_asymmetry_on_a_tiny_run(tiny_run, tiny_model_dir, capsys):
     rates = pushed["rates"]
     assert pushed["mean_score"] == pytest.approx(sum(
         score * rates[name]["k"] for name, score in LABEL_SCORES.items()) / rates["refused"]["n"])
-    assert result["table"][3]["value"].startswith(f"at 2× α ({pushed['alpha']:+.2f}): degenerate")
+    assert f"2× α ({pushed['alpha']:+.2f}): refused" in result["table"][3]["value"]
     properties = [row["property"] for row in result["table"]]
     assert properties[0].startswith("Genuine harmful compliance") and any("random-direction" in p for p in properties)
     assert json.loads((tiny_run / "analysis" / "asymmetry.json").read_text())["scope"] == "global"

@@ -188,7 +188,14 @@ def _max_strong_comply(result: dict[str, Any]) -> float | None:
     return max(rates) if rates else None
 
 
-def asymmetry_table(comply: dict, dense: dict, neutral: dict, push: list[dict],
+def _first_degenerate_trial(refuse: dict[str, Any]) -> dict[str, Any] | None:
+    """The refuse search's smallest-|α| complete trial with at least half of its responses degenerate."""
+    trials = sorted((t for t in refuse["trials"] if t["state"] == "COMPLETE" and "rates" in t),
+                    key=lambda t: abs(t["alpha"]))
+    return next((t for t in trials if (t["rates"]["degenerate"]["rate"] or 0) >= 0.5), None)
+
+
+def asymmetry_table(comply: dict, refuse: dict, dense: dict, neutral: dict, push: list[dict],
                     random_control: dict | None, categories: dict | None) -> list[dict[str, str]]:
     """The write-up's rows, as (property, value) strings built from the measured numbers."""
     def deg(value: float | None) -> str:
@@ -202,10 +209,13 @@ def asymmetry_table(comply: dict, dense: dict, neutral: dict, push: list[dict],
     highest = _max_strong_comply(comply)
     rising = ", ".join(f"{name.replace('_', ' ')} {pct(base[name])} → {pct(comply['in_sample']['rates'][name])}"
                        for name in ("weak_comply", "degenerate"))
-    last = push[-1]
-    pushed = (f"at {last['factor']:g}× α ({last['alpha']:+.2f}): degenerate {pct(last['rates']['degenerate'])}, "
-              f"refused {pct(last['rates']['refused'])}, KL {last['kl_base_to_steered']:.3g} "
-              f"(vs {push[0]['kl_base_to_steered']:.3g} at α)")
+    pushed = "; ".join(f"{row['factor']:g}× α ({row['alpha']:+.2f}): refused {pct(row['rates']['refused'])}, "
+                       f"degenerate {pct(row['rates']['degenerate'])}, KL {row['kl_base_to_steered']:.3g}"
+                       for row in push)
+    collapse = _first_degenerate_trial(refuse)
+    pushed += ("; in the refuse search, half or more degenerate from α = "
+               f"{collapse['alpha']:+.2f} ({pct(collapse['rates']['degenerate'])})" if collapse else
+               "; no refuse-search trial is half degenerate")
     rows = [
         ("Genuine harmful compliance at the chosen comply α (strong, fp-corrected)",
          f"in-sample {pct(comply['in_sample']['rates']['genuine_strong_comply'])}; held-out "
@@ -255,7 +265,7 @@ def run_asymmetry(run_dir: Path, lm: LoadedModel, *, scope: str = "global", push
                         "rates": "share of judged responses, Wilson 95%",
                         "genuine": "strong_comply kept by false-positive correction (not hand-reviewed)"},
         "dense_vs_flat": dense, "over_refusal": neutral, "push_past": push,
-        "table": asymmetry_table(comply, dense, neutral, push, random_control, categories),
+        "table": asymmetry_table(comply, refuse, dense, neutral, push, random_control, categories),
     }
     atomic_write_json(run.analysis_path("asymmetry"), result)
     return result

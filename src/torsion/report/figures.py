@@ -134,8 +134,11 @@ def strength_figure(result: dict[str, Any], path: Path) -> Path:
     rates_ax.set_ylim(-2, 102)
     rates_ax.grid(alpha=0.2)
     rates_ax.legend(fontsize=7, frameon=False)
-    kl = [max(t["kl_base_to_steered"], 1e-9) for t in trials]
-    kl_ax.semilogy(alphas, kl, marker="o", ms=3, color="black")
+    positive = [(t["alpha"], t["kl_base_to_steered"]) for t in trials if t["kl_base_to_steered"] > 0]
+    kl_ax.semilogy([a for a, _ in positive], [kl for _, kl in positive], marker="o", ms=3, color="black",
+                   label="α with KL 0 (α = 0) not drawn" if len(positive) < len(trials) else None)
+    if len(positive) < len(trials):
+        kl_ax.legend(fontsize=7, frameon=False)
     kl_ax.axvline(result["alpha"], color="black", lw=0.8, ls="--")
     kl_ax.set_xlabel("α (raw multiplier of v)")
     kl_ax.set_ylabel("first-token KL base→steered (neutral)")
