@@ -46,8 +46,8 @@ class RunConfig:
     propagation_prompts: int = 16
     random_directions: int = 50
     # the random control replays 102 directions per layer on every KL prompt: on 2 CPU cores,
-    # 32 prompts took 877 s of a 20.5-minute quick run, so quick uses 16
-    random_control_prompts: int = 16
+    # 32 prompts took 877 s of a 20.5-minute quick run and 16 took 512 s of 15.5 minutes
+    random_control_prompts: int = 12
 
     @classmethod
     def from_profile(cls, profile: str = "quick", **overrides: object) -> "RunConfig":
