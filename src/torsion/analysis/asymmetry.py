@@ -33,10 +33,11 @@ from torsion.store import RunDir, atomic_write_json
 from torsion.vectors import load_vectors
 
 SCHEMA_VERSION = 1
+KL_MATCH_RTOL = 0.05  # dense and flat count as matched when their probe KLs differ by at most 5%
 
 
 def match_kl(kl_of: Callable[[float], float], target: float, *, sign: float, start: float = 1.0,
-             rtol: float = 0.05, max_steps: int = 24) -> tuple[float, float]:
+             rtol: float = KL_MATCH_RTOL, max_steps: int = 24) -> tuple[float, float]:
     """Find ``α`` with sign ``sign`` whose ``kl_of(α)`` is within ``rtol`` of ``target``.
 
     Assumes the KL grows with ``|α|`` near the answer: doubles ``|α|`` from ``start`` until the
@@ -117,7 +118,7 @@ def dense_vs_flat(run: RunDir, lm: LoadedModel, comply: dict[str, Any], *, log: 
     baseline = comply.get("baseline_held_out", comply["baseline_in_sample"])["rates"]
     split = "held_out" if arms["flat"]["held_out"] else "in_sample"
     lifts = {arm: _uplift(values[split], baseline, "complied") for arm, values in arms.items()}
-    matched = target > 0 and abs(kl - target) <= 0.05 * target
+    matched = target > 0 and abs(kl - target) <= KL_MATCH_RTOL * target
     return {"arms": arms, "complied_uplift": lifts, "compared_on": split, "kl_matched": matched,
             "verdict": compare_arms(arms["flat"][split]["complied"], arms["dense"][split]["complied"], matched,
                                     split.replace("_", "-")),
