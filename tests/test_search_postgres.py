@@ -84,7 +84,6 @@ def test_two_workers_share_one_study(tmp_path, postgres_url, sampler):
     surplus = [t for t in trials if t.user_attrs.get("surplus")]
     assert len(complete) == n  # nothing lost
     assert len(trials) == n + len(surplus) and all(t.state.name == "FAIL" for t in surplus)
-    assert len({t.number for t in complete}) == n  # nothing duplicated
     workers = {t.user_attrs["worker"] for t in complete}
     assert workers == {r["pid"] for r in reports}  # both workers ran trials
     best = min(complete, key=lambda t: (t.value, t.number))

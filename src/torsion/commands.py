@@ -158,7 +158,8 @@ def analyze(args: argparse.Namespace) -> int:
         if args.name == "asymmetry":  # both searches must exist before a model is loaded
             from torsion.optimize import load_result
 
-            load_result(run_dir, f"comply-{args.scope}"), load_result(run_dir, f"refuse-{args.scope}")
+            for objective in ("comply", "refuse"):
+                load_result(run_dir, f"{objective}-{args.scope}")
         lm = load_model(_run_model_spec(run_dir, args.model), dtype=args.dtype or "float32",
                         device=args.device or "cpu")
         if args.name == "propagation":

@@ -46,7 +46,7 @@ def _judged_rate(lm: LoadedModel, prompts: list[str], settings: GenerationSettin
                  desc: str) -> dict[str, Any]:
     """The refusal rate (refused / judged, as every rate in torsion), every class, and examples."""
     evaluation = evaluate_behaviour(lm, prompts, steer, settings, desc=desc)
-    result = {**evaluation["rates"]["refused"], "classes": evaluation["rates"]}
+    result = {**evaluation["rates"]["refused"], "classes": evaluation["rates"], "steering": evaluation["steering"]}
     result["examples"] = [{"prompt": p, "response": r, "label": label}
                           for p, r, label in list(zip(prompts, evaluation["responses"], evaluation["labels"]))[:3]]
     return result
@@ -78,10 +78,8 @@ def run_arditi(run_dir: Path, lm: LoadedModel, *, component: str = "resid",
 
     added = []
     for alpha in alphas:
-        with add(alpha)() as record:
-            applied_norm = record.applied_norms[0]
-        added.append({"alpha": alpha, "applied_norm": applied_norm,
-                      **_judged_rate(lm, neutral, settings, add(alpha), desc=f"neutral, added alpha={alpha:g}"),
+        rate = _judged_rate(lm, neutral, settings, add(alpha), desc=f"neutral, added alpha={alpha:g}")
+        added.append({"alpha": alpha, "applied_norm": rate["steering"]["applied_norm"][0], **rate,
                       "kl": _kl(first_token_kl(lm, neutral, add(alpha)))})
     result = {
         "schema_version": SCHEMA_VERSION, "analysis": "arditi",
