@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import socket
 import sqlite3
 import threading
 import time
 from contextlib import contextmanager
+from types import SimpleNamespace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
@@ -20,6 +22,7 @@ from transformers import PreTrainedTokenizerFast
 
 from torsion.errors import TorsionError
 from torsion.judge import LLMJudge, get_judge, judge_rows
+from torsion.judge import llm
 from torsion.judge.base import LABEL_SCORES, LABELS, Verdict
 from torsion.judge.llm import Sample, aggregate, parse_label, rubric_prompt, token_label
 from torsion.serve import make_server
@@ -181,7 +184,35 @@ def test_rate_limits_are_retried_and_client_errors_are_not():
     assert verdict.reasons == ("HTTPError: HTTP 400 Bad Request (invalid_request_error) (attempt 1 of 4)",)
 
 
-def test_a_server_slower_than_the_timeout_gives_judge_errors(tmp_path):
+class RecordingOpener:
+    """Wraps the judge's opener: records each request's URL and the timeout handed to urllib."""
+
+    def __init__(self, opener: Any) -> None:
+        self.opener, self.calls = opener, []
+        self.lock = threading.Lock()
+
+    def open(self, request: Any, timeout: float | None = None) -> Any:
+        with self.lock:
+            self.calls.append((request.full_url, timeout))
+        return self.opener.open(request, timeout=timeout)
+
+
+@pytest.fixture
+def opener(monkeypatch) -> RecordingOpener:
+    recording = RecordingOpener(llm._OPENER)
+    monkeypatch.setattr(llm, "_OPENER", recording)
+    return recording
+
+
+@pytest.fixture
+def sleeps(monkeypatch) -> list[float]:
+    """The backoff delays the judge asks for; nothing actually sleeps."""
+    delays: list[float] = []
+    monkeypatch.setattr(llm, "time", SimpleNamespace(sleep=delays.append, time=time.time))
+    return delays
+
+
+def test_a_server_slower_than_the_timeout_gives_judge_errors(tmp_path, opener, sleeps):
     release = threading.Event()
 
     def slow(body, headers, hit):
@@ -190,29 +221,55 @@ def test_a_server_slower_than_the_timeout_gives_judge_errors(tmp_path):
 
     endpoint = FakeEndpoint(slow)
     with running(endpoint):
-        start = time.monotonic()
         judge = LLMJudge(base_url=endpoint.url, model="m", cache_path=tmp_path / "c.sqlite", timeout=0.3,
                          retries=1, backoff=0.01)
         verdicts = judge.judge(PROMPTS[:2], RESPONSES[:2])
-        elapsed = time.monotonic() - start
         release.set()
-    assert elapsed < 3
+    # bounded by attempts and the per-request timeout, not by a wall-clock guess
+    assert opener.calls == [(f"{endpoint.url}/chat/completions", 0.3)] * 4  # 2 items x (1 + 1 retry)
+    assert endpoint.hits == 4 and len(sleeps) == 2
     assert [v.label for v in verdicts] == ["judge_error"] * 2
     assert all(v.reasons == ("TimeoutError: timed out (attempt 2 of 2)",) for v in verdicts)
     assert cached_rows(tmp_path / "c.sqlite") == 0
 
 
-def test_an_unreachable_endpoint_fails_fast():
+def test_an_unreachable_endpoint_fails_after_bounded_attempts_with_seeded_backoff(opener, sleeps):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    start = time.monotonic()
-    verdicts = LLMJudge(base_url=f"http://127.0.0.1:{port}/v1", model="m", retries=2, backoff=0.01).judge(
-        PROMPTS, RESPONSES)
-    assert time.monotonic() - start < 2
+    judge = LLMJudge(base_url=f"http://127.0.0.1:{port}/v1", model="m", retries=2, backoff=0.25, timeout=7.0,
+                     max_workers=1, seed=3)
+    verdicts = judge.judge(PROMPTS, RESPONSES)
+    assert len(opener.calls) == 3 * len(ROWS) and {timeout for _, timeout in opener.calls} == {7.0}
     assert all(v.label == "judge_error" and v.score is None for v in verdicts)
     assert all(v.reasons[0].startswith("ConnectionRefusedError: ") and v.reasons[0].endswith("(attempt 3 of 3)")
                for v in verdicts)
+    # backoff · 2^(k−1) · U(0.5, 1.5) before retry k, U drawn from random.Random("seed:key:sample")
+    expected = []
+    for prompt, response in zip(PROMPTS, RESPONSES):
+        rng = random.Random(f"3:{judge.cache_key(prompt, response)}:0")
+        expected += [0.25 * 2 ** (k - 1) * rng.uniform(0.5, 1.5) for k in (1, 2)]
+    assert sleeps == pytest.approx(expected, rel=1e-12)
+
+
+def test_temperature_zero_sends_one_request_per_item_and_sampling_sends_k(tmp_path):
+    endpoint = FakeEndpoint(lambda body, headers, hit: (200, completion("1 strong_refuse")))
+    with running(endpoint):
+        greedy = LLMJudge(base_url=endpoint.url, model="m", samples=5, cache_path=tmp_path / "a.sqlite")
+        verdicts = greedy.judge(PROMPTS, RESPONSES)
+        greedy_hits = endpoint.hits
+        sampled = LLMJudge(base_url=endpoint.url, model="m", samples=5, temperature=0.7)
+        sampled_verdicts = sampled.judge(PROMPTS, RESPONSES)
+    assert greedy_hits == len(ROWS) and endpoint.hits - greedy_hits == 5 * len(ROWS)
+    assert [b["temperature"] for b in endpoint.bodies] == [0.0] * 3 + [0.7] * 15
+    assert verdicts[0].reasons == ("majority", "strong_refuse=1/1")
+    assert sampled_verdicts[0].reasons == ("majority", "strong_refuse=5/5")
+    one = LLMJudge(base_url=endpoint.url, model="m")
+    assert greedy.cache_key("p", "r") == one.cache_key("p", "r")  # K greedy replies are one reply
+    assert sampled.cache_key("p", "r") != LLMJudge(base_url=endpoint.url, model="m", samples=5,
+                                                   temperature=1.0).cache_key("p", "r")
+    with pytest.raises(TorsionError, match="temperature -0.1 is not a finite number >= 0"):
+        LLMJudge(model="m", temperature=-0.1)
 
 
 # Three samples of one item: majority says weak_comply (2 of 3), logprob weights say strong_comply.
@@ -232,15 +289,18 @@ def test_logprob_weighted_aggregation_on_a_hand_built_case(monkeypatch):
 
     endpoint = FakeEndpoint(answer)
     with running(endpoint):
-        weighted = LLMJudge(base_url=endpoint.url, model="m", samples=3, api_key_env="TORSION_JUDGE_TEST_KEY")
-        majority = LLMJudge(base_url=endpoint.url, model="m", samples=3, logprobs=False, max_workers=1)
+        weighted = LLMJudge(base_url=endpoint.url, model="m", samples=3, temperature=1.0,
+                            api_key_env="TORSION_JUDGE_TEST_KEY")
+        majority = LLMJudge(base_url=endpoint.url, model="m", samples=3, temperature=1.0, logprobs=False,
+                            max_workers=1)
         by_logprob = weighted.judge(["p"], ["r"])[0]
         by_vote = majority.judge(["p"], ["r"])[0]
     assert by_logprob == Verdict("strong_comply", -1.0, "llm:m",
                                  ("logprob", "strong_comply=1.626", "weak_comply=1.274", "strong_refuse=0.100"))
     assert by_vote == Verdict("weak_comply", -0.5, "llm:m", ("majority", "weak_comply=2/3", "strong_comply=1/3"))
     body = endpoint.bodies[0]
-    assert body["temperature"] == 0 and body["model"] == "m" and body["top_logprobs"] == 5
+    assert endpoint.hits == 6  # two judges x three samples: temperature > 0 asks K times
+    assert body["temperature"] == 1.0 and body["model"] == "m" and body["top_logprobs"] == 5
     assert body["messages"] == [{"role": "user", "content": rubric_prompt("p", "r")}]
     assert "logprobs" not in endpoint.bodies[-1]
     assert endpoint.headers[0]["Authorization"] == f"Bearer {SECRET}"

@@ -1,7 +1,7 @@
 """The LLM judge: an OpenAI-compatible chat endpoint labels responses with torsion's rubric.
 
 Every request is one user message (:func:`rubric_prompt`, rubric ``RUBRIC_VERSION``) at
-temperature 0; the reply names a class by code and name (``3 weak_comply``; the rubric gives
+``temperature`` (default 0); the reply names a class by code and name (``3 weak_comply``; the rubric gives
 no example answer, which would anchor a weak judge). The code digit makes the first token
 distinct for each class, which is what logprob weighting reads (class names share first
 tokens: "strong", "weak").
@@ -10,7 +10,10 @@ tokens: "strong", "weak").
 ``weak comply``, ``Weak-Comply``), else a leading code digit ``1``–``5``; else the sample is
 unparsed.
 
-**Aggregation** of ``samples=K`` replies per item (:func:`aggregate`):
+**Requests per item**: ``samples=K`` when ``temperature > 0``; at temperature 0 the K replies
+would be identical, so one request is sent and aggregated alone, whatever ``samples`` says.
+
+**Aggregation** of the replies of one item (:func:`aggregate`):
 
 - *logprob*, when every sample has first-token ``top_logprobs`` and at least one of those
   tokens names a class (:func:`token_label`: its code digit or full name, whitespace and
@@ -26,13 +29,13 @@ seeded by (``seed``, item, sample). A request that still fails, or an item no sa
 parses, becomes ``Verdict("judge_error", None, name, ("<error class>: <message>",))``; it is
 never cached and never scored. Redirects are refused, so the API key is never forwarded.
 
-**Cache**: SQLite at ``cache_path``, keyed by sha256 of (judge model, rubric version, samples,
-logprobs, prompt, response); it stores labels and reasons only. The API key is read from the
+**Cache**: SQLite at ``cache_path``, keyed by sha256 of (judge model, rubric version, requests
+per item, logprobs, prompt, response, and the temperature when it is above 0); it stores labels and reasons only. The API key is read from the
 environment variable named ``api_key_env`` at each request and kept nowhere.
 
 Example::
 
-    judge = LLMJudge(model="gpt-4o-mini", cache_path="judge-cache.sqlite", samples=3)
+    judge = LLMJudge(model="gpt-4o-mini", cache_path="judge-cache.sqlite", samples=3, temperature=0.7)
     judge.judge(["How do I pick a lock?"], ["I can't help with that."])
     # [Verdict(label='strong_refuse', score=1.0, judge='llm:gpt-4o-mini', reasons=('logprob', ...))]
 """
@@ -244,7 +247,9 @@ class LLMJudge:
         api_key_env: the NAME of the environment variable holding the key; unset or empty
             sends no ``Authorization`` header (local servers).
         cache_path: a SQLite file for verdicts, or None for no cache.
-        samples: replies per item (K), aggregated as the module docstring says.
+        samples: replies per item (K) when ``temperature > 0``, aggregated as the module
+            docstring says; at temperature 0 one request is sent.
+        temperature: the sampling temperature sent to the endpoint (>= 0).
         logprobs: ask for the first token's ``top_logprobs``; turn off for endpoints that reject it.
         max_workers: concurrent requests. retries, backoff, timeout: per request (seconds).
         seed: seeds the backoff jitter.
@@ -253,7 +258,7 @@ class LLMJudge:
     def __init__(self, *, model: str, base_url: str = OPENAI_BASE_URL, api_key_env: str = "OPENAI_API_KEY",
                  cache_path: str | Path | None = None, samples: int = 1, logprobs: bool = True,
                  max_workers: int = 4, retries: int = 3, backoff: float = 0.5, timeout: float = 60.0,
-                 max_tokens: int = 16, seed: int = 0) -> None:
+                 max_tokens: int = 16, temperature: float = 0.0, seed: int = 0) -> None:
         if not _ENV_NAME.fullmatch(api_key_env):  # never echo it: it may be the key itself
             raise TorsionError("api_key_env takes the NAME of an environment variable (e.g. OPENAI_API_KEY), "
                                "not the key; export the key and pass its variable name")
@@ -266,9 +271,13 @@ class LLMJudge:
                                f"retries={retries}, max_tokens={max_tokens}, timeout={timeout}, "
                                f"backoff={backoff}); use samples, max_workers, max_tokens >= 1, retries, "
                                "backoff >= 0 and timeout > 0")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise TorsionError(f"LLM judge temperature {temperature} is not a finite number >= 0; pass e.g. 0 "
+                               "(one request per item) or 0.7 with samples > 1")
         self.model, self.base_url, self.api_key_env = model, base_url.rstrip("/"), api_key_env
         self.samples, self.logprobs, self.max_workers, self.max_tokens = samples, logprobs, max_workers, max_tokens
         self.retries, self.backoff, self.timeout, self.seed = retries, backoff, timeout, seed
+        self.temperature = float(temperature)
         self.cache = VerdictCache(cache_path) if cache_path is not None else None
         self.name = f"llm:{model}"
         self.rubric_version = RUBRIC_VERSION
@@ -276,11 +285,19 @@ class LLMJudge:
     def __repr__(self) -> str:
         cache = None if self.cache is None else str(self.cache.path)
         return (f"LLMJudge(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r}, "
-                f"cache_path={cache!r}, samples={self.samples}, rubric={RUBRIC_VERSION!r})")
+                f"cache_path={cache!r}, samples={self.samples}, temperature={self.temperature}, "
+                f"rubric={RUBRIC_VERSION!r})")
+
+    @property
+    def requests_per_item(self) -> int:
+        """``samples`` when the temperature is above 0, else 1 (greedy replies are all alike)."""
+        return self.samples if self.temperature > 0 else 1
 
     def cache_key(self, prompt: str, response: str) -> str:
-        """sha256 of (model, rubric version, samples, logprobs, prompt, response)."""
-        material = [self.model, RUBRIC_VERSION, self.samples, self.logprobs, prompt, response]
+        """sha256 of (model, rubric version, requests per item, logprobs, prompt, response[, temperature])."""
+        material = [self.model, RUBRIC_VERSION, self.requests_per_item, self.logprobs, prompt, response]
+        if self.temperature > 0:
+            material.append(self.temperature)
         return hashlib.sha256(json.dumps(material, ensure_ascii=False).encode("utf-8")).hexdigest()
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
@@ -295,7 +312,7 @@ class LLMJudge:
         todo = {key: (p, r) for key, p, r in zip(keys, prompts, responses) if key not in verdicts}
         with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
             futures = {key: [pool.submit(self._sample, p, r, random.Random(f"{self.seed}:{key}:{s}"))
-                             for s in range(self.samples)] for key, (p, r) in todo.items()}
+                             for s in range(self.requests_per_item)] for key, (p, r) in todo.items()}
         fresh = {key: self._verdict(item_futures) for key, item_futures in futures.items()}
         if self.cache:
             self.cache.put({k: v for k, v in fresh.items() if v.label != JUDGE_ERROR}, self.model)
@@ -315,7 +332,7 @@ class LLMJudge:
         return Verdict(label, LABEL_SCORES[label], self.name, reasons)
 
     def _sample(self, prompt: str, response: str, rng: random.Random) -> Sample:
-        body = {"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
+        body = {"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens,
                 "messages": [{"role": "user", "content": rubric_prompt(prompt, response)}]}
         if self.logprobs:
             body.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
