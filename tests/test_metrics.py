@@ -1,12 +1,13 @@
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast
 
-from torsion.capture import encode
+from torsion.capture import encode, output_tensor
 from torsion.errors import TorsionError
 from torsion.data import format_mcq
 from torsion.metrics import (first_token_kl, kl_divergence, letter_token_ids, mcq_accuracy, 
@@ -21,9 +22,30 @@ CONTINUATIONS = ["the dragon and knight", "hello cat", "what is the capital of f
 TEXTS = ["the cat and the dog", "why is the sky blue please explain", "hello cat and dog"]
 
 
+def _vectors(lm):
+    return torch.randn(lm.n_layers, lm.d_model, generator=torch.Generator().manual_seed(1))
+
+
 def _steer(lm, alpha, positions="all", layers=(0, 1)):
-    vectors = torch.randn(lm.n_layers, lm.d_model, generator=torch.Generator().manual_seed(1))
-    return lambda: add_steering(lm, vectors, layers=list(layers), alpha=alpha, positions=positions)
+    return lambda: add_steering(lm, _vectors(lm), layers=list(layers), alpha=alpha, positions=positions)
+
+
+@torch.no_grad()
+def _hand_steered_logits(lm, inputs, alpha, positions="all"):
+    """Logits with ``α v`` added to the last block's output, by hand from the unsteered forward:
+    capture that block's output ``h`` ``[batch, seq, d_model]``, then ``lm_head(final_norm(h + α v))``."""
+    captured = []
+    handle = lm.layout.blocks[-1].register_forward_hook(lambda m, i, o: captured.append(output_tensor(o).clone()))
+    try:
+        lm.model(**inputs)
+    finally:
+        handle.remove()
+    hidden, shift = captured[0], alpha * _vectors(lm)[-1]
+    if positions == "last":
+        hidden[:, -1] += shift
+    else:
+        hidden += shift
+    return lm.model.lm_head(lm.layout.final_norm(hidden)).double()
 
 
 def test_kl_divergence_matches_a_hand_computation():
@@ -47,11 +69,24 @@ def test_next_token_logprobs_equal_the_full_forward_and_unpadded_prompts():
     torch.testing.assert_close(logprobs, alone, atol=1e-5, rtol=0)
 
 
+def test_first_token_kl_equals_a_hand_computation_at_the_last_block():
+    lm = tiny_lm("llama")
+    last = lm.n_layers - 1
+    result = first_token_kl(lm, PROMPTS, _steer(lm, 0.3, positions="last", layers=[last]), batch_size=2)
+    inputs = encode(lm, PROMPTS)  # left-padded: -1 is every prompt's last token
+    base = torch.log_softmax(_hand_steered_logits(lm, inputs, 0.0)[:, -1], -1).numpy()
+    steered = torch.log_softmax(_hand_steered_logits(lm, inputs, 0.3, "last")[:, -1], -1).numpy()
+    forward = (np.exp(base) * (base - steered)).sum(-1)  # Σ p_base log(p_base / p_steer)
+    reverse = (np.exp(steered) * (steered - base)).sum(-1)
+    assert result["per_prompt_kl_base_to_steered"] == pytest.approx(forward.tolist(), rel=1e-4)
+    assert result["per_prompt_kl_steered_to_base"] == pytest.approx(reverse.tolist(), rel=1e-4)
+    assert result["kl_base_to_steered"] == pytest.approx(forward.mean(), rel=1e-4)
+    # a small α: the last norm saturates on these tiny models, so a 1% error in α moves the KL ~1e-3
+    assert forward.min() > 1e-3
+
+
 def test_first_token_kl_names_both_directions_and_matches_torch():
     lm = tiny_lm("llama")
-    zero = first_token_kl(lm, PROMPTS, _steer(lm, 0.0), batch_size=2)
-    assert zero["kl_base_to_steered"] == 0.0 and zero["kl_steered_to_base"] == 0.0
-    assert zero["per_prompt_kl_base_to_steered"] == [0.0] * 3
     result = first_token_kl(lm, PROMPTS, _steer(lm, 4.0, positions="last"), batch_size=2)
     assert {k for k in result if "kl" in k} == {"kl_base_to_steered", "kl_steered_to_base",
                                                 "per_prompt_kl_base_to_steered", "per_prompt_kl_steered_to_base"}
@@ -65,10 +100,8 @@ def test_first_token_kl_names_both_directions_and_matches_torch():
     assert result["kl_base_to_steered"] != pytest.approx(result["kl_steered_to_base"], rel=1e-3)
 
 
-def test_teacher_forced_kl_by_hand_zero_at_alpha_zero_and_positive_when_steering():
+def test_teacher_forced_kl_equals_one_unpadded_sequence_by_hand():
     lm = tiny_lm("qwen2")
-    zero = teacher_forced_kl(lm, PROMPTS, CONTINUATIONS, _steer(lm, 0.0), batch_size=2)
-    assert zero["kl_base_to_steered"] == 0.0 and zero["kl_steered_to_base"] == 0.0
     result = teacher_forced_kl(lm, PROMPTS, CONTINUATIONS, _steer(lm, 4.0), batch_size=2)
     assert result["kl_base_to_steered"] > 0 and result["kl_steered_to_base"] > 0
     assert result["n_tokens"] == [4, 2, 6]
@@ -105,9 +138,15 @@ def test_perplexity_equals_the_models_own_loss_and_changes_under_steering(family
             n_tokens += ids.shape[1] - 1
     assert base["n_tokens"] == n_tokens == 4 + 6 + 3
     assert base["perplexity"] == pytest.approx(math.exp(total_nll / n_tokens), rel=1e-5)
-    assert perplexity(lm, TEXTS, _steer(lm, 0.0), batch_size=2) == base
-    steered = perplexity(lm, TEXTS, _steer(lm, 4.0), batch_size=2)
-    assert abs(steered["perplexity"] - base["perplexity"]) > 1e-3 * base["perplexity"]
+    last = lm.n_layers - 1
+    steered = perplexity(lm, TEXTS, _steer(lm, 0.1, layers=[last]), batch_size=2)
+    total_nll = 0.0
+    for text in TEXTS:  # by hand: α v on the last block's output at every position that enters the loss
+        ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
+        logprobs = torch.log_softmax(_hand_steered_logits(lm, {"input_ids": ids}, 0.1)[0, :-1], -1)
+        total_nll -= logprobs.gather(1, ids[0, 1:, None]).sum().item()
+    assert steered["perplexity"] == pytest.approx(math.exp(total_nll / n_tokens), rel=1e-5)
+    assert abs(steered["perplexity"] - base["perplexity"]) > 5e-3 * base["perplexity"]
 
 
 def _letter_tokenizer() -> PreTrainedTokenizerFast:
@@ -137,7 +176,10 @@ def test_mcq_accuracy_scores_the_highest_logit_letter():
     assert result["predictions"] == expected
     assert result["correct"] == [p == a for p, a in zip(expected, answers)]
     assert result["accuracy"] == sum(result["correct"]) / 4
-    assert mcq_accuracy(lm, ITEMS, _steer(lm, 0.0, positions="last"))["predictions"] == expected
+    inputs = encode(lm, [format_mcq(item) for item in ITEMS])  # steered at the last block, by hand
+    hand = ["ABCD"[int(row[letter_ids].argmax())] for row in _hand_steered_logits(lm, inputs, 6.0, "last")[:, -1]]
+    steered = mcq_accuracy(lm, ITEMS, _steer(lm, 6.0, positions="last", layers=[lm.n_layers - 1]), batch_size=3)
+    assert steered["predictions"] == hand and hand != expected
     with pytest.raises(TorsionError, match="answer 'E' is not one of ABCD"):
         mcq_accuracy(lm, [{**ITEMS[0], "answer": "E"}])
 

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
 
 from torsion.pipeline import STAGES, run_pipeline
@@ -25,6 +26,8 @@ def test_pipeline_files_and_vectors_equal_recomputation(tmp_path, tiny_model_dir
     assert set(prompts[0]) == {"id", "prompt", "category", "source", "split", "prompt_hash"}
     assert sum(p["split"] == "holdout" for p in prompts) == 8
 
+    rotation = json.loads((out / "analysis" / "rotation.json").read_text())
+    assert set(rotation["components"]) == {"resid", "attn", "mlp"}
     acts = load_file(out / "activations.safetensors")
     vectors = load_file(out / "vectors.safetensors")
     scores = np.array([responses[p["id"]]["score"] for p in prompts])
@@ -36,10 +39,17 @@ def test_pipeline_files_and_vectors_equal_recomputation(tmp_path, tiny_model_dir
         complied = x[train & np.isin(scores, [-0.5, -1.0])]
         expected = refused.mean(0) - complied.mean(0)
         np.testing.assert_allclose(vectors[f"md/{component}"], expected, rtol=1e-5, atol=1e-5)
-        for category in ("a", "b"):
-            assert vectors[f"md/{component}/{category}"].shape == (4, 32)
-    rotation = json.loads((out / "analysis" / "rotation.json").read_text())
-    assert set(rotation["components"]) == {"resid", "attn", "mlp"}
+        categories = np.array([p["category"] for p in prompts])
+        for category in ("a", "b"):  # refused-in-category minus its own complied mean (>= 3) or the global one
+            own = train & (categories == category)
+            own_complied = x[own & np.isin(scores, [-0.5, -1.0])]
+            anchor = own_complied.mean(0) if len(own_complied) >= 3 else complied.mean(0)
+            np.testing.assert_allclose(vectors[f"md/{component}/{category}"],
+                                       x[own & np.isin(scores, [0.5, 1.0])].mean(0) - anchor, rtol=1e-5, atol=1e-5)
+        v = vectors[f"md/{component}"].astype(np.float64)  # adjacent-pair angles, from the saved vectors
+        cos = (v[:-1] * v[1:]).sum(1) / np.linalg.norm(v[:-1], axis=1) / np.linalg.norm(v[1:], axis=1)
+        angles = np.degrees(np.arccos(np.clip(cos, -1, 1)))
+        np.testing.assert_allclose(rotation["components"][component]["pair_angles_deg"], angles, atol=1e-3)
     report = (out / "report.html").read_text()
     assert "<img" in report
     sections = ["Axis rotation", "Causal propagation", "Random-direction control", "Category geometry"]
@@ -80,8 +90,10 @@ def test_changed_settings_are_refused(tmp_path, tiny_model_dir, prompt_file):
 def test_arditi_check_selects_on_train_and_tests_on_holdout(tmp_path, tiny_model_dir, prompt_file, monkeypatch):
     import torsion.analysis.arditi as arditi
     import torsion.behaviour as behaviour
+    from torsion.capture import encode
     from torsion.models import load_model
     from torsion.optimize import neutral_halves
+    from torsion.orthogonalize import orthogonalize_weights
     from torsion.store import RunDir
     from torsion.vectors import load_vectors
 
@@ -99,13 +111,35 @@ def test_arditi_check_selects_on_train_and_tests_on_holdout(tmp_path, tiny_model
     assert 1 <= result["layer"] <= 2 and len(result["layer_auc"]) == 4  # eligible: blocks int(L/4) .. int(0.8 L) - 1
     ablated = result["holdout_harmful"]["ablated"]
     assert ablated["n"] == 8 and ablated["k"] == ablated["classes"]["refused"]["k"]  # the rule judge never errors
-    assert result["kl_neutral_ablation"]["kl_base_to_steered"] >= 0
     zero, two = result["neutral"]["added"]
-    assert zero["kl"]["kl_base_to_steered"] == 0.0 and zero["k"] == result["neutral"]["baseline"]["k"]
-    assert two["applied_norm"] == pytest.approx(2 * float(load_vectors(out / "vectors.safetensors")["md/resid"]
-                                                          .directions[result["layer"]].double().norm()), rel=1e-6)
+    assert zero["k"] == result["neutral"]["baseline"]["k"]
+    axis = load_vectors(out / "vectors.safetensors")["md/resid"].directions[result["layer"]]
+    assert two["applied_norm"] == pytest.approx(2 * float(axis.double().norm()), rel=1e-6)
     neutral_seen = set(seen) - {p["prompt"] for p in prompts}
     assert neutral_seen <= {p.prompt for p in neutral_halves(RunDir(out))[1]}  # only the half no search saw
+    assert len(neutral_seen) == result["n_neutral"] == 6
+    # the KLs by an independent route: one unpadded prompt at a time; ablation as orthogonalised
+    # weights (no hook), addition as a hand-written hook adding 2 v to the chosen block's output
+    lm = load_model(str(tiny_model_dir))
+    edited = orthogonalize_weights(lm, axis)
+
+    def add_two_v(_module, _inputs, output):
+        return (output[0] + 2 * axis,) + tuple(output[1:]) if isinstance(output, tuple) else output + 2 * axis
+
+    kl_ablation, kl_added = [], []
+    with torch.no_grad():
+        for prompt in sorted(neutral_seen):
+            ids = encode(lm, [prompt])
+            base = lm.model(**ids).logits[0, -1].double().log_softmax(-1)
+            ablated = edited.model(**ids).logits[0, -1].double().log_softmax(-1)
+            handle = lm.layout.blocks[result["layer"]].register_forward_hook(add_two_v)
+            added = lm.model(**ids).logits[0, -1].double().log_softmax(-1)
+            handle.remove()
+            kl_ablation.append(float((base.exp() * (base - ablated)).sum()))
+            kl_added.append(float((base.exp() * (base - added)).sum()))
+    assert result["kl_neutral_ablation"]["kl_base_to_steered"] == pytest.approx(np.mean(kl_ablation), rel=1e-3)
+    assert two["kl"]["kl_base_to_steered"] == pytest.approx(np.mean(kl_added), rel=1e-4)
+    assert min(kl_ablation) > 0 and min(kl_added) > 0
     assert json.loads((out / "analysis" / "arditi.json").read_text())["layer"] == result["layer"]
     from torsion.report import build_report
 
