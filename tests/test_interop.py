@@ -1,3 +1,5 @@
+import sys
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -68,15 +70,49 @@ def test_peer_objects_convert_by_block_index():
     assert torch.equal(from_repeng(control).directions, vector.directions)
 
 
-def test_steering_vectors_round_trip():
-    pytest.importorskip("steering_vectors", reason="optional extra steering-vectors is not installed")
+# steering-vectors 0.12.2 needs transformers<5 and repeng 0.4.0 numpy<2, so neither installs beside
+# torsion's own pins; benchmarks/bench_peers.py runs the real packages in their own virtualenv.
+# These stand-ins have the real classes' fields (steering_vectors.SteeringVector and
+# repeng.ControlVector, both dataclasses) and check torsion's side of each conversion.
+@dataclass
+class PeerSteeringVector:
+    layer_activations: dict[int, torch.Tensor]
+    layer_type: str = "decoder_block"
+
+
+@dataclass
+class PeerControlVector:
+    model_type: str
+    directions: dict[int, np.ndarray]
+
+
+def test_steering_vectors_round_trip_against_the_peer_class_shape(monkeypatch):
+    monkeypatch.setitem(sys.modules, "steering_vectors", SimpleNamespace(SteeringVector=PeerSteeringVector))
     vector = _vector()
-    assert torch.equal(from_steering_vectors(to_steering_vectors(vector)).directions, vector.directions)
+    peer = to_steering_vectors(vector, layers=[1, 3])
+    assert isinstance(peer, PeerSteeringVector) and sorted(peer.layer_activations) == [1, 3]
+    assert peer.layer_type == "decoder_block" and torch.equal(peer.layer_activations[3], vector.directions[3])
+    peer.layer_activations[3].zero_()  # a copy: the peer object never aliases torsion's tensor
+    assert vector.directions[3].abs().sum() > 0
+    full = to_steering_vectors(vector)
+    assert torch.equal(from_steering_vectors(full).directions, vector.directions)
+    with pytest.raises(TorsionError, match="layer_type 'attn' is not a block output"):
+        from_steering_vectors(PeerSteeringVector({0: vector.directions[0]}, layer_type="attn"))
+    monkeypatch.setitem(sys.modules, "steering_vectors", None)  # not installed
+    with pytest.raises(TorsionError, match="steering-vectors is not installed"):
+        to_steering_vectors(vector)
 
 
-def test_repeng_round_trip():
-    pytest.importorskip("repeng", reason="optional extra repeng is not installed")
+def test_repeng_round_trip_against_the_peer_class_shape(monkeypatch):
+    monkeypatch.setitem(sys.modules, "repeng", SimpleNamespace(ControlVector=PeerControlVector))
     vector = _vector()
     control = to_repeng(vector, model_type="qwen2")
-    assert isinstance(control.directions[0], np.ndarray)
-    assert torch.equal(from_repeng(control).directions, vector.directions)
+    assert control.model_type == "qwen2" and sorted(control.directions) == list(range(5))
+    assert all(isinstance(d, np.ndarray) and d.dtype == np.float32 for d in control.directions.values())
+    back = from_repeng(control)
+    assert torch.equal(back.directions, vector.directions) and back.meta["model_hint"] == "qwen2"
+    partial = from_repeng(to_repeng(vector, model_type="llama", layers=[2]), n_layers=5)
+    assert torch.equal(partial.directions[2], vector.directions[2]) and partial.directions[[0, 1, 3, 4]].abs().sum() == 0
+    monkeypatch.setitem(sys.modules, "repeng", None)
+    with pytest.raises(TorsionError, match="repeng is not installed"):
+        to_repeng(vector, model_type="qwen2")
