@@ -25,15 +25,6 @@ def smollm():
 
 
 @pytest.fixture(scope="session")
-def qwen():
-    if not _cached("qwen2.5-coder-0.5b"):
-        pytest.skip("embedded:qwen2.5-coder-0.5b is not cached; run `torsion assets pull`")
-    from torsion.models import load_model
-
-    return load_model("embedded:qwen2.5-coder-0.5b")
-
-
-@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from tiny_run import write_tiny_model_dir
 
