@@ -25,6 +25,21 @@ def _forward(lm, prompts=PROMPTS, **kwargs):
     return lm.model(**encode(lm, prompts), **kwargs)
 
 
+def _hand_hooks(modules_and_deltas, positions="last"):
+    """Hand-written forward hooks adding ``delta`` ``[d_model]`` to each module's output (at the last
+    position, which in a decoding step is the new token, or at every position); returns the handles."""
+    def make(delta):
+        def hook(_module, _inputs, output):
+            hidden = output_tensor(output).clone()
+            if positions == "all":
+                hidden += delta
+            else:
+                hidden[:, -1] += delta
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return hook
+    return [module.register_forward_hook(make(delta)) for module, delta in modules_and_deltas]
+
+
 def _hook_count(lm):
     """Forward hooks on the model (transformers installs its hidden-state recorders permanently)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
@@ -154,11 +169,16 @@ def test_dense_steering_with_equal_applied_norm():
     v[1] = 0.0
     with dense_steering(lm, v, applied_norm=2.5) as record:
         logits = _forward(lm).logits
+    handles = _hand_hooks([(lm.layout.blocks[l], 2.5 * v[l] / v[l].norm()) for l in (0, 2)])
+    expected = _forward(lm).logits  # by hand: v̂_l scaled to norm 2.5 at blocks 0 and 2, last token
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
     assert record.layers == (0, 1, 2)
     assert record.applied_norms == pytest.approx([2.5, 0.0, 2.5], abs=1e-12)
     assert record.alpha[1] == 0.0
     assert record.alpha[0] == pytest.approx(2.5 / v[0].double().norm().item(), rel=1e-12)
-    assert not torch.equal(logits, _forward(lm).logits)
+    assert (logits - _forward(lm).logits).abs().max() > 1e-2
     with pytest.raises(TorsionError, match="exactly one of alpha or applied_norm"):
         dense_steering(lm, v, alpha=1.0, applied_norm=1.0)
     with pytest.raises(TorsionError, match=re.escape("one direction per block, [3, d_model]")):
@@ -194,6 +214,15 @@ def test_generate_steered_rows():
     assert rows[0]["applied_norm"] == pytest.approx([20 * v[1].norm().item(), 20 * v[2].norm().item()], rel=1e-6)
     assert (rows[0]["layers"], rows[0]["component"], rows[0]["positions"]) == ([1, 2], "mlp", "last")
     assert [row["response"] for row in rows] != [row["response"] for row in unsteered]
+    # by hand: α_l v_l on the mlp outputs of blocks 1 and 2, at the prompt's last token, then at each new token
+    handles = _hand_hooks([(lm.layout.mlp[1], 20.0 * v[1]), (lm.layout.mlp[2], -20.0 * v[2])])
+    try:
+        steered = lm.model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    expected = lm.tokenizer.batch_decode(steered[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert [row["response"] for row in rows] == [e.strip() for e in expected]
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
