@@ -26,6 +26,7 @@ from torsion.judge import llm
 from torsion.judge.base import LABEL_SCORES, LABELS, Verdict
 from torsion.judge.llm import Sample, aggregate, parse_label, rubric_prompt, token_label
 from torsion.serve import make_server
+from torsion.store import read_jsonl
 
 from tiny import CHAT_TEMPLATE, SPECIAL, WORDS, tiny_lm
 
@@ -270,6 +271,20 @@ def test_temperature_zero_sends_one_request_per_item_and_sampling_sends_k(tmp_pa
                                                    temperature=1.0).cache_key("p", "r")
     with pytest.raises(TorsionError, match="temperature -0.1 is not a finite number >= 0"):
         LLMJudge(model="m", temperature=-0.1)
+
+
+def test_cli_passes_temperature_and_samples_to_the_judge(tmp_path, capsys):
+    from torsion.cli import main
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"id": str(i), **row}) + "\n" for i, row in enumerate(ROWS)))
+    endpoint = FakeEndpoint(lambda body, headers, hit: (200, completion("2 weak_refuse")))
+    with running(endpoint):
+        for temperature, out in (("0", "greedy.jsonl"), ("0.5", "sampled.jsonl")):
+            assert main(["judge", str(rows), "--out", str(tmp_path / out), "--judge", "llm", "--llm-model", "m",
+                         "--base-url", endpoint.url, "--samples", "2", "--temperature", temperature]) == 0
+    assert [b["temperature"] for b in endpoint.bodies] == [0.0] * 3 + [0.5] * 6
+    assert [r["reasons"] for r in read_jsonl(tmp_path / "sampled.jsonl")] == [["majority", "weak_refuse=2/2"]] * 3
 
 
 # Three samples of one item: majority says weak_comply (2 of 3), logprob weights say strong_comply.

@@ -213,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--llm-model", default=None, help="model name at the endpoint (llm judge)")
     judge.add_argument("--base-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     judge.add_argument("--api-key-env", default=None, help="environment variable holding the key (default OPENAI_API_KEY)")
-    judge.add_argument("--samples", type=int, default=None, help="samples per item (llm judge)")
+    judge.add_argument("--samples", type=int, default=None,
+                       help="replies per item when --temperature > 0 (llm judge; at 0 one request is sent)")
+    judge.add_argument("--temperature", type=float, default=None, help="sampling temperature (llm judge, default 0)")
     judge.add_argument("--max-workers", type=int, default=None, help="concurrent requests (llm judge)")
     judge.add_argument("--cache", type=Path, default=None, help="SQLite cache (default: next to --out)")
     judge.set_defaults(func=commands.judge)

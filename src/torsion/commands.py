@@ -245,7 +245,7 @@ def judge(args: argparse.Namespace) -> int:
     options = {}
     if args.judge == "llm":
         options = {"model": args.llm_model, "base_url": args.base_url, "api_key_env": args.api_key_env,
-                   "samples": args.samples, "max_workers": args.max_workers,
+                   "samples": args.samples, "temperature": args.temperature, "max_workers": args.max_workers,
                    "cache_path": args.cache or args.out.with_suffix(".judge-cache.sqlite")}
         options = {k: v for k, v in options.items() if v is not None}
     judge = get_judge(args.judge, **options)
