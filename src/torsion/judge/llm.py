@@ -1,8 +1,8 @@
 """The LLM judge: an OpenAI-compatible chat endpoint labels responses with torsion's rubric.
 
 Every request is one user message (:func:`rubric_prompt`, rubric ``RUBRIC_VERSION``) at
-``temperature`` (default 0); the reply names a class by code and name (``3 weak_comply``; the rubric gives
-no example answer, which would anchor a weak judge). The code digit makes the first token
+``temperature`` (default 0); the reply names a class by code and name (``3 weak_comply``; the
+rubric gives no example answer, which would anchor a weak judge). The code digit makes the first token
 distinct for each class, which is what logprob weighting reads (class names share first
 tokens: "strong", "weak").
 
@@ -30,8 +30,9 @@ parses, becomes ``Verdict("judge_error", None, name, ("<error class>: <message>"
 never cached and never scored. Redirects are refused, so the API key is never forwarded.
 
 **Cache**: SQLite at ``cache_path``, keyed by sha256 of (judge model, rubric version, requests
-per item, logprobs, prompt, response, and the temperature when it is above 0); it stores labels and reasons only. The API key is read from the
-environment variable named ``api_key_env`` at each request and kept nowhere.
+per item, logprobs, prompt, response, and the temperature when it is above 0); it stores labels
+and reasons only. The API key is read from the environment variable named ``api_key_env`` at
+each request and kept nowhere.
 
 Example::
 
