@@ -62,7 +62,7 @@ def vector_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--layers", "1", "--alpha", "nan"], "alpha for layer 1 is nan; pass a finite number"),
+    (["--layers", "1", "--alpha", "nan"], "argument --alpha: 'nan' is not a finite number; pass a finite number"),
     (["--layers", "9", "--alpha", "1"], "layer 9 is out of range; this model has blocks 0..3"),
     (["--layers", "1", "--alpha", "1", "--vector", "{v}/wide.safetensors"], "d_model=48 but the model has 32"),
     (["--layers", "1", "--alpha", "1", "--vector", "{v}/empty.safetensors"], "is empty"),

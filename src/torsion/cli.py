@@ -1,13 +1,23 @@
-"""The ``torsion`` command: parses arguments, calls the library, prints. Nothing else lives here."""
+"""The ``torsion`` command: parses arguments, calls the library, prints. Nothing else lives here.
+
+Every argument is checked as it is parsed (the ``type=`` functions below), so bad input fails
+before any model loads. At the boundary: bad input prints one line and exits 2; an unexpected
+exception prints one line naming it as a bug and exits 1 (``--debug`` adds the traceback);
+Ctrl-C exits 130.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
+import traceback
 from pathlib import Path
+from typing import Callable, NoReturn
 
 from torsion import commands
-from torsion.errors import TorsionError
+from torsion.errors import TorsionError, one_line
 
 _EPILOG = """\
 examples:
@@ -20,6 +30,72 @@ A killed run resumes where it stopped: re-run the same command.
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: the problem, the fix, and where help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"torsion: error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
+def _checked(convert: Callable[[str], object], test: Callable[[object], bool], need: str) -> Callable[[str], object]:
+    """An argparse ``type=``: ``convert`` the text, then require ``test``; ``need`` says what is wanted."""
+    def parse(text: str) -> object:
+        try:
+            value = convert(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {need}; pass {need}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {need}; pass {need}")
+        return value
+    parse.__name__ = need  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _checked(int, lambda n: n >= 1, "a whole number >= 1")
+block_index = _checked(int, lambda n: n >= 0, "a block index >= 0")
+seed_int = _checked(int, lambda n: 0 <= n < 2 ** 63, "a whole number >= 0")
+port_int = _checked(int, lambda n: 0 <= n <= 65535, "a port number 0..65535")
+finite_float = _checked(float, math.isfinite, "a finite number")
+nonneg_float = _checked(float, lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0")
+positive_float = _checked(float, lambda x: math.isfinite(x) and x > 0, "a finite number > 0")
+fraction = _checked(float, lambda x: 0 <= x <= 1, "a fraction between 0 and 1")
+device_name = _checked(str, lambda d: re.fullmatch(r"cpu|auto|mps|cuda(:\d+)?", d) is not None,
+                       "cpu, cuda, cuda:N, mps or auto")
+nonempty_text = _checked(str, lambda t: bool(t.strip()), "non-empty text")
+storage_url = _checked(str, lambda u: "://" in u, "a database URL such as sqlite:///FILE or postgresql://HOST/DB")
+
+
+def existing_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text} {'is a directory' if path.is_dir() else 'does not exist'}; "
+                                         "pass an existing file")
+    return path
+
+
+def output_path(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not text.strip() or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file name; pass a path for the output file")
+    return path
+
+
+def output_dir(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not text.strip() or path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is {'a file' if text.strip() else 'empty'}; "
+                                         "pass a directory path")
+    return path
+
+
+def run_directory(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not (path / "manifest.json").is_file():
+        problem = "has no manifest.json" if path.is_dir() else "does not exist"
+        raise argparse.ArgumentTypeError(f"{text} {problem}; pass a directory made by `torsion run`")
+    return path
+
+
 def _add_model_options(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
     parser.add_argument("--model", default=default_model,
                         help="embedded:qwen2.5-coder-0.5b (default), embedded:smollm2-135m, a Hugging Face id, "
@@ -27,12 +103,12 @@ def _add_model_options(parser: argparse.ArgumentParser, default_model: str | Non
     parser.add_argument("--dtype", default=None if default_model is None else "float32",
                         choices=["float32", "bfloat16", "float16"],
                         help="model dtype (default float32); activations are always stored in float32")
-    parser.add_argument("--device", default=None if default_model is None else "cpu",
+    parser.add_argument("--device", default=None if default_model is None else "cpu", type=device_name,
                         help="cpu (default), cuda, cuda:N, or auto to shard a large model over all GPUs")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="torsion",
         description="Layer-resolved activation-steering research on Hugging Face causal LMs.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -40,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     from torsion import __version__
 
     parser.add_argument("--version", action="version", version=f"torsion {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an unexpected error, print the full traceback (for a bug report)")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     assets = subcommands.add_parser("assets", help="install, verify and cache the embedded models and prompt data",
@@ -58,12 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
     _add_model_options(run)
-    run.add_argument("--out", type=Path, default=None, help="run directory (default runs/<model>-<profile>)")
-    run.add_argument("--seed", type=int, default=None, help="seed for sampling, splits and resampling (default 0)")
+    run.add_argument("--out", type=output_dir, default=None, help="run directory (default runs/<model>-<profile>)")
+    run.add_argument("--seed", type=seed_int, default=None, help="seed for sampling, splits and resampling (default 0)")
     run.add_argument("--sources", nargs="+", default=None, metavar="SOURCE",
                      help="prompt sources: donotanswer, harmbench, neutral, a .csv/.json/.jsonl file, or hf:NAME")
-    run.add_argument("--n-per-source", type=int, default=None, help="prompts sampled from each source")
-    run.add_argument("--max-new-tokens", type=int, default=None, help="tokens generated per response")
+    run.add_argument("--n-per-source", type=positive_int, default=None, help="prompts sampled from each source")
+    run.add_argument("--max-new-tokens", type=positive_int, default=None, help="tokens generated per response")
     run.set_defaults(func=commands.run)
 
     steer = subcommands.add_parser(
@@ -73,22 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: torsion steer --vector runs/x/vectors.safetensors --key md/resid --layers 10 12 "
         "--alpha -4 --prompts neutral --limit 8")
     _add_model_options(steer, "embedded:qwen2.5-coder-0.5b")
-    steer.add_argument("--vector", type=Path, required=True, help="a vectors.safetensors file")
+    steer.add_argument("--vector", type=existing_file, required=True, help="a vectors.safetensors file")
     steer.add_argument("--key", default=None, help="which vector in the file, e.g. md/resid or md/resid/<category>")
-    steer.add_argument("--layers", type=int, nargs="+", required=True, help="block indices to steer")
-    steer.add_argument("--alpha", type=float, nargs="+", required=True,
+    steer.add_argument("--layers", type=block_index, nargs="+", required=True, help="block indices to steer")
+    steer.add_argument("--alpha", type=finite_float, nargs="+", required=True,
                        help="one alpha for every layer, or one per layer")
     steer.add_argument("--component", default="resid", choices=["resid", "attn", "mlp"],
                        help="where the vector is added (default resid: the block output)")
     steer.add_argument("--positions", default="last", choices=["last", "all"],
                        help="last (default): the prompt's last token, then each new token; all: every position")
     source = steer.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="one prompt")
-    source.add_argument("--prompts", help="a prompt source: neutral, harmbench, donotanswer, or a file")
-    steer.add_argument("--limit", type=int, default=None, help="use the first N prompts of --prompts")
-    steer.add_argument("--max-new-tokens", type=int, default=48, help="tokens per response (default 48)")
-    steer.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
-    steer.add_argument("--out", type=Path, default=None, help="write JSONL rows here instead of printing")
+    source.add_argument("--prompt", type=nonempty_text, help="one prompt")
+    source.add_argument("--prompts", type=nonempty_text, help="a prompt source: neutral, harmbench, donotanswer, or a file")
+    steer.add_argument("--limit", type=positive_int, default=None, help="use the first N prompts of --prompts")
+    steer.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens per response (default 48)")
+    steer.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch (default 8)")
+    steer.add_argument("--out", type=output_path, default=None, help="write JSONL rows here instead of printing")
     steer.set_defaults(func=commands.steer)
 
     vector = subcommands.add_parser(
@@ -96,11 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="info: list the vectors in a file with their provenance. export-gguf: write one "
         "vector as a llama.cpp control vector (direction.<l> = block l). import-gguf: read one back.")
     vector.add_argument("action", choices=["info", "export-gguf", "import-gguf"])
-    vector.add_argument("file", type=Path, help="vectors.safetensors (info, export-gguf) or a .gguf (import-gguf)")
+    vector.add_argument("file", type=existing_file,
+                        help="vectors.safetensors (info, export-gguf) or a .gguf (import-gguf)")
     vector.add_argument("--key", default=None, help="which vector to export, e.g. md/resid")
-    vector.add_argument("--out", type=Path, help="output file (.gguf for export, .safetensors for import)")
+    vector.add_argument("--out", type=output_path, help="output file (.gguf for export, .safetensors for import)")
     vector.add_argument("--model-hint", default=None, help="llama.cpp model hint (default: the vector's model id)")
-    vector.add_argument("--n-layers", type=int, default=None, help="blocks of the target model (import)")
+    vector.add_argument("--n-layers", type=positive_int, default=None, help="blocks of the target model (import)")
     vector.set_defaults(func=commands.vector)
 
     ortho = subcommands.add_parser(
@@ -109,10 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
         "down-projections, with v the unit direction of one layer of a vector. The result is a "
         "Hugging Face model directory; it matches directional ablation by hooks.")
     _add_model_options(ortho, "embedded:qwen2.5-coder-0.5b")
-    ortho.add_argument("--vector", type=Path, required=True, help="a vectors.safetensors file")
+    ortho.add_argument("--vector", type=existing_file, required=True, help="a vectors.safetensors file")
     ortho.add_argument("--key", default=None, help="which vector in the file, e.g. md/resid")
-    ortho.add_argument("--layer", type=int, required=True, help="the layer whose direction is removed")
-    ortho.add_argument("--out", type=Path, required=True, help="directory for the edited model")
+    ortho.add_argument("--layer", type=block_index, required=True, help="the layer whose direction is removed")
+    ortho.add_argument("--out", type=output_dir, required=True, help="directory for the edited model")
     ortho.set_defaults(func=commands.orthogonalize)
 
     analyze = subcommands.add_parser(
@@ -126,23 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
         "Each writes analysis/<name>.json.")
     analyze.add_argument("name", choices=["rotation", "propagation", "random-control", "categories", "arditi",
                                           "asymmetry"])
-    analyze.add_argument("run_dir", type=Path, help="a directory made by `torsion run`")
+    analyze.add_argument("run_dir", type=run_directory, help="a directory made by `torsion run`")
     _add_model_options(analyze)
-    analyze.add_argument("--layers", type=int, nargs="+", default=None,
+    analyze.add_argument("--layers", type=block_index, nargs="+", default=None,
                          help="source layers (propagation), steered layers (random-control), averaged layers "
                          "(categories); default: 4 evenly spaced blocks in the back half")
     analyze.add_argument("--component", default="resid", choices=["resid", "attn", "mlp"])
-    analyze.add_argument("--alpha", type=float, nargs="+", default=None,
+    analyze.add_argument("--alpha", type=finite_float, nargs="+", default=None,
                          help="steering strength on the run's MD vector (default -1 for propagation, 1 otherwise); "
                          "arditi takes several (a dose-response of the addition)")
-    analyze.add_argument("--n-prompts", type=int, default=None, help="prompts used by the causal analyses")
-    analyze.add_argument("--n-random", type=int, default=50, help="random directions (random-control)")
-    analyze.add_argument("--bootstrap", type=int, default=1000, help="prompt-bootstrap resamples (rotation)")
-    analyze.add_argument("--permutations", type=int, default=200, help="shuffled-label permutations (rotation)")
-    analyze.add_argument("--split-halves", type=int, default=50, help="split-half repetitions (rotation)")
-    analyze.add_argument("--scope", default="global",
+    analyze.add_argument("--n-prompts", type=positive_int, default=None,
+                         help="prompts used by the causal analyses (default 16 propagation, 32 random-control and "
+                         "asymmetry, 48 arditi)")
+    analyze.add_argument("--n-random", type=positive_int, default=50, help="random directions (random-control)")
+    analyze.add_argument("--bootstrap", type=positive_int, default=1000, help="prompt-bootstrap resamples (rotation)")
+    analyze.add_argument("--permutations", type=positive_int, default=200,
+                         help="shuffled-label permutations (rotation)")
+    analyze.add_argument("--split-halves", type=positive_int, default=50, help="split-half repetitions (rotation)")
+    analyze.add_argument("--scope", default="global", type=nonempty_text,
                          help="asymmetry: which searches, global (default) or a category name")
-    analyze.add_argument("--seed", type=int, default=None, help="default: the run's seed")
+    analyze.add_argument("--seed", type=seed_int, default=None, help="default: the run's seed (manifest.json)")
     analyze.add_argument("--verbose", action="store_true", help="print the result JSON")
     analyze.set_defaults(func=commands.analyze)
 
@@ -161,42 +243,42 @@ def build_parser() -> argparse.ArgumentParser:
         "  torsion optimize runs/quick --per-category --trials 8\n"
         "  torsion optimize runs/quick --storage postgresql://user@db-host/torsion   # on each worker",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    optimize.add_argument("run_dir", type=Path, help="a directory made by `torsion run`")
+    optimize.add_argument("run_dir", type=run_directory, help="a directory made by `torsion run`")
     _add_model_options(optimize)
     optimize.add_argument("--objective", default="comply", choices=["comply", "refuse"],
                           help="comply (default): steer toward compliance; refuse: deepen refusal")
-    optimize.add_argument("--key", default="md/resid", help="vector (method/component), default md/resid")
+    optimize.add_argument("--key", default="md/resid", type=nonempty_text, help="vector (method/component), default md/resid")
     scope = optimize.add_mutually_exclusive_group()
-    scope.add_argument("--category", default=None, help="search one category with its own vector and prompts")
+    scope.add_argument("--category", default=None, type=nonempty_text, help="search one category with its own vector and prompts")
     scope.add_argument("--per-category", action="store_true", help="one search per category in the vector file")
-    optimize.add_argument("--trials", type=int, default=12, help="finished trials in the study (default 12)")
+    optimize.add_argument("--trials", type=positive_int, default=12, help="finished trials in the study (default 12)")
     optimize.add_argument("--sampler", default="tpe", choices=["tpe", "grid"],
                           help="tpe (default), or grid: --trials evenly spaced alphas over the range")
-    optimize.add_argument("--alpha-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+    optimize.add_argument("--alpha-range", type=finite_float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                           help="search range of alpha (default -4 0 for comply, 0 4 for refuse)")
-    optimize.add_argument("--top-k", type=int, default=4, help="steered blocks, best train-split AUC (default 4)")
-    optimize.add_argument("--layer-window", type=float, nargs=2, default=[0.25, 0.8], metavar=("LO", "HI"),
+    optimize.add_argument("--top-k", type=positive_int, default=4, help="steered blocks, best train-split AUC (default 4)")
+    optimize.add_argument("--layer-window", type=fraction, nargs=2, default=[0.25, 0.8], metavar=("LO", "HI"),
                           help="eligible blocks as fractions of depth (default 0.25 0.8)")
-    optimize.add_argument("--n-prompts", type=int, default=24, help="train-split prompts per trial (default 24)")
-    optimize.add_argument("--n-kl-prompts", type=int, default=16, help="neutral prompts for the KL (default 16)")
-    optimize.add_argument("--kl-weight", type=float, default=1.0, help="w in w*min(KL, cap) (default 1)")
-    optimize.add_argument("--kl-cap", type=float, default=10.0,
+    optimize.add_argument("--n-prompts", type=positive_int, default=24, help="train-split prompts per trial (default 24)")
+    optimize.add_argument("--n-kl-prompts", type=positive_int, default=16, help="neutral prompts for the KL (default 16)")
+    optimize.add_argument("--kl-weight", type=nonneg_float, default=1.0, help="w in w*min(KL, cap) (default 1)")
+    optimize.add_argument("--kl-cap", type=positive_float, default=10.0,
                           help="cap in w*min(KL, cap) (default 10: a degenerate push, score +2, cannot buy back "
                           "its KL in the refuse objective)")
-    optimize.add_argument("--mcq-weight", type=float, default=0.0,
+    optimize.add_argument("--mcq-weight", type=nonneg_float, default=0.0,
                           help="capability penalty per unit of MCQ accuracy lost (default 0: off)")
-    optimize.add_argument("--perplexity-weight", type=float, default=0.0,
+    optimize.add_argument("--perplexity-weight", type=nonneg_float, default=0.0,
                           help="capability penalty per unit of log perplexity gained (default 0: off)")
     optimize.add_argument("--positions", default="all", choices=["last", "all"], help="steered positions (default all)")
     optimize.add_argument("--no-prune", action="store_true",
                           help="run every trial to the end (a grid always does; tpe prunes by the median rule)")
-    optimize.add_argument("--storage", default=None,
+    optimize.add_argument("--storage", default=None, type=storage_url,
                           help="Optuna storage URL (default sqlite:///RUN_DIR/optimize.db); e.g. postgresql://...")
-    optimize.add_argument("--study", default=None, help="study name (default <objective>-<category or global>)")
+    optimize.add_argument("--study", default=None, type=nonempty_text, help="study name (default <objective>-<category or global>)")
     optimize.add_argument("--no-evaluate", action="store_true",
                           help="search only; skip the held-out evaluation (extra workers)")
-    optimize.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default 8)")
-    optimize.add_argument("--seed", type=int, default=0, help="sampler seed and prompt sampling (default 0)")
+    optimize.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generation batch (default 8)")
+    optimize.add_argument("--seed", type=seed_int, default=0, help="sampler seed and prompt sampling (default 0)")
     optimize.set_defaults(func=commands.optimize)
 
     judge = subcommands.add_parser(
@@ -206,18 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
         "`torsion judge agree A.jsonl B.jsonl` prints confusion matrices, accuracy and Cohen's kappa. "
         "The LLM judge reads its API key from the environment variable named by --api-key-env; the key is "
         "never written anywhere.")
-    judge.add_argument("input", help="a JSONL file, or the word agree")
+    judge.add_argument("input", type=nonempty_text, help="a JSONL file, or the word agree")
     judge.add_argument("files", nargs="*", type=Path, help="with agree: the two labelled files")
-    judge.add_argument("--out", type=Path, default=None, help="output JSONL (appended, resumable)")
+    judge.add_argument("--out", type=output_path, default=None, help="output JSONL (appended, resumable)")
     judge.add_argument("--judge", default="rules", choices=["rules", "llm"])
     judge.add_argument("--llm-model", default=None, help="model name at the endpoint (llm judge)")
     judge.add_argument("--base-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     judge.add_argument("--api-key-env", default=None, help="environment variable holding the key (default OPENAI_API_KEY)")
-    judge.add_argument("--samples", type=int, default=None,
+    judge.add_argument("--samples", type=positive_int, default=None,
                        help="replies per item when --temperature > 0 (llm judge; at 0 one request is sent)")
-    judge.add_argument("--temperature", type=float, default=None, help="sampling temperature (llm judge, default 0)")
-    judge.add_argument("--max-workers", type=int, default=None, help="concurrent requests (llm judge)")
-    judge.add_argument("--cache", type=Path, default=None, help="SQLite cache (default: next to --out)")
+    judge.add_argument("--temperature", type=nonneg_float, default=None,
+                       help="sampling temperature (llm judge, default 0)")
+    judge.add_argument("--max-workers", type=positive_int, default=None, help="concurrent requests (llm judge)")
+    judge.add_argument("--cache", type=output_path, default=None, help="SQLite cache (default: next to --out)")
     judge.set_defaults(func=commands.judge)
 
     serve = subcommands.add_parser(
@@ -226,11 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
         "or not. Binds 127.0.0.1 by default.")
     _add_model_options(serve, "embedded:qwen2.5-coder-0.5b")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--vector", default=None, help="a vectors.safetensors file to steer with")
+    serve.add_argument("--port", type=port_int, default=8000)
+    serve.add_argument("--vector", default=None, type=existing_file, help="a vectors.safetensors file to steer with")
     serve.add_argument("--key", default=None, help="which vector in the file, e.g. md/resid")
-    serve.add_argument("--layers", type=int, nargs="+", default=None, help="blocks to steer")
-    serve.add_argument("--alpha", type=float, nargs="+", default=None, help="one alpha, or one per layer")
+    serve.add_argument("--layers", type=block_index, nargs="+", default=None, help="blocks to steer")
+    serve.add_argument("--alpha", type=finite_float, nargs="+", default=None, help="one alpha, or one per layer")
     serve.add_argument("--component", default="resid", choices=["resid", "attn", "mlp"])
     serve.add_argument("--positions", default="last", choices=["last", "all"])
     serve.set_defaults(func=commands.serve)
@@ -241,23 +324,47 @@ def build_parser() -> argparse.ArgumentParser:
         "with the rules that fired; confirm (h) or override (n, r) with keys or buttons. Decisions go to "
         "RUN_DIR/review.jsonl and survive restarts; analysis/review.json holds the genuinely-harmful count. "
         "Binds 127.0.0.1; on any other address the URL carries a random access token.")
-    review.add_argument("run_dir", type=Path, help="a directory made by `torsion run`")
+    review.add_argument("run_dir", type=run_directory, help="a directory made by `torsion run`")
     review.add_argument("--host", default="127.0.0.1")
-    review.add_argument("--port", type=int, default=8765)
+    review.add_argument("--port", type=port_int, default=8765)
     review.set_defaults(func=commands.review)
+    for command in subcommands.choices.values():  # --debug also after the command name
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a bad argument (already printed as one line)
+        return done.code if isinstance(done.code, int) else 2
+    debug = args.debug
     try:
         return args.func(args)
     except TorsionError as error:
-        print(f"torsion: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(2, f"torsion: error: {error}", debug)
     except KeyboardInterrupt:
-        print("torsion: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return _fail(130, "torsion: interrupted; run the same command again to resume", debug)
+    except OSError as error:  # the file system is input too: a path, a permission, a full disk
+        where = f" ({error.filename})" if error.filename else ""
+        return _fail(2, f"torsion: error: {error.strerror or error}{where}; check the path, its permissions "
+                     "and the free space", debug)
+    except Exception as error:  # noqa: BLE001 (the boundary: anything else is a bug, reported in one line)
+        name = type(error).__name__
+        if name == "OutOfMemoryError" or isinstance(error, MemoryError):
+            return _fail(1, f"torsion: error: out of memory ({name}); lower --batch-size or --n-prompts, or use "
+                         "a smaller model or --device auto", debug)
+        message = one_line(str(error))[:300]
+        return _fail(1, f"torsion: internal error: {name}: {message}; this is a bug in torsion: rerun with "
+                     "--debug for the traceback and report it", debug)
+
+
+def _fail(code: int, line: str, debug: bool) -> int:
+    """Print the one-line report (after the traceback when ``debug``) and return the exit status."""
+    if debug:
+        traceback.print_exc()
+    print(one_line(line), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

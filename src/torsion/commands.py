@@ -61,6 +61,8 @@ def steer(args: argparse.Namespace) -> int:
         from torsion.data import load_source
 
         prompts = [p.prompt for p in load_source(args.prompts)][: args.limit]
+        if not prompts:
+            raise TorsionError(f"prompt source {args.prompts!r} holds no prompts; pass a source with at least one")
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     vector = load_vector(args.vector, args.key, d_model=lm.d_model)
     rows = generate_steered(lm, prompts, vectors=vector, layers=args.layers, alpha=args.alpha,
@@ -120,14 +122,14 @@ def orthogonalize(args: argparse.Namespace) -> int:
 
 
 def _run_model_spec(run_dir: Path, given: str | None) -> str:
-    import json
+    from torsion.store import RunDir
 
     if given:
         return given
-    manifest = run_dir / "manifest.json"
-    if not manifest.is_file():
+    run = RunDir(run_dir)
+    if not run.manifest_path.is_file():
         raise TorsionError(f"{run_dir} is not a run directory (no manifest.json); pass the output of `torsion run`")
-    return json.loads(manifest.read_text()).get("model", {}).get("spec") or "embedded:qwen2.5-coder-0.5b"
+    return run.manifest().get("model", {}).get("spec") or "embedded:qwen2.5-coder-0.5b"
 
 
 def _one_alpha(alphas: list[float]) -> float:
@@ -136,18 +138,58 @@ def _one_alpha(alphas: list[float]) -> float:
     return alphas[0]
 
 
+# The run files each analysis reads (besides manifest.json), checked before any model loads.
+_ANALYSIS_INPUTS = {
+    "rotation": ("prompts", "responses", "activations"),
+    "propagation": ("prompts", "vectors"),
+    "random-control": ("prompts", "vectors"),
+    "categories": ("prompts", "responses", "activations", "vectors"),
+    "arditi": ("prompts", "responses", "activations", "vectors"),
+    "asymmetry": ("prompts", "responses", "vectors"),
+}
+
+
+def _check_run_for(name: str, run_dir: Path, layers: list[int] | None) -> int:
+    """Refuse a run directory that lacks ``name``'s inputs, or ``layers`` past its model's blocks.
+
+    Returns the run's seed (manifest.json), the default of every analysis's ``--seed``.
+    """
+    from torsion.store import RunDir
+
+    run = RunDir(run_dir)
+    manifest = run.manifest()
+    for stem in _ANALYSIS_INPUTS[name]:
+        path = getattr(run, f"{stem}_path")
+        if not path.is_file():
+            raise TorsionError(f"{run_dir} has no {path.name}, which `torsion analyze {name}` reads; finish the "
+                               "run first (re-run the `torsion run` command that made it)")
+    n_layers = manifest.get("model", {}).get("n_layers") if isinstance(manifest.get("model"), dict) else None
+    if layers and isinstance(n_layers, int) and max(layers) >= n_layers:
+        raise TorsionError(f"--layers {max(layers)} is out of range; the run's model has blocks 0..{n_layers - 1}")
+    seed = manifest.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TorsionError(f"{run.manifest_path} has seed {seed!r}, not a whole number; fix it or pass --seed")
+    return seed
+
+
+def _or_default(value: int | None, default: int) -> int:
+    """``value`` unless it was not given (None): a user's 0 is never replaced by the default."""
+    return default if value is None else value
+
+
 def analyze(args: argparse.Namespace) -> int:
     import json
 
     from torsion.report import build_report
 
     run_dir = args.run_dir
-    seed = args.seed
+    run_seed = _check_run_for(args.name, run_dir, args.layers)
+    seed = run_seed if args.seed is None else args.seed
     if args.name == "rotation":
         from torsion.analysis.rotation import run_rotation
 
         result = run_rotation(run_dir, B=args.bootstrap, P=args.permutations, n_splits=args.split_halves,
-                              seed=seed or 0)
+                              seed=seed)
     elif args.name == "categories":
         from torsion.analysis.categories import run_categories
 
@@ -162,28 +204,32 @@ def analyze(args: argparse.Namespace) -> int:
                 load_result(run_dir, f"{objective}-{args.scope}")
         lm = load_model(_run_model_spec(run_dir, args.model), dtype=args.dtype or "float32",
                         device=args.device or "cpu")
+        if args.layers and max(args.layers) >= lm.n_layers:
+            raise TorsionError(f"--layers {max(args.layers)} is out of range; this model has blocks "
+                               f"0..{lm.n_layers - 1}")
         if args.name == "propagation":
             from torsion.analysis.propagation import run_propagation
 
             result = run_propagation(run_dir, lm, sources=args.layers, component=args.component,
                                      alpha=-1.0 if args.alpha is None else _one_alpha(args.alpha),
-                                     n_prompts=args.n_prompts or 16, seed=seed)
+                                     n_prompts=_or_default(args.n_prompts, 16), seed=seed)
         elif args.name == "random-control":
             from torsion.analysis.random_control import run_random_control
 
             result = run_random_control(run_dir, lm, layers=args.layers, component=args.component,
                                         alpha=1.0 if args.alpha is None else _one_alpha(args.alpha),
-                                        n_random=args.n_random, n_prompts=args.n_prompts or 32, seed=seed)
+                                        n_random=args.n_random, n_prompts=_or_default(args.n_prompts, 32),
+                                        seed=seed)
         elif args.name == "asymmetry":
             from torsion.analysis.asymmetry import run_asymmetry
 
-            result = run_asymmetry(run_dir, lm, scope=args.scope, n_neutral=args.n_prompts or 32,
+            result = run_asymmetry(run_dir, lm, scope=args.scope, n_neutral=_or_default(args.n_prompts, 32),
                                    log=lambda message: print(message, file=sys.stderr))
         else:
             from torsion.analysis.arditi import run_arditi
 
             result = run_arditi(run_dir, lm, component=args.component, alphas=args.alpha or (1.0,),
-                                n_neutral=args.n_prompts or 48, seed=seed or 0)
+                                n_neutral=_or_default(args.n_prompts, 48), seed=seed)
     build_report(run_dir)
     name = result["analysis"]
     print(run_dir / "analysis" / f"{name}.json")
@@ -233,6 +279,9 @@ def judge(args: argparse.Namespace) -> int:
     from torsion.judge import get_judge, judge_rows
     from torsion.store import append_jsonl, read_jsonl
 
+    if args.input != "agree" and args.files:
+        raise TorsionError(f"torsion judge takes one input file, got {1 + len(args.files)}; judge each file "
+                           "separately, or compare two with `torsion judge agree A.jsonl B.jsonl`")
     if args.input == "agree":
         from torsion.judge.agreement import agree_files, format_agreement
 
@@ -266,22 +315,11 @@ def judge(args: argparse.Namespace) -> int:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    import json
+    from torsion.store import read_jsonl
 
     if not path.is_file():
         raise TorsionError(f"{path} does not exist; pass a JSONL file with 'prompt' and 'response' fields")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise TorsionError(f"{path} is not UTF-8 (byte {error.start}); re-save it as UTF-8") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise TorsionError(f"{path} line {number} is not valid JSON; fix or remove that line") from None
-    return rows
+    return read_jsonl(path, fix="fix or remove that line", last_line=True)
 
 
 def serve(args: argparse.Namespace) -> int:

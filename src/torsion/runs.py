@@ -11,13 +11,13 @@ from __future__ import annotations
 from torsion.data import Prompt, read_prompts_jsonl
 from torsion.errors import TorsionError
 from torsion.judge.base import is_complied, is_refused
-from torsion.store import RunDir, read_jsonl
+from torsion.store import RunDir
 
 
 def labelled_prompts(run: RunDir) -> tuple[list[Prompt], list[dict]]:
     """Prompts and their judged responses, in ``prompts.jsonl`` order."""
     prompts = read_prompts_jsonl(run.prompts_path)
-    by_id = {row["id"]: row for row in read_jsonl(run.responses_path)}
+    by_id = {row["id"]: row for row in run.responses()}
     missing = [p.id for p in prompts if p.id not in by_id]
     if missing:
         raise TorsionError(f"{len(missing)} prompts of {run.root} have no response yet (e.g. {missing[0]}); "

@@ -11,7 +11,9 @@ A run directory holds (README, "Run directory")::
     report.html
 
 Every write is atomic (temp file + ``os.replace``) or an fsynced append of whole lines,
-so a killed run never leaves a half-written file that a later run would trust.
+so a killed run never leaves a half-written file that a later run would trust. Readers
+refuse a damaged file with a :class:`~torsion.errors.TorsionError` naming the file, the line
+and the fix; only writers create the directory.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from torsion.errors import TorsionError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -48,17 +52,83 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Read whole lines; a torn last line (from a killed append) is dropped."""
+def _parse_json(text: str, where: str, fix: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise TorsionError(f"{where} is not valid JSON ({error.msg}); {fix}") from None
+    except (ValueError, RecursionError):  # an integer past Python's digit limit, nesting past the stack
+        raise TorsionError(f"{where} is not JSON torsion can read (too deeply nested or too long a number); "
+                           f"{fix}") from None
+
+
+def read_json(path: Path, *, fix: str = "fix the file or delete it and run the step that writes it again") -> dict:
+    """A JSON object file such as ``manifest.json`` or ``analysis/<name>.json``.
+
+    A missing file, bytes that are not UTF-8, invalid JSON or a non-object raise
+    :class:`TorsionError` with the file, the line and ``fix``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TorsionError(f"{path} does not exist; run the step that writes it first or check the path")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise TorsionError(f"{path} line {line} is not UTF-8; {fix}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise TorsionError(f"{path} line {error.lineno} is not valid JSON ({error.msg}); {fix}") from None
+    except (ValueError, RecursionError):
+        raise TorsionError(f"{path} is not JSON torsion can read (too deeply nested or too long a number); "
+                           f"{fix}") from None
+    if not isinstance(obj, dict):
+        raise TorsionError(f"{path} holds a JSON {type(obj).__name__}, not an object; {fix}")
+    return obj
+
+
+def read_jsonl(path: Path, *, fix: str = "fix or delete that line", last_line: bool = False) -> list[dict]:
+    """Read whole lines as JSON objects; a torn last line (from a killed append) is dropped.
+
+    ``last_line=True`` reads a final line without a newline too (a user's file, not one torsion
+    appends to). A missing file reads as no rows; blank lines are skipped. A line that is not
+    UTF-8, not valid JSON or not an object raises :class:`TorsionError` naming the file, the
+    line and ``fix``.
+    """
     path = Path(path)
     if not path.is_file():
         return []
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if not line.endswith("\n"):
-                break
-            rows.append(json.loads(line))
+    lines = path.read_bytes().split(b"\n")
+    if not last_line:
+        lines = lines[:-1]  # the piece after the last newline: empty, or a torn append
+    for number, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TorsionError(f"{path} line {number} is not UTF-8; {fix}") from None
+        if not line.strip():
+            continue
+        row = _parse_json(line, f"{path} line {number}", fix)
+        if not isinstance(row, dict):
+            raise TorsionError(f"{path} line {number} holds a JSON {type(row).__name__}, not an object; {fix}")
+        rows.append(row)
+    return rows
+
+
+def read_responses(path: Path) -> list[dict]:
+    """The rows of a run's ``responses.jsonl``, each checked for a string ``id`` and ``label``
+    and a numeric or null ``score``, so a hand-edited file fails here with its line, not later."""
+    fix = "fix or delete that line, then resume with `torsion run` on the same directory to regenerate it"
+    rows = read_jsonl(path, fix=fix)
+    for number, row in enumerate(rows, start=1):
+        score = row.get("score")
+        if not isinstance(row.get("id"), str) or not isinstance(row.get("label"), str) or (
+                score is not None and (isinstance(score, bool) or not isinstance(score, (int, float)))):
+            raise TorsionError(f"{path} row {number} needs a string 'id' and 'label' and a number or null "
+                               f"'score'; {fix}")
     return rows
 
 
@@ -74,19 +144,22 @@ def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
                 handle.seek(0)
                 content = handle.read()
                 handle.truncate(content.rfind(b"\n") + 1)
+        data = b"".join((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8") for row in rows)
         handle.seek(0, os.SEEK_END)
-        for row in rows:
-            handle.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+        handle.write(data)  # encoded first, so a row that cannot be written leaves none of the batch
         handle.flush()
         os.fsync(handle.fileno())
 
 
 class RunDir:
-    """Paths and stage bookkeeping of one run directory."""
+    """Paths and stage bookkeeping of one run directory.
+
+    Making one touches nothing on disk: the first write creates the directory, so reading a
+    mistyped path never leaves an empty directory behind.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
 
     manifest_path = property(lambda self: self.root / "manifest.json")
     prompts_path = property(lambda self: self.root / "prompts.jsonl")
@@ -99,9 +172,14 @@ class RunDir:
         return self.root / "analysis" / f"{name}.json"
 
     def manifest(self) -> dict:
+        """``manifest.json`` as a dict; ``{}`` before the first write. A damaged file is refused."""
         if not self.manifest_path.is_file():
             return {}
-        return json.loads(self.manifest_path.read_text())
+        return read_json(self.manifest_path, fix="fix it by hand (it is JSON) or start a new run directory")
+
+    def responses(self) -> list[dict]:
+        """The judged rows of ``responses.jsonl`` (:func:`read_responses`)."""
+        return read_responses(self.responses_path)
 
     def update_manifest(self, **fields: Any) -> dict:
         manifest = self.manifest()

@@ -88,7 +88,9 @@ def _stance(label: str) -> str:
 
 
 def _labels(path: Path) -> tuple[list[dict], str | None]:
-    rows = read_jsonl(path)
+    if not path.is_file():
+        raise TorsionError(f"{path} does not exist; pass a judged JSONL file (torsion judge IN --out OUT)")
+    rows = read_jsonl(path, last_line=True)
     if not rows:
         raise TorsionError(f"{path} has no rows; pass a judged JSONL file (one row with 'label' per line)")
     for number, row in enumerate(rows, start=1):
