@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from torsion.conventions import COMPONENTS, LAYER_INDEXING, POSITIONS
+from torsion.errors import TorsionError
 from torsion.models import LoadedModel, chat_prompt, post_instruction_length
 from torsion.tensorfile import RowWriter
 
@@ -117,7 +118,14 @@ def capture_to_file(lm: LoadedModel, prompts: Sequence[str], path: Path, *, comp
 
 def load_activations(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Read ``activations.safetensors``: tensors by name, and the file's metadata."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
+    if not Path(path).is_file():
+        raise TorsionError(f"{path} does not exist; finish the run's capture stage (re-run `torsion run`), or run "
+                           "again into a new directory if the file was removed")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
+    except SafetensorError as error:
+        raise TorsionError(f"{path} is not a readable safetensors file ({error}); capture again by running "
+                           "`torsion run` into a new directory") from None

@@ -162,7 +162,8 @@ def _check_run_for(name: str, run_dir: Path, layers: list[int] | None) -> int:
         path = getattr(run, f"{stem}_path")
         if not path.is_file():
             raise TorsionError(f"{run_dir} has no {path.name}, which `torsion analyze {name}` reads; finish the "
-                               "run first (re-run the `torsion run` command that made it)")
+                               "run (re-run the `torsion run` command that made it), or run again into a new "
+                               "directory if the file was removed")
     n_layers = manifest.get("model", {}).get("n_layers") if isinstance(manifest.get("model"), dict) else None
     if layers and isinstance(n_layers, int) and max(layers) >= n_layers:
         raise TorsionError(f"--layers {max(layers)} is out of range; the run's model has blocks 0..{n_layers - 1}")

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,53 +25,87 @@ from torsion.errors import TorsionError
 from torsion.vectors import SteeringVector
 
 _ARCH = "controlvector"
+MAX_IMPLIED_LAYERS = 4096  # a layer index past this, without --n-layers, is a corrupt file, not a model
 
 
 def export_control_vector_gguf(vector: SteeringVector, path: Path | str, *, model_hint: str) -> Path:
-    """Write llama.cpp's control-vector GGUF: one float32 ``direction.<l>`` per layer."""
+    """Write llama.cpp's control-vector GGUF: one float32 ``direction.<l>`` per layer.
+
+    The file appears whole or not at all: it is written beside ``path`` and renamed.
+    """
     import gguf
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(str(partial), _ARCH)
-    writer.add_string(f"{_ARCH}.model_hint", model_hint)
-    writer.add_uint32(f"{_ARCH}.layer_count", vector.n_layers)
-    for layer in range(vector.n_layers):
-        writer.add_tensor(f"direction.{layer}", vector.directions[layer].numpy().astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    partial.replace(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        writer = gguf.GGUFWriter(str(partial), _ARCH)
+        writer.add_string(f"{_ARCH}.model_hint", model_hint)
+        writer.add_uint32(f"{_ARCH}.layer_count", vector.n_layers)
+        for layer in range(vector.n_layers):
+            writer.add_tensor(f"direction.{layer}", vector.directions[layer].numpy().astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return path
 
 
 def import_control_vector_gguf(path: Path | str, *, n_layers: int | None = None) -> SteeringVector:
-    """Read a control-vector GGUF. Layers absent from the file are zero."""
+    """Read a control-vector GGUF: float32 or float16 ``direction.<l>`` tensors, ``[d_model]`` each.
+
+    Layers absent from the file are zero. Anything else (not GGUF, truncated, quantised or
+    non-finite directions, mixed widths) raises :class:`TorsionError`.
+    """
     import gguf
 
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0:
         raise TorsionError(f"control vector {path} is missing or empty; export one with torsion or repeng")
+    fix = "pass a llama.cpp control vector (torsion vector export-gguf writes one)"
     try:
         reader = gguf.GGUFReader(str(path))
-    except Exception as error:  # gguf raises plain ValueError/struct errors on bad files
-        raise TorsionError(f"{path} is not a GGUF file ({error}); pass a llama.cpp control vector") from None
-    field = reader.get_field(f"{_ARCH}.model_hint")
-    model_hint = bytes(field.parts[-1]).decode() if field is not None else ""
+        model_hint = _string_field(reader, f"{_ARCH}.model_hint")
+        tensors = [(t.name, t.tensor_type, np.array(t.data)) for t in reader.tensors]
+    except Exception as error:  # noqa: BLE001 (gguf raises ValueError, struct, index and memmap errors on bad files)
+        raise TorsionError(f"{path} is not a GGUF file torsion can read ({type(error).__name__}: {error}); {fix}") from None
     directions = {}
-    for tensor in reader.tensors:
-        prefix, _, index = tensor.name.partition(".")
-        if prefix == "direction" and index.isdigit():
-            directions[int(index)] = torch.from_numpy(np.array(tensor.data, dtype=np.float32))
+    for name, kind, data in tensors:
+        match = re.fullmatch(r"direction\.(\d{1,6})", name, flags=re.ASCII)
+        if match is None:
+            continue
+        if kind not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            raise TorsionError(f"{path} tensor {name} is {getattr(kind, 'name', kind)}, not F32 or F16; {fix}")
+        value = torch.from_numpy(data.astype(np.float32).reshape(-1))
+        if value.numel() == 0 or not bool(torch.isfinite(value).all()):
+            raise TorsionError(f"{path} tensor {name} is empty or holds non-finite values; {fix}")
+        directions[int(match.group(1))] = value
     if not directions:
         raise TorsionError(f"{path} holds no direction.<layer> tensors; is it a control vector?")
     return _from_layer_dict(directions, n_layers, {"source": str(path), "model_hint": model_hint,
                                                    "format": "llama.cpp controlvector"})
 
 
+def _string_field(reader, name: str) -> str:
+    """A GGUF string key's value, or "" when absent or not a string."""
+    import gguf
+
+    field = reader.get_field(name)
+    if field is None or list(field.types) != [gguf.GGUFValueType.STRING]:
+        return ""
+    return bytes(field.parts[-1]).decode("utf-8", errors="replace")
+
+
 def _from_layer_dict(directions: dict[int, torch.Tensor], n_layers: int | None, meta: dict) -> SteeringVector:
+    if n_layers is None and max(directions) >= MAX_IMPLIED_LAYERS:
+        raise TorsionError(f"vector has layer {max(directions)}, past {MAX_IMPLIED_LAYERS} blocks; pass the "
+                           "model's block count (--n-layers) or use a vector made for a real model")
+    if min(directions) < 0:
+        raise TorsionError(f"vector has layer {min(directions)}; layers are decoder blocks 0..L-1, fix the source")
     count = n_layers if n_layers is not None else max(directions) + 1
     if max(directions) >= count:
         raise TorsionError(f"vector has layer {max(directions)} but the model has {count} blocks; "

@@ -47,7 +47,7 @@ from torsion.runs import labelled_prompts
 from torsion.search import best_params, open_study, redact_url, run_worker, storage_url
 from torsion.selection import DEFAULT_WINDOW, eligible_layers, select_layers
 from torsion.steer import add_steering
-from torsion.store import RunDir, atomic_write_json
+from torsion.store import RunDir, atomic_write_json, read_json
 from torsion.vectors import load_vectors
 
 SCHEMA_VERSION = 1
@@ -316,7 +316,7 @@ def run_optimize(run_dir: Path, lm: LoadedModel, settings: SearchSettings, *, st
                        **{name: [p.id for p in prompts] for name, prompts in sets.items()}},
     }
     path = run.analysis_path(f"optimize_{study_name}")
-    existing = json.loads(path.read_text()) if path.is_file() else {}
+    existing = read_json(path) if path.is_file() else {}
     if "held_out" in existing and existing.get("best") == result["best"] and existing.get("storage") == result["storage"]:
         log(f"held-out evaluation of trial {result['best']['number']} already in {path}; not repeated")
         return existing  # the holdout is evaluated once per chosen trial, by whichever worker got there first
@@ -356,7 +356,7 @@ def load_result(run_dir: Path, study_name: str) -> dict[str, Any]:
         category = "" if scope == "global" else f" --category {scope}"
         raise TorsionError(f"{path} is missing; run `torsion optimize {run_dir} --objective {objective}{category}` "
                            "first (or pass the --scope of the searches you ran)")
-    return json.loads(path.read_text())
+    return read_json(path, fix=f"delete it and run `torsion optimize {run_dir}` again")
 
 
 

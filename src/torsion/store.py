@@ -89,14 +89,9 @@ def read_json(path: Path, *, fix: str = "fix the file or delete it and run the s
     return obj
 
 
-def read_jsonl(path: Path, *, fix: str = "fix or delete that line", last_line: bool = False) -> list[dict]:
-    """Read whole lines as JSON objects; a torn last line (from a killed append) is dropped.
-
-    ``last_line=True`` reads a final line without a newline too (a user's file, not one torsion
-    appends to). A missing file reads as no rows; blank lines are skipped. A line that is not
-    UTF-8, not valid JSON or not an object raises :class:`TorsionError` naming the file, the
-    line and ``fix``.
-    """
+def numbered_jsonl(path: Path, *, fix: str = "fix or delete that line",
+                   last_line: bool = False) -> list[tuple[int, dict]]:
+    """``(line number, row)`` for each JSON object line of ``path``; see :func:`read_jsonl`."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -114,22 +109,33 @@ def read_jsonl(path: Path, *, fix: str = "fix or delete that line", last_line: b
         row = _parse_json(line, f"{path} line {number}", fix)
         if not isinstance(row, dict):
             raise TorsionError(f"{path} line {number} holds a JSON {type(row).__name__}, not an object; {fix}")
-        rows.append(row)
+        rows.append((number, row))
     return rows
+
+
+def read_jsonl(path: Path, *, fix: str = "fix or delete that line", last_line: bool = False) -> list[dict]:
+    """Read whole lines as JSON objects; a torn last line (from a killed append) is dropped.
+
+    ``last_line=True`` reads a final line without a newline too (a user's file, not one torsion
+    appends to). A missing file reads as no rows; blank lines are skipped. A line that is not
+    UTF-8, not valid JSON or not an object raises :class:`TorsionError` naming the file, the
+    line and ``fix``.
+    """
+    return [row for _, row in numbered_jsonl(path, fix=fix, last_line=last_line)]
 
 
 def read_responses(path: Path) -> list[dict]:
     """The rows of a run's ``responses.jsonl``, each checked for a string ``id`` and ``label``
     and a numeric or null ``score``, so a hand-edited file fails here with its line, not later."""
     fix = "fix or delete that line, then resume with `torsion run` on the same directory to regenerate it"
-    rows = read_jsonl(path, fix=fix)
-    for number, row in enumerate(rows, start=1):
+    rows = numbered_jsonl(path, fix=fix)
+    for number, row in rows:
         score = row.get("score")
         if not isinstance(row.get("id"), str) or not isinstance(row.get("label"), str) or (
                 score is not None and (isinstance(score, bool) or not isinstance(score, (int, float)))):
-            raise TorsionError(f"{path} row {number} needs a string 'id' and 'label' and a number or null "
+            raise TorsionError(f"{path} line {number} needs a string 'id' and 'label' and a number or null "
                                f"'score'; {fix}")
-    return rows
+    return [row for _, row in rows]
 
 
 def append_jsonl(path: Path, rows: Iterable[dict]) -> None:

@@ -148,19 +148,26 @@ def save_vectors(path: str | Path, vectors: Mapping[str, SteeringVector], *, run
 def load_vectors(path: str | Path, *, d_model: int | None = None) -> dict[str, SteeringVector]:
     """Read every vector of a vector file, key -> vector.
 
-    ``d_model``, when given, is the model's width; a file of another width is refused.
+    ``d_model``, when given, is the model's width; a file of another width is refused, as is any
+    tensor that is not a finite, non-empty ``[n_layers, d_model]`` real matrix.
     """
     path = Path(path)
     metadata, tensors = _read(path)
     vectors = {}
     for key, tensor in tensors.items():
-        if tensor.ndim != 2:
+        if tensor.ndim != 2 or 0 in tensor.shape:
             raise TorsionError(f"tensor {key!r} in {path} has shape {list(tensor.shape)}, not "
                                "[n_layers, d_model]; pass a vector file, not an activations file")
+        if tensor.is_complex() or tensor.dtype == torch.bool:
+            raise TorsionError(f"tensor {key!r} in {path} is {tensor.dtype}, not real numbers; pass a vector file")
         if d_model is not None and tensor.shape[1] != d_model:
             raise TorsionError(f"vector file {path} has d_model={tensor.shape[1]} but the model has "
                                f"{d_model}; use vectors computed for this model")
-        vectors[key] = SteeringVector(tensor, json.loads(metadata.get(f"meta:{key}", "{}")))
+        tensor = tensor.float()
+        if not bool(torch.isfinite(tensor).all()):
+            raise TorsionError(f"vector {key!r} in {path} holds non-finite values (inf or nan); compute the "
+                               "vectors again")
+        vectors[key] = SteeringVector(tensor, _json_object(path, metadata, f"meta:{key}"))
     return vectors
 
 
@@ -180,7 +187,19 @@ def load_vector(path: str | Path, key: str | None = None, *, d_model: int | None
 def load_run_meta(path: str | Path) -> dict[str, Any]:
     """The ``run_meta`` that :func:`save_vectors` recorded in a vector file."""
     metadata, _ = _read(Path(path))
-    return json.loads(metadata.get("torsion:run", "{}"))
+    return _json_object(Path(path), metadata, "torsion:run")
+
+
+def _json_object(path: Path, metadata: Mapping[str, str], name: str) -> dict[str, Any]:
+    """The JSON object stored under ``name`` in a vector file's metadata (``{}`` when absent)."""
+    try:
+        value = json.loads(metadata.get(name, "{}"))
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, dict):
+        raise TorsionError(f"{path} metadata {name!r} is not a JSON object; the file is damaged or was not "
+                           "written by torsion, compute the vectors again")
+    return value
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
@@ -195,9 +214,9 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except SafetensorError as error:
-        raise TorsionError(f"{path} is not a safetensors vector file ({error}); pass a file written "
-                           "by torsion's save_vectors") from None
+    except (SafetensorError, ValueError, TypeError, RuntimeError, OverflowError, MemoryError) as error:
+        raise TorsionError(f"{path} is not a safetensors vector file ({type(error).__name__}: {error}); pass a "
+                           "file written by torsion's save_vectors") from None
     if not tensors:
         raise TorsionError(f"vector file {path} holds no vectors; compute the vectors again")
     return metadata, tensors

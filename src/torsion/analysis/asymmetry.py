@@ -29,7 +29,7 @@ from torsion.errors import TorsionError
 from torsion.metrics import first_token_kl
 from torsion.models import LoadedModel
 from torsion.optimize import SearchSettings, Steering, run_generation_settings, load_result, prompt_sets
-from torsion.store import RunDir, atomic_write_json
+from torsion.store import RunDir, atomic_write_json, read_json
 from torsion.vectors import load_vectors
 
 SCHEMA_VERSION = 1
@@ -177,10 +177,8 @@ def push_past(run: RunDir, lm: LoadedModel, refuse: dict[str, Any], factors: Seq
 
 
 def _quoted(run: RunDir, name: str) -> dict[str, Any] | None:
-    import json
-
     path = run.analysis_path(name)
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def _max_strong_comply(result: dict[str, Any]) -> float | None:

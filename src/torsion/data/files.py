@@ -31,7 +31,25 @@ def prompt_from_row(row: object, where: str, source: str) -> Prompt:
     text = row.get("prompt")
     if not isinstance(text, str) or not text.strip():
         raise TorsionError(f"{where} has no non-empty 'prompt'; fill it in or remove that row")
-    return make_prompt(text, str(row.get("category") or ""), source)
+    category = row.get("category")
+    if category is None:
+        category = ""
+    if isinstance(category, bool) or not isinstance(category, (str, int, float)):
+        raise TorsionError(f"{where} has a {type(category).__name__} 'category'; give a name or leave it empty")
+    category = str(category).strip()
+    for name, value in (("prompt", text), ("category", category)):
+        if not _encodable(value):
+            raise TorsionError(f"{where} has a {name} that is not valid Unicode (a lone surrogate such as "
+                               "\\ud800); fix that row")
+    return make_prompt(text, category, source)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _decode(path: Path) -> str:
@@ -44,13 +62,17 @@ def _decode(path: Path) -> str:
 
 
 def _csv_rows(path: Path, text: str) -> list[Prompt]:
-    reader = csv.DictReader(io.StringIO(text))
-    if "prompt" not in (reader.fieldnames or []):
-        raise TorsionError(f"{path} has no 'prompt' column; "
-                           "add a header row naming 'prompt' (and optionally 'category')")
-    prompts = []
-    for row in reader:
-        prompts.append(prompt_from_row(row, f"{path} line {reader.line_num}", path.name))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        if "prompt" not in (reader.fieldnames or []):
+            raise TorsionError(f"{path} has no 'prompt' column; "
+                               "add a header row naming 'prompt' (and optionally 'category')")
+        prompts = []
+        for row in reader:
+            prompts.append(prompt_from_row(row, f"{path} line {reader.line_num}", path.name))
+    except csv.Error as error:
+        raise TorsionError(f"{path} line {reader.line_num} is not valid CSV ({error}); fix that line "
+                           "(quote fields holding commas, quotes or line breaks)") from None
     return prompts
 
 
@@ -59,6 +81,8 @@ def _json_rows(path: Path, text: str) -> list[Prompt]:
         rows = json.loads(text)
     except json.JSONDecodeError as error:
         raise TorsionError(f"{path} line {error.lineno} is not valid JSON ({error.msg}); fix the file") from None
+    except (ValueError, RecursionError):  # a number past Python's digit limit, nesting past the stack
+        raise TorsionError(f"{path} is too deeply nested or holds too long a number; fix the file") from None
     if not isinstance(rows, list):
         raise TorsionError(f"{path} must hold a JSON list of objects; wrap the rows in [ ... ], each with a 'prompt'")
     return [prompt_from_row(row, f"{path} item {number}", path.name) for number, row in enumerate(rows, start=1)]
@@ -71,7 +95,7 @@ def _jsonl_rows(path: Path, text: str) -> list[Prompt]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, too long a number, too deep a nesting
             raise TorsionError(f"{path} line {number} is not valid JSON; fix or remove that line") from None
         prompts.append(prompt_from_row(row, f"{path} line {number}", path.name))
     return prompts

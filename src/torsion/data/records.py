@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from torsion.errors import TorsionError
-from torsion.store import atomic_write_text
+from torsion.store import atomic_write_text, numbered_jsonl
 
 PROMPT_FIELDS = ("id", "prompt", "category", "source", "split", "prompt_hash")
 SPLITS = ("train", "holdout")
@@ -56,25 +56,22 @@ def write_prompts_jsonl(path: Path, prompts: Sequence[Prompt]) -> None:
 
 
 def read_prompts_jsonl(path: Path) -> list[Prompt]:
-    """Read a file written by :func:`write_prompts_jsonl`, in file order."""
+    """Read a file written by :func:`write_prompts_jsonl`, in file order.
+
+    A damaged file (not UTF-8, a line that is not a JSON object, a missing or non-string field,
+    an unknown split) raises :class:`TorsionError` naming the line.
+    """
     path = Path(path)
     if not path.is_file():
         raise TorsionError(f"prompts file {path} does not exist; run the prompts stage first or check the path")
+    fix = "restore the file, or rebuild the prompt set in a new run directory"
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise TorsionError(f"{path} line {number} is not valid JSON; "
-                               "delete the file and rebuild the prompt set") from None
-        missing = [name for name in PROMPT_FIELDS if not isinstance(row, dict) or name not in row]
-        if missing:
-            raise TorsionError(f"{path} line {number} lacks {', '.join(missing)}; "
-                               "delete the file and rebuild the prompt set")
+    for number, row in numbered_jsonl(path, fix=fix, last_line=True):
+        bad = [name for name in PROMPT_FIELDS if not isinstance(row.get(name), str)]
+        if bad:
+            raise TorsionError(f"{path} line {number} lacks {', '.join(bad)} (each a string); {fix}")
         if row["split"] not in SPLITS:
             raise TorsionError(f"{path} line {number} has split {row['split']!r}, not one of {', '.join(SPLITS)}; "
-                               "fix that line or rebuild the prompt set")
+                               f"{fix}")
         prompts.append(Prompt(**{name: row[name] for name in PROMPT_FIELDS}))
     return prompts
