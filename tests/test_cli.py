@@ -1,9 +1,11 @@
+import json
 import subprocess
 import sys
 
 import pytest
 
 from torsion.cli import main
+from torsion.errors import TorsionError
 
 
 def _run(*args, env=None):
@@ -107,3 +109,164 @@ def test_judge_command_labels_resumes_and_rejects_bad_rows(tmp_path, capsys):
     latin.write_bytes(b'{"prompt": "caf\xe9"}\n')
     assert main(["judge", str(latin), "--out", str(tmp_path / "o3.jsonl")]) == 2
     assert "is not UTF-8" in capsys.readouterr().err
+
+
+# ----- every bad input is one line and a non-zero exit, never a traceback -----
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["steer", "--vector", "{v}/ok.safetensors", "--prompt", "hi", "--layers", "1", "--alpha", "1", "--limit", "0"],
+     "argument --limit: '0' is not a whole number >= 1"),
+    (["steer", "--vector", "{v}/ok.safetensors", "--prompt", "hi", "--layers", "1", "--alpha", "1",
+      "--batch-size", "0"], "argument --batch-size: '0' is not a whole number >= 1"),
+    (["steer", "--vector", "{v}/ok.safetensors", "--prompt", " ", "--layers", "1", "--alpha", "1"],
+     "argument --prompt: ' ' is not non-empty text"),
+    (["steer", "--vector", "{v}/absent.safetensors", "--prompt", "hi", "--layers", "1", "--alpha", "1"],
+     "absent.safetensors does not exist; pass an existing file"),
+    (["steer", "--vector", "{v}/ok.safetensors", "--prompt", "hi", "--layers", "-1", "--alpha", "1"],
+     "argument --layers: '-1' is not a block index >= 0"),
+    (["steer", "--vector", "{v}/ok.safetensors", "--prompt", "hi", "--layers", "1", "--alpha", "1e999"],
+     "'1e999' is not a finite number"),
+    (["optimize", "{run}", "--batch-size", "0"], "argument --batch-size: '0' is not a whole number >= 1"),
+    (["optimize", "{run}", "--layer-window", "0.2", "1.5"], "'1.5' is not a fraction between 0 and 1"),
+    (["optimize", "{run}", "--storage", "nonsense"], "is not a database URL"),
+    (["analyze", "propagation", "{run}", "--n-prompts", "0"], "argument --n-prompts: '0' is not a whole number >= 1"),
+    (["analyze", "rotation", "{run}", "--bootstrap", "0"], "argument --bootstrap: '0' is not a whole number >= 1"),
+    (["analyze", "rotation", "{run}", "--seed", "-3"], "argument --seed: '-3' is not a whole number >= 0"),
+    (["analyze", "rotation", "{run}", "--device", "gpu"], "is not cpu, cuda, cuda:N, mps or auto"),
+    (["run", "--n-per-source", "0"], "argument --n-per-source: '0' is not a whole number >= 1"),
+    (["run", "--max-new-tokens", "-4"], "argument --max-new-tokens"),
+    (["vector", "info", "{v}/absent.safetensors"], "does not exist; pass an existing file"),
+    (["vector", "import-gguf", "{v}/ok.safetensors", "--n-layers", "0"], "argument --n-layers"),
+    (["serve", "--port", "99999"], "is not a port number 0..65535"),
+    (["review", "{v}"], "has no manifest.json; pass a directory made by `torsion run`"),
+    (["judge", "in.jsonl", "--samples", "0"], "argument --samples"),
+    (["orthogonalize", "--vector", "{v}/ok.safetensors", "--layer", "-2", "--out", "x"], "argument --layer"),
+    (["analyze", "nonsense", "{run}"], "invalid choice: 'nonsense'"),
+])
+def test_bad_arguments_fail_as_parsed_in_one_line(vector_files, finished_tiny_run, capsys, args, message):
+    code = main([a.replace("{v}", str(vector_files)).replace("{run}", str(finished_tiny_run)) for a in args])
+    line = _one_error_line(capsys)
+    assert code == 2 and line.startswith("torsion: error: ") and message in line, line
+    assert "--help`" in line  # the fix: where the option is explained
+
+
+def test_analyze_a_mistyped_directory_creates_nothing(tmp_path, capsys):
+    from torsion.analysis.rotation import run_rotation
+
+    typo = tmp_path / "typo-dir"
+    assert main(["analyze", "rotation", str(typo)]) == 2
+    assert "typo-dir does not exist" in _one_error_line(capsys) and not typo.exists()
+    with pytest.raises(TorsionError):
+        run_rotation(typo)  # the library reads too: no directory appears
+    assert not typo.exists()
+
+
+def test_analyze_without_activations_names_the_missing_file(tiny_run, capsys):
+    (tiny_run / "activations.safetensors").unlink()
+    assert main(["analyze", "rotation", str(tiny_run)]) == 2
+    line = _one_error_line(capsys)
+    assert "has no activations.safetensors, which `torsion analyze rotation` reads" in line
+
+
+@pytest.mark.parametrize("name", ["categories", "random-control", "propagation"])
+def test_analyze_layers_past_the_model_are_refused_before_loading(finished_tiny_run, capsys, name):
+    assert main(["analyze", name, str(finished_tiny_run), "--layers", "2", "99"]) == 2
+    assert "--layers 99 is out of range; the run's model has blocks 0..3" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("manifest.json", '{"seed": 0,\n  "model": ', "manifest.json line 2 is not valid JSON"),
+    ("manifest.json", "[1, 2]", "manifest.json holds a JSON list, not an object"),
+    ("responses.jsonl", None, "responses.jsonl line 2 is not valid JSON"),
+])
+def test_a_damaged_run_file_is_one_line_naming_file_and_line(tiny_run, capsys, file, content, message):
+    path = tiny_run / file
+    if content is None:  # damage the second line of the real file
+        lines = path.read_text().splitlines(keepends=True)
+        content = lines[0] + '{"id": "x", "label"\n' + "".join(lines[2:])
+    path.write_text(content)
+    assert main(["analyze", "rotation", str(tiny_run)]) == 2
+    line = _one_error_line(capsys)
+    assert message in line and "; " in line, line  # the problem, then the fix
+
+
+def test_steer_on_an_empty_prompt_file(tiny_dir, vector_files, tmp_path, capsys):
+    empty = tmp_path / "none.jsonl"
+    empty.write_text("\n")
+    code = main(["steer", "--model", str(tiny_dir), "--vector", str(vector_files / "ok.safetensors"),
+                 "--prompts", str(empty), "--layers", "1", "--alpha", "1"])
+    assert code == 2 and "holds no prompts" in _one_error_line(capsys)
+
+
+def test_judge_agree_on_a_missing_file_says_so(tmp_path, capsys):
+    present = tmp_path / "a.jsonl"
+    present.write_text('{"id": "1", "label": "strong_refuse"}\n')
+    assert main(["judge", "agree", str(present), str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl does not exist" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("raised, code, message", [
+    (ZeroDivisionError("division by zero"), 1,
+     "torsion: internal error: ZeroDivisionError: division by zero; this is a bug in torsion: rerun with --debug"),
+    (ValueError("two\nlines"), 1, "torsion: internal error: ValueError: two lines;"),
+    (KeyboardInterrupt(), 130, "torsion: interrupted; run the same command again to resume"),
+    (PermissionError(13, "Permission denied", "/root/x"), 2,
+     "torsion: error: Permission denied (/root/x); check the path"),
+    (TorsionError("bad\ninput; fix it"), 2, "torsion: error: bad input; fix it"),
+])
+def test_the_boundary_reports_any_exception_in_one_line(monkeypatch, capsys, raised, code, message):
+    from torsion import commands
+
+    def fail(args):
+        raise raised
+
+    monkeypatch.setattr(commands, "assets", fail)
+    assert main(["assets", "list"]) == code
+    assert _one_error_line(capsys).startswith(message)
+    for argv in (["--debug", "assets", "list"], ["assets", "list", "--debug"]):
+        assert main(argv) == code
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith(message)
+
+
+# ----- item 7: the analyses use the run's seed; a user's 0 is never the default -----
+
+def test_analyze_rotation_uses_the_runs_seed(tiny_run, capsys):
+    from torsion.store import RunDir
+
+    RunDir(tiny_run).update_manifest(seed=7)
+    small = ["--bootstrap", "5", "--permutations", "5", "--split-halves", "2"]
+    assert main(["analyze", "rotation", str(tiny_run), *small]) == 0
+    assert json.loads((tiny_run / "analysis" / "rotation.json").read_text())["seed"] == 7
+    assert main(["analyze", "rotation", str(tiny_run), *small, "--seed", "3"]) == 0
+    assert json.loads((tiny_run / "analysis" / "rotation.json").read_text())["seed"] == 3
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("seed_args, expected", [([], 7), (["--seed", "0"], 0)])
+def test_analyze_arditi_uses_the_runs_seed(tiny_run, monkeypatch, seed_args, expected):
+    import types
+
+    import torsion.analysis.arditi
+    import torsion.models
+    import torsion.report
+    from torsion.store import RunDir
+
+    RunDir(tiny_run).update_manifest(seed=7)
+    seen = {}
+
+    def fake_arditi(run_dir, lm, *, component, alphas, n_neutral, seed):
+        seen.update(seed=seed, n_neutral=n_neutral)
+        return {"analysis": "arditi"}
+
+    monkeypatch.setattr(torsion.analysis.arditi, "run_arditi", fake_arditi)
+    monkeypatch.setattr(torsion.models, "load_model", lambda *a, **k: types.SimpleNamespace(n_layers=4))
+    monkeypatch.setattr(torsion.report, "build_report", lambda run_dir: None)
+    assert main(["analyze", "arditi", str(tiny_run), *seed_args]) == 0
+    assert seen == {"seed": expected, "n_neutral": 48}
