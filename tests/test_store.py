@@ -42,3 +42,40 @@ def test_a_finished_stage_invalidates_its_downstream(tmp_path):
     with run.stage("analysis", invalidates=("report",)):
         pass
     assert run.stage_done("analysis") and not run.stage_done("report")
+
+
+def test_run_dir_creates_nothing_until_the_first_write(tmp_path):
+    run = RunDir(tmp_path / "typo")
+    assert run.manifest() == {} and read_jsonl(run.responses_path) == [] and not run.root.exists()
+    run.update_manifest(seed=1)  # a writer creates it
+    assert run.manifest() == {"seed": 1}
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"seed": 1,\n"x": }', r"manifest\.json line 2 is not valid JSON \(Expecting value\); fix it by hand"),
+    ("[]", r"manifest\.json holds a JSON list, not an object"),
+    (b'{"seed": "\xff"}', r"manifest\.json line 1 is not UTF-8"),
+])
+def test_a_damaged_manifest_names_file_line_and_fix(tmp_path, content, message):
+    from torsion.errors import TorsionError
+
+    path = tmp_path / "manifest.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(TorsionError, match=message):
+        RunDir(tmp_path).manifest()
+
+
+def test_read_responses_names_the_line_of_a_bad_row(tmp_path):
+    from torsion.errors import TorsionError
+    from torsion.store import read_responses
+
+    path = tmp_path / "responses.jsonl"
+    good = {"id": "a", "label": "strong_refuse", "score": 1.0}
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "score": "high"}) + "\n")
+    with pytest.raises(TorsionError, match=r"responses\.jsonl line 3 needs a string 'id' and 'label' and a number"):
+        read_responses(path)
+    path.write_text(json.dumps(good) + "\n[1]\n")
+    with pytest.raises(TorsionError, match=r"line 2 holds a JSON list, not an object; fix or delete that line"):
+        read_responses(path)
+    path.write_text(json.dumps(good) + '\n{"id": "b", "lab')  # a torn append is still dropped, not an error
+    assert read_responses(path) == [good]
