@@ -35,12 +35,14 @@ json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
 field_names = st.sampled_from(["prompt", "category", "id", "label", "score", "response", "split", "source",
                                "prompt_hash", "x"])
 rows = st.dictionaries(field_names, json_values | st.text(max_size=30), max_size=6)
+prompt_rows = st.fixed_dictionaries({"prompt": st.text(max_size=30)},
+                                    optional={"category": st.text(max_size=8) | scalars | json_values})
 awkward_lines = st.sampled_from([
     "[" * 5000 + "]" * 5000, "1" * 5000, '"\\ud800"', '{"prompt": "\\udfff"}', "\x00", "\ufeff{}", "{}\r",
     '{"prompt": "a", "category": {"b": 1}}', "NaN", "-Infinity", '{"prompt": "ok"}',
 ])
-lines = st.lists(st.one_of(rows.map(json.dumps), json_values.map(json.dumps), awkward_lines,
-                           st.text(max_size=40)), max_size=8)
+lines = st.lists(st.one_of(prompt_rows.map(json.dumps), prompt_rows.map(json.dumps), rows.map(json.dumps),
+                           json_values.map(json.dumps), awkward_lines, st.text(max_size=40)), max_size=8)
 
 
 def _one_line_error(call):
@@ -134,10 +136,11 @@ def test_run_json_readers(scratch, data):
 
 # ----- vector files: safetensors -----
 
-dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool,
-                          torch.uint8])
-shapes = st.lists(st.integers(0, 4), min_size=0, max_size=3)
-metadata_values = st.text(max_size=20) | json_values.map(json.dumps)
+dtypes = st.sampled_from([torch.float32, torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
+                          torch.bool, torch.uint8])
+shapes = st.lists(st.integers(1, 4), min_size=2, max_size=2) | st.lists(st.integers(0, 4), max_size=3)
+metadata_values = (st.dictionaries(st.text(max_size=5), scalars, max_size=3).map(json.dumps)
+                   | st.text(max_size=20) | json_values.map(json.dumps))
 
 
 @st.composite
@@ -146,7 +149,7 @@ def safetensors_files(draw) -> bytes:
     for key in draw(st.lists(st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=8),
                              max_size=3, unique=True)):
         shape = draw(shapes)
-        values = torch.tensor(draw(st.lists(st.floats(width=32) | st.integers(-3, 3),
+        values = torch.tensor(draw(st.lists(st.floats(-4, 4, width=32) | st.floats(width=32) | st.integers(-3, 3),
                                             min_size=int(torch.Size(shape).numel()),
                                             max_size=int(torch.Size(shape).numel()))), dtype=torch.float64)
         tensors[key] = values.reshape(shape).to(draw(dtypes))
@@ -231,8 +234,9 @@ def control_vector_ggufs(draw) -> bytes:
         writer.add_string("controlvector.model_hint", draw(st.text(max_size=10)))
         for name in draw(st.lists(names, max_size=4, unique=True)):
             width = draw(st.integers(1, 5))
-            values = np.array(draw(st.lists(st.floats(width=32), min_size=width, max_size=width)), dtype=np.float32)
-            kind = draw(st.sampled_from(["f32", "f16", "i32", "2d", "q8"]))
+            values = np.array(draw(st.lists(st.floats(-4, 4, width=32) | st.floats(width=32), min_size=width,
+                                              max_size=width)), dtype=np.float32)
+            kind = draw(st.sampled_from(["f32", "f32", "f32", "f16", "i32", "2d", "q8"]))
             if kind == "f16":
                 writer.add_tensor(name, values.astype(np.float16))
             elif kind == "i32":

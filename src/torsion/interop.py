@@ -80,6 +80,8 @@ def import_control_vector_gguf(path: Path | str, *, n_layers: int | None = None)
             continue
         if kind not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             raise TorsionError(f"{path} tensor {name} is {getattr(kind, 'name', kind)}, not F32 or F16; {fix}")
+        if sum(size > 1 for size in data.shape) > 1:
+            raise TorsionError(f"{path} tensor {name} has shape {list(data.shape)}, not [d_model]; {fix}")
         value = torch.from_numpy(data.astype(np.float32).reshape(-1))
         if value.numel() == 0 or not bool(torch.isfinite(value).all()):
             raise TorsionError(f"{path} tensor {name} is empty or holds non-finite values; {fix}")
