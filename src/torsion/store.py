@@ -127,7 +127,7 @@ def read_jsonl(path: Path, *, fix: str = "fix or delete that line", last_line: b
 def read_responses(path: Path) -> list[dict]:
     """The rows of a run's ``responses.jsonl``, each checked for a string ``id`` and ``label``
     and a numeric or null ``score``, so a hand-edited file fails here with its line, not later."""
-    fix = "fix or delete that line, then resume with `torsion run` on the same directory to regenerate it"
+    fix = "fix that line: each row is one JSON object with 'id', 'response', 'label' and 'score'"
     rows = numbered_jsonl(path, fix=fix)
     for number, row in rows:
         score = row.get("score")
