@@ -256,7 +256,8 @@ def test_prompts_jsonl_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"id": "x"}\n', r"prompts\.jsonl line 1 lacks prompt, category, source, split, prompt_hash \(each a string\); restore the file"),
+    ('{"id": "x"}\n',
+     r"prompts\.jsonl line 1 lacks prompt, category, source, split, prompt_hash \(each a string\); restore the file"),
     ('{"id": \n', r"prompts\.jsonl line 1 is not valid JSON"),
     ('{"id": "i", "prompt": "p", "category": "", "source": "s", "split": "test", "prompt_hash": "h"}\n',
      r"line 1 has split 'test', not one of train, holdout"),

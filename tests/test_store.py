@@ -75,7 +75,7 @@ def test_read_responses_names_the_line_of_a_bad_row(tmp_path):
     with pytest.raises(TorsionError, match=r"responses\.jsonl line 3 needs a string 'id' and 'label' and a number"):
         read_responses(path)
     path.write_text(json.dumps(good) + "\n[1]\n")
-    with pytest.raises(TorsionError, match=r"line 2 holds a JSON list, not an object; fix that line: each row is one JSON object"):
+    with pytest.raises(TorsionError, match=r"line 2 holds a JSON list, not an object; fix that line: each row is one"):
         read_responses(path)
     path.write_text(json.dumps(good) + '\n{"id": "b", "lab')  # a torn append is still dropped, not an error
     assert read_responses(path) == [good]

@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="last (default): the prompt's last token, then each new token; all: every position")
     source = steer.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", type=nonempty_text, help="one prompt")
-    source.add_argument("--prompts", type=nonempty_text, help="a prompt source: neutral, harmbench, donotanswer, or a file")
+    source.add_argument("--prompts", type=nonempty_text,
+                        help="a prompt source: neutral, harmbench, donotanswer, or a file")
     steer.add_argument("--limit", type=positive_int, default=None, help="use the first N prompts of --prompts")
     steer.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens per response (default 48)")
     steer.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch (default 8)")
@@ -247,20 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(optimize)
     optimize.add_argument("--objective", default="comply", choices=["comply", "refuse"],
                           help="comply (default): steer toward compliance; refuse: deepen refusal")
-    optimize.add_argument("--key", default="md/resid", type=nonempty_text, help="vector (method/component), default md/resid")
+    optimize.add_argument("--key", default="md/resid", type=nonempty_text,
+                          help="vector (method/component), default md/resid")
     scope = optimize.add_mutually_exclusive_group()
-    scope.add_argument("--category", default=None, type=nonempty_text, help="search one category with its own vector and prompts")
+    scope.add_argument("--category", default=None, type=nonempty_text,
+                       help="search one category with its own vector and prompts")
     scope.add_argument("--per-category", action="store_true", help="one search per category in the vector file")
     optimize.add_argument("--trials", type=positive_int, default=12, help="finished trials in the study (default 12)")
     optimize.add_argument("--sampler", default="tpe", choices=["tpe", "grid"],
                           help="tpe (default), or grid: --trials evenly spaced alphas over the range")
     optimize.add_argument("--alpha-range", type=finite_float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                           help="search range of alpha (default -4 0 for comply, 0 4 for refuse)")
-    optimize.add_argument("--top-k", type=positive_int, default=4, help="steered blocks, best train-split AUC (default 4)")
+    optimize.add_argument("--top-k", type=positive_int, default=4,
+                          help="steered blocks, best train-split AUC (default 4)")
     optimize.add_argument("--layer-window", type=fraction, nargs=2, default=[0.25, 0.8], metavar=("LO", "HI"),
                           help="eligible blocks as fractions of depth (default 0.25 0.8)")
-    optimize.add_argument("--n-prompts", type=positive_int, default=24, help="train-split prompts per trial (default 24)")
-    optimize.add_argument("--n-kl-prompts", type=positive_int, default=16, help="neutral prompts for the KL (default 16)")
+    optimize.add_argument("--n-prompts", type=positive_int, default=24,
+                          help="train-split prompts per trial (default 24)")
+    optimize.add_argument("--n-kl-prompts", type=positive_int, default=16,
+                          help="neutral prompts for the KL (default 16)")
     optimize.add_argument("--kl-weight", type=nonneg_float, default=1.0, help="w in w*min(KL, cap) (default 1)")
     optimize.add_argument("--kl-cap", type=positive_float, default=10.0,
                           help="cap in w*min(KL, cap) (default 10: a degenerate push, score +2, cannot buy back "
@@ -274,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="run every trial to the end (a grid always does; tpe prunes by the median rule)")
     optimize.add_argument("--storage", default=None, type=storage_url,
                           help="Optuna storage URL (default sqlite:///RUN_DIR/optimize.db); e.g. postgresql://...")
-    optimize.add_argument("--study", default=None, type=nonempty_text, help="study name (default <objective>-<category or global>)")
+    optimize.add_argument("--study", default=None, type=nonempty_text,
+                          help="study name (default <objective>-<category or global>)")
     optimize.add_argument("--no-evaluate", action="store_true",
                           help="search only; skip the held-out evaluation (extra workers)")
     optimize.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generation batch (default 8)")

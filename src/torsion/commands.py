@@ -229,7 +229,8 @@ def analyze(args: argparse.Namespace) -> int:
         else:
             from torsion.analysis.arditi import run_arditi
 
-            result = run_arditi(run_dir, lm, component=args.component, alphas=(1.0,) if args.alpha is None else args.alpha,
+            alphas = (1.0,) if args.alpha is None else args.alpha
+            result = run_arditi(run_dir, lm, component=args.component, alphas=alphas,
                                 n_neutral=_or_default(args.n_prompts, 48), seed=seed)
     build_report(run_dir)
     name = result["analysis"]

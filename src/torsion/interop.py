@@ -72,7 +72,8 @@ def import_control_vector_gguf(path: Path | str, *, n_layers: int | None = None)
         model_hint = _string_field(reader, f"{_ARCH}.model_hint")
         tensors = [(t.name, t.tensor_type, np.array(t.data)) for t in reader.tensors]
     except Exception as error:  # noqa: BLE001 (gguf raises ValueError, struct, index and memmap errors on bad files)
-        raise TorsionError(f"{path} is not a GGUF file torsion can read ({type(error).__name__}: {error}); {fix}") from None
+        problem = f"{type(error).__name__}: {error}"
+        raise TorsionError(f"{path} is not a GGUF file torsion can read ({problem}); {fix}") from None
     directions = {}
     for name, kind, data in tensors:
         match = re.fullmatch(r"direction\.(\d{1,6})", name, flags=re.ASCII)
