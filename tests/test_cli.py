@@ -270,3 +270,13 @@ def test_analyze_arditi_uses_the_runs_seed(tiny_run, monkeypatch, seed_args, exp
     monkeypatch.setattr(torsion.report, "build_report", lambda run_dir: None)
     assert main(["analyze", "arditi", str(tiny_run), *seed_args]) == 0
     assert seen == {"seed": expected, "n_neutral": 48}
+
+
+def test_analyze_a_component_the_run_did_not_fit_is_refused_before_loading(tiny_run, capsys):
+    from torsion.vectors import load_vectors, save_vectors
+
+    path = tiny_run / "vectors.safetensors"
+    kept = {k: v for k, v in load_vectors(path).items() if k != "md/mlp"}
+    save_vectors(path, kept, run_meta={})
+    assert main(["analyze", "arditi", str(tiny_run), "--component", "mlp"]) == 2
+    assert "has no vector 'md/mlp'; pass a --component the run fitted (attn, resid)" in _one_error_line(capsys)

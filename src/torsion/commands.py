@@ -63,6 +63,7 @@ def steer(args: argparse.Namespace) -> int:
         prompts = [p.prompt for p in load_source(args.prompts)][: args.limit]
         if not prompts:
             raise TorsionError(f"prompt source {args.prompts!r} holds no prompts; pass a source with at least one")
+    load_vector(args.vector, args.key)  # a wrong file or key fails before the model loads
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     vector = load_vector(args.vector, args.key, d_model=lm.d_model)
     rows = generate_steered(lm, prompts, vectors=vector, layers=args.layers, alpha=args.alpha,
@@ -112,10 +113,11 @@ def orthogonalize(args: argparse.Namespace) -> int:
     from torsion.orthogonalize import orthogonalize_weights, save_model_dir
     from torsion.vectors import load_vector
 
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    vector = load_vector(args.vector, args.key, d_model=lm.d_model)
+    vector = load_vector(args.vector, args.key)  # a wrong file, key or layer fails before the model loads
     if not 0 <= args.layer < vector.n_layers:
         raise TorsionError(f"layer {args.layer} is out of range; the vector has layers 0..{vector.n_layers - 1}")
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    vector = load_vector(args.vector, args.key, d_model=lm.d_model)
     edited = orthogonalize_weights(lm, vector.directions[args.layer], inplace=True)
     print(save_model_dir(edited, args.out))
     return 0
@@ -149,12 +151,14 @@ _ANALYSIS_INPUTS = {
 }
 
 
-def _check_run_for(name: str, run_dir: Path, layers: list[int] | None) -> int:
-    """Refuse a run directory that lacks ``name``'s inputs, or ``layers`` past its model's blocks.
+def _check_run_for(name: str, run_dir: Path, layers: list[int] | None, component: str) -> int:
+    """Refuse a run directory that lacks ``name``'s inputs (files, the ``md/<component>`` vector), or
+    ``layers`` past its model's blocks.
 
     Returns the run's seed (manifest.json), the default of every analysis's ``--seed``.
     """
     from torsion.store import RunDir
+    from torsion.vector_file import vector_keys
 
     run = RunDir(run_dir)
     manifest = run.manifest()
@@ -164,6 +168,13 @@ def _check_run_for(name: str, run_dir: Path, layers: list[int] | None) -> int:
             raise TorsionError(f"{run_dir} has no {path.name}, which `torsion analyze {name}` reads; finish the "
                                "run (re-run the `torsion run` command that made it), or run again into a new "
                                "directory if the file was removed")
+    if name in ("propagation", "random-control", "arditi"):
+        keys = vector_keys(run.vectors_path)
+        fitted = ", ".join(key.removeprefix("md/") for key in keys if key.startswith("md/") and key.count("/") == 1)
+        for key in sorted({f"md/{component}", "md/resid"} if name == "propagation" else {f"md/{component}"}):
+            if key not in keys:
+                raise TorsionError(f"{run.vectors_path} has no vector {key!r}; pass a --component the run fitted "
+                                   f"({fitted or 'none'})")
     n_layers = manifest.get("model", {}).get("n_layers") if isinstance(manifest.get("model"), dict) else None
     if layers and isinstance(n_layers, int) and max(layers) >= n_layers:
         raise TorsionError(f"--layers {max(layers)} is out of range; the run's model has blocks 0..{n_layers - 1}")
@@ -184,7 +195,7 @@ def analyze(args: argparse.Namespace) -> int:
     from torsion.report import build_report
 
     run_dir = args.run_dir
-    run_seed = _check_run_for(args.name, run_dir, args.layers)
+    run_seed = _check_run_for(args.name, run_dir, args.layers, args.component)
     seed = run_seed if args.seed is None else args.seed
     if args.name == "rotation":
         from torsion.analysis.rotation import run_rotation

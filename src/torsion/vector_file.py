@@ -184,6 +184,17 @@ def load_vector(path: str | Path, key: str | None = None, *, d_model: int | None
     return vectors[key]
 
 
+def vector_keys(path: str | Path) -> list[str]:
+    """The keys of a vector file, read from its header alone (no tensor is loaded)."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return sorted(handle.keys())
+    except (SafetensorError, ValueError, TypeError, RuntimeError, OverflowError, MemoryError) as error:
+        raise _not_a_vector_file(path, error) from None
+
+
 def load_run_meta(path: str | Path) -> dict[str, Any]:
     """The ``run_meta`` that :func:`save_vectors` recorded in a vector file."""
     metadata, _ = _read(Path(path))
@@ -204,19 +215,27 @@ def _json_object(path: Path, metadata: Mapping[str, str], name: str) -> dict[str
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
     """The ``__metadata__`` map and the tensors of a non-empty vector file."""
+    _check_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, ValueError, TypeError, RuntimeError, OverflowError, MemoryError) as error:
+        raise _not_a_vector_file(path, error) from None
+    if not tensors:
+        raise TorsionError(f"vector file {path} holds no vectors; compute the vectors again")
+    return metadata, tensors
+
+
+def _not_a_vector_file(path: Path, error: Exception) -> TorsionError:
+    return TorsionError(f"{path} is not a safetensors vector file ({type(error).__name__}: {error}); pass a "
+                        "file written by torsion's save_vectors")
+
+
+def _check_file(path: Path) -> None:
     if not path.is_file():
         raise TorsionError(f"vector file {path} not found; run `torsion run` first or pass the path "
                            "of a vectors.safetensors file")
     if path.stat().st_size == 0:
         raise TorsionError(f"vector file {path} is empty (0 bytes); it was not written completely, "
                            "compute the vectors again")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, ValueError, TypeError, RuntimeError, OverflowError, MemoryError) as error:
-        raise TorsionError(f"{path} is not a safetensors vector file ({type(error).__name__}: {error}); pass a "
-                           "file written by torsion's save_vectors") from None
-    if not tensors:
-        raise TorsionError(f"vector file {path} holds no vectors; compute the vectors again")
-    return metadata, tensors
