@@ -273,3 +273,49 @@ def test_gguf_export_leaves_no_partial_file_when_it_fails(scratch, monkeypatch):
     with pytest.raises(OSError):
         export_control_vector_gguf(SteeringVector(torch.ones(2, 3), {}), out, model_hint="x")
     assert list(out.parent.iterdir()) == []
+
+
+# ----- `torsion judge IN --out OUT`: reads a user's JSONL, appends judged rows -----
+
+judge_rows = st.fixed_dictionaries({"prompt": st.text(max_size=20), "response": st.text(max_size=30)},
+                                   optional={"id": st.text(max_size=4) | st.integers(0, 3)})
+
+
+@FUZZ
+@given(body=st.lists(st.one_of(judge_rows.map(json.dumps), judge_rows.map(json.dumps), rows.map(json.dumps),
+                               awkward_lines, st.text(max_size=20)), max_size=6))
+@example(body=['{"prompt": "p", "response": "r", "id": []}'])  # found by this test: an unhashable id
+def test_judge_command_reads_any_jsonl_and_appends_whole_rows(scratch, body, capsys):
+    source = scratch / "judge-in.jsonl"
+    source.write_text("\n".join(body), encoding="utf-8", errors="surrogatepass")
+    out = scratch / "judge-out.jsonl"
+    out.unlink(missing_ok=True)
+    code = main(["judge", str(source), "--out", str(out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code in (0, 2)
+    if code == 2:
+        assert len(err) == 1 and err[0].startswith("torsion: error: ")
+    for row in read_jsonl(out):  # whatever was written is whole, judged rows
+        assert row["label"] and "prompt" in row and "response" in row
+
+
+labelled_rows = st.fixed_dictionaries({"label": st.sampled_from(["strong_refuse", "weak_refuse", "weak_comply",
+                                                                 "strong_comply", "degenerate", "judge_error",
+                                                                 "maybe"]) | st.text(max_size=5)},
+                                      optional={"id": st.sampled_from(["a", "b", "c"]) | json_values,
+                                                "judge": st.text(max_size=3)})
+
+
+@FUZZ
+@given(a=st.lists(st.one_of(labelled_rows.map(json.dumps), awkward_lines), max_size=5),
+       b=st.lists(st.one_of(labelled_rows.map(json.dumps), awkward_lines), max_size=5))
+@example(a=['{"id": {}, "label": "weak_comply"}'], b=['{"id": "a", "label": "weak_comply"}'])
+def test_judge_agree_reads_any_pair_of_files(scratch, a, b, capsys):
+    paths = []
+    for name, body in (("agree-a.jsonl", a), ("agree-b.jsonl", b)):
+        path = scratch / name
+        path.write_text("\n".join(body) + "\n", encoding="utf-8", errors="surrogatepass")
+        paths.append(str(path))
+    code = main(["judge", "agree", *paths])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 0 or (code == 2 and len(err) == 1 and err[0].startswith("torsion: error: "))

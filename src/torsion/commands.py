@@ -290,7 +290,7 @@ def judge(args: argparse.Namespace) -> int:
     import json
 
     from torsion.judge import get_judge, judge_rows
-    from torsion.store import append_jsonl, read_jsonl
+    from torsion.store import append_jsonl, numbered_jsonl
 
     if args.input != "agree" and args.files:
         raise TorsionError(f"torsion judge takes one input file, got {1 + len(args.files)}; judge each file "
@@ -311,9 +311,10 @@ def judge(args: argparse.Namespace) -> int:
                    "cache_path": args.cache or args.out.with_suffix(".judge-cache.sqlite")}
         options = {k: v for k, v in options.items() if v is not None}
     judge = get_judge(args.judge, **options)
-    rows = _read_rows(Path(args.input))
-    done = {row.get("id", i) for i, row in enumerate(read_jsonl(args.out))}
-    pending = [row for i, row in enumerate(rows) if row.get("id", i) not in done]
+    numbered = _read_rows(Path(args.input))
+    rows = [row for _, row in numbered]
+    done = set(_row_ids(args.out, numbered_jsonl(args.out)))
+    pending = [row for row, key in zip(rows, _row_ids(Path(args.input), numbered)) if key not in done]
     batch: list[dict] = []
     for judged in judge_rows(pending, judge):
         batch.append(judged)
@@ -327,12 +328,24 @@ def judge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_rows(path: Path) -> list[dict]:
-    from torsion.store import read_jsonl
+def _row_ids(path: Path, rows: list[tuple[int, dict]]) -> list[object]:
+    """Each row's ``id`` (a string or whole number), or its 0-based position when it has none."""
+    ids = []
+    for position, (number, row) in enumerate(rows):
+        key = row.get("id", position)
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            raise TorsionError(f"{path} line {number} has an 'id' that is not a string or whole number; fix that row")
+        ids.append(key)
+    return ids
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, row)`` of a user's JSONL file, its last line read even without a newline."""
+    from torsion.store import numbered_jsonl
 
     if not path.is_file():
         raise TorsionError(f"{path} does not exist; pass a JSONL file with 'prompt' and 'response' fields")
-    return read_jsonl(path, fix="fix or remove that line", last_line=True)
+    return numbered_jsonl(path, fix="fix or remove that line", last_line=True)
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -96,6 +96,8 @@ def _labels(path: Path) -> tuple[list[dict], str | None]:
     for number, row in enumerate(rows, start=1):
         if not isinstance(row.get("label"), str):
             raise TorsionError(f"row {number} of {path} has no 'label'; judge the file first (torsion judge)")
+        if "id" in row and (isinstance(row["id"], bool) or not isinstance(row["id"], (str, int))):
+            raise TorsionError(f"row {number} of {path} has an 'id' that is not a string or whole number; fix it")
     judges = {row.get("judge") for row in rows}
     return rows, judges.pop() if len(judges) == 1 else None
 
