@@ -269,3 +269,20 @@ def test_bad_prompts_jsonl_names_the_line(tmp_path, content, message):
         read_prompts_jsonl(path)
     with pytest.raises(TorsionError, match="does not exist"):
         read_prompts_jsonl(tmp_path / "absent.jsonl")
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("deep.json", b"[" * 5000, r"deep\.json is too deeply nested or holds too long a number; fix the file"),
+    ("long.jsonl", b'{"prompt": 1' + b"1" * 5000 + b"}\n", r"long\.jsonl line 1 is not valid JSON"),
+    ("surrogate.jsonl", b'{"prompt": "\\ud800 x"}\n', r"line 1 has a prompt that is not valid Unicode"),
+    ("surrogate.json", b'[{"prompt": "x", "category": "\\udfff"}]', r"item 1 has a category that is not valid Unicode"),
+    ("big.csv", b'prompt\n"' + b"x" * 200_000 + b'"\n', r"big\.csv is not valid CSV near line \d+ \(field larger"),
+    ("category.jsonl", b'{"prompt": "p", "category": {"a": 1}}\n', r"line 1 has a dict 'category'"),
+])
+def test_prompt_files_that_crashed_the_loader_now_fail_in_one_line(tmp_path, name, data, message):
+    from torsion.data.files import load_prompt_file
+
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(TorsionError, match=message):
+        load_prompt_file(path)

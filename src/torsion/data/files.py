@@ -71,7 +71,7 @@ def _csv_rows(path: Path, text: str) -> list[Prompt]:
         for row in reader:
             prompts.append(prompt_from_row(row, f"{path} line {reader.line_num}", path.name))
     except csv.Error as error:
-        raise TorsionError(f"{path} line {reader.line_num} is not valid CSV ({error}); fix that line "
+        raise TorsionError(f"{path} is not valid CSV near line {max(1, reader.line_num)} ({error}); fix that line "
                            "(quote fields holding commas, quotes or line breaks)") from None
     return prompts
 
