@@ -219,6 +219,9 @@ def test_judge_agree_on_a_missing_file_says_so(tmp_path, capsys):
     (PermissionError(13, "Permission denied", "/root/x"), 2,
      "torsion: error: Permission denied (/root/x); check the path"),
     (TorsionError("bad\ninput; fix it"), 2, "torsion: error: bad input; fix it"),
+    (ConnectionRefusedError(111, "Connection refused"), 2,
+     "torsion: error: ConnectionRefusedError: [Errno 111] Connection refused; check the address and port"),
+    (OSError("no file, no network"), 1, "torsion: internal error: OSError: no file, no network;"),
 ])
 def test_the_boundary_reports_any_exception_in_one_line(monkeypatch, capsys, raised, code, message):
     from torsion import commands

@@ -352,18 +352,29 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(2, f"torsion: error: {error}", debug)
     except KeyboardInterrupt:
         return _fail(130, "torsion: interrupted; run the same command again to resume", debug)
-    except OSError as error:  # the file system is input too: a path, a permission, a full disk
-        where = f" ({error.filename})" if error.filename else ""
-        return _fail(2, f"torsion: error: {error.strerror or error}{where}; check the path, its permissions "
-                     "and the free space", debug)
-    except Exception as error:  # noqa: BLE001 (the boundary: anything else is a bug, reported in one line)
+    except Exception as error:  # noqa: BLE001 (the boundary: anything else is reported in one line)
         name = type(error).__name__
+        if isinstance(error, OSError) and error.filename:  # the file system is input too
+            return _fail(2, f"torsion: error: {error.strerror or error} ({error.filename}); check the path, its "
+                         "permissions and the free space", debug)
+        if isinstance(error, OSError) and _is_network(error):
+            return _fail(2, f"torsion: error: {name}: {one_line(str(error))[:200]}; check the address and port, "
+                         "and that the server is reachable (or free, for serve and review)", debug)
         if name == "OutOfMemoryError" or isinstance(error, MemoryError):
             return _fail(1, f"torsion: error: out of memory ({name}); lower --batch-size or --n-prompts, or use "
                          "a smaller model or --device auto", debug)
         message = one_line(str(error))[:300]
         return _fail(1, f"torsion: internal error: {name}: {message}; this is a bug in torsion: rerun with "
                      "--debug for the traceback and report it", debug)
+
+
+def _is_network(error: OSError) -> bool:
+    import errno
+    import socket
+    import urllib.error
+
+    return isinstance(error, (ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError)) or \
+        error.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 
 
 def _fail(code: int, line: str, debug: bool) -> int:
