@@ -184,14 +184,17 @@ def test_analyze_layers_past_the_model_are_refused_before_loading(finished_tiny_
     ("manifest.json", '{"seed": 0,\n  "model": ', "manifest.json line 2 is not valid JSON"),
     ("manifest.json", "[1, 2]", "manifest.json holds a JSON list, not an object"),
     ("responses.jsonl", None, "responses.jsonl line 2 is not valid JSON"),
+    ("responses.jsonl", '{"label": "strong_refuse", "score": 1}\n', "responses.jsonl line 1 needs a string 'id'"),
+    ("prompts.jsonl", '{"id": 3}\n', "prompts.jsonl line 1 lacks id, prompt, category"),
 ])
-def test_a_damaged_run_file_is_one_line_naming_file_and_line(tiny_run, capsys, file, content, message):
+@pytest.mark.parametrize("analysis", ["rotation", "categories"])
+def test_a_damaged_run_file_is_one_line_naming_file_and_line(tiny_run, capsys, file, content, message, analysis):
     path = tiny_run / file
     if content is None:  # damage the second line of the real file
         lines = path.read_text().splitlines(keepends=True)
         content = lines[0] + '{"id": "x", "label"\n' + "".join(lines[2:])
     path.write_text(content)
-    assert main(["analyze", "rotation", str(tiny_run)]) == 2
+    assert main(["analyze", analysis, str(tiny_run)]) == 2
     line = _one_error_line(capsys)
     assert message in line and "; " in line, line  # the problem, then the fix
 

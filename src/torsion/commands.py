@@ -157,6 +157,7 @@ def _check_run_for(name: str, run_dir: Path, layers: list[int] | None, component
 
     Returns the run's seed (manifest.json), the default of every analysis's ``--seed``.
     """
+    from torsion.data import read_prompts_jsonl
     from torsion.store import RunDir
     from torsion.vector_file import vector_keys
 
@@ -168,6 +169,9 @@ def _check_run_for(name: str, run_dir: Path, layers: list[int] | None, component
             raise TorsionError(f"{run_dir} has no {path.name}, which `torsion analyze {name}` reads; finish the "
                                "run (re-run the `torsion run` command that made it), or run again into a new "
                                "directory if the file was removed")
+    read_prompts_jsonl(run.prompts_path)  # a damaged row fails here, with its line, before any work
+    if "responses" in _ANALYSIS_INPUTS[name]:
+        run.responses()
     if name in ("propagation", "random-control", "arditi"):
         keys = vector_keys(run.vectors_path)
         fitted = ", ".join(key.removeprefix("md/") for key in keys if key.startswith("md/") and key.count("/") == 1)
