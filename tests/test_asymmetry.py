@@ -6,6 +6,7 @@ import pytest
 
 from torsion.analysis.asymmetry import compare_arms, match_kl, run_asymmetry
 from torsion.cli import main
+from torsion.judge import RuleJudge
 from torsion.judge.base import LABEL_SCORES
 from torsion.models import load_model
 from torsion.optimize import SearchSettings, run_optimize
@@ -46,9 +47,12 @@ def test_asymmetry_on_a_tiny_run(tiny_run, tiny_model_dir, capsys):
     assert main(["analyze", "asymmetry", str(tiny_run), "--model", str(tiny_model_dir)]) == 2
     assert "torsion optimize" in capsys.readouterr().err
     comply = run_optimize(tiny_run, lm, SearchSettings(objective="comply", alpha_range=(-8.0, -4.0), **common),
+                          judge=RuleJudge(), log=lambda m: None)
+    refuse = run_optimize(tiny_run, lm, SearchSettings(objective="refuse", **common), judge=RuleJudge(),
                           log=lambda m: None)
-    refuse = run_optimize(tiny_run, lm, SearchSettings(objective="refuse", **common), log=lambda m: None)
+    assert not list((tiny_run / "analysis").glob("optimize_*.png"))  # the searches write data; the report draws
     result = run_asymmetry(tiny_run, lm, push_factors=(2.0,), n_neutral=6, log=lambda m: None)
+    assert result["judge"] == comply["judge"] == RuleJudge().name  # the searches' judge, not the run's oracle
 
     dense = result["dense_vs_flat"]
     assert dense["arms"]["dense"]["layers"] == [0, 1, 2, 3]
@@ -67,6 +71,7 @@ def test_asymmetry_on_a_tiny_run(tiny_run, tiny_model_dir, capsys):
     pushed = result["push_past"][1]
     assert pushed["alpha"] == pytest.approx(2 * refuse["alpha"])
     rates = pushed["rates"]
+    assert rates["fp_refuse"]["k"] == 0  # so the corrected mean is the judge's
     assert pushed["mean_score"] == pytest.approx(sum(
         score * rates[name]["k"] for name, score in LABEL_SCORES.items()) / rates["refused"]["n"])
     assert f"2× α ({pushed['alpha']:+.2f}): refused" in result["table"][3]["value"]
@@ -79,3 +84,5 @@ def test_asymmetry_on_a_tiny_run(tiny_run, tiny_model_dir, capsys):
     positions = [page.index(heading) for heading in headings]
     assert positions == sorted(positions)
     assert page.count("data:image/png;base64") >= 2  # the two strength figures
+    assert {p.name for p in (tiny_run / "analysis").glob("optimize_*.png")} == {
+        "optimize_comply-global.png", "optimize_refuse-global.png"}  # drawn by the report builder

@@ -102,7 +102,11 @@ def test_arditi_check_selects_on_train_and_tests_on_holdout(tmp_path, tiny_model
     seen = []
     original = behaviour.generate_batch
     monkeypatch.setattr(behaviour, "generate_batch", lambda lm, batch, s: seen.extend(batch) or original(lm, batch, s))
-    result = arditi.run_arditi(out, load_model(str(tiny_model_dir)), alphas=(0.0, 2.0), n_neutral=6, max_new_tokens=3)
+    from torsion.judge import RuleJudge
+
+    result = arditi.run_arditi(out, load_model(str(tiny_model_dir)), alphas=(0.0, 2.0), n_neutral=6, max_new_tokens=3,
+                               judge=RuleJudge())  # the run's own judge is a test oracle
+    assert result["conventions"]["judge"] == RuleJudge().name
     prompts = read_jsonl(out / "prompts.jsonl")
     train = {p["prompt"] for p in prompts if p["split"] == "train"}
     holdout = [p["prompt"] for p in prompts if p["split"] == "holdout"]

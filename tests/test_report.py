@@ -2,6 +2,8 @@ import base64
 import json
 import math
 import re
+import tempfile
+import textwrap
 
 import pytest
 
@@ -118,12 +120,14 @@ def test_full_report_numbers_escaping_and_figures(tmp_path):
     assert "tiny/llama-4" in html and "abababababab…" in html and "smoke" in html
     assert "<tr><td>prompts</td><td>15</td></tr>" in html
     assert "12.3" in html and "0.1.0" in html
-    # behaviour: alpha refused 5 of 10 judged; Wilson by hand: centre 0.5,
-    # half = 1.96·sqrt(0.025 + 0.0009604)/1.38416 = 0.2634 -> [23.7, 76.3]
-    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    # behaviour: alpha refused 5 of 11 judged (methods.md: refused / judged, the degenerate response in the
+    # denominator, the judge error not); Wilson by hand: p = 5/11, z² = 3.8416, centre = (p + z²/22)/(1 + z²/11)
+    # = 0.46632, half = 1.96·sqrt(p(1-p)/11 + z²/484)/1.34924 = 0.25360 -> [21.3, 72.0]
+    assert wilson_interval(5, 11) == pytest.approx((0.21272, 0.71992), abs=1e-4)
     alpha = re.search(r"<tr><td>alpha</td>(.*?)</tr>", html).group(1)
-    assert re.findall(r'<td class="n">([^<]*)</td>', alpha) == ["12", "5", "0", "0", "5", "1", "1", "50.0",
-                                                                "[23.7, 76.3]"]
+    # n, the six judge classes, fp_refuse, fp_echo, rate, interval
+    assert re.findall(r'<td class="n">([^<]*)</td>', alpha) == ["12", "5", "0", "0", "5", "1", "1", "0", "0", "45.5",
+                                                                "[21.3, 72.0]"]
     beta = re.search(r"<tr><td>beta</td>(.*?)</tr>", html).group(1)
     assert "33.3" in beta  # 1 refused / 3 judged
     # escaping: responses, prompts and verdicts
@@ -208,3 +212,28 @@ def test_figures_return_their_paths(tmp_path):
     for draw, name in ((rotation_angle_figure, "a.png"), (split_half_figure, "b.png")):
         path = draw(rotation, tmp_path / "analysis" / name)
         assert path == tmp_path / "analysis" / name and path.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_importing_torsion_sets_no_global_state():
+    """A notebook's matplotlib backend and Optuna's log level survive importing torsion and drawing a figure."""
+    import subprocess
+    import sys
+
+    code = textwrap.dedent("""
+        import matplotlib, optuna, sys
+        matplotlib.use("svg")
+        optuna.logging.set_verbosity(optuna.logging.DEBUG)
+        import torsion.optimize, torsion.search, torsion.analysis.asymmetry
+        assert "torsion.report.figures" not in sys.modules  # analyses write data; only the report draws
+        import torsion.report, torsion.report.figures
+        from pathlib import Path
+        torsion.report.figures.strength_figure({"trials": [], "study": "s", "alpha": 0.0}, Path(sys.argv[1]))
+        assert matplotlib.get_backend().lower() == "svg", matplotlib.get_backend()
+        assert "matplotlib.pyplot" not in sys.modules
+        assert optuna.logging.get_verbosity() == optuna.logging.DEBUG
+        assert Path(sys.argv[1]).read_bytes().startswith(bytes([0x89]) + b"PNG")
+    """)
+    with tempfile.TemporaryDirectory() as folder:
+        done = subprocess.run([sys.executable, "-c", code, f"{folder}/figure.png"], capture_output=True, text=True,
+                              timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

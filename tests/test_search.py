@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import optuna
 import pytest
@@ -46,8 +47,81 @@ def test_a_changed_objective_is_refused(tmp_path):
     open_study(url, "s", SPEC, n_trials=3, low=-1, high=1)
     with pytest.raises(TorsionError, match=r"different objective \(scale 1.0 -> 2.0\)"):
         open_study(url, "s", {**SPEC, "scale": 2.0}, n_trials=3, low=-1, high=1)
-    with pytest.raises(TorsionError, match=r"different objective \(n_trials 3 -> 4\)"):
-        open_study(url, "s", SPEC, n_trials=4, low=-1, high=1)
+    with pytest.raises(TorsionError, match=r"different objective \(low -1 -> -2\)"):
+        open_study(url, "s", SPEC, n_trials=3, low=-2, high=1)
+    open_study(storage_url(tmp_path, None), "g", SPEC, n_trials=3, low=-1, high=1, sampler="grid")
+    with pytest.raises(TorsionError, match=r"different objective \(grid_points 3 -> 5\)"):  # a grid is its points
+        open_study(url, "g", SPEC, n_trials=5, low=-1, high=1, sampler="grid")
+
+
+def test_a_resume_may_raise_the_budget_and_runs_only_the_extra_trials(tmp_path):
+    url = storage_url(tmp_path, None)
+    first = run_worker(open_study(url, "s", SPEC, n_trials=3, low=-4, high=4, seed=1), quadratic)
+    assert first["n_finished"] == 3
+    ran = []
+
+    def counting(trial):
+        ran.append(trial.number)
+        return quadratic(trial)
+
+    more = run_worker(open_study(url, "s", SPEC, n_trials=5, low=-4, high=4, seed=2), counting)
+    assert ran == [3, 4] and more["n_finished"] == 5
+    assert [t["value"] for t in more["trials"][:3]] == [t["value"] for t in first["trials"]]
+    # a worker asking for less does not shrink the budget, and finds nothing left to do
+    assert run_worker(open_study(url, "s", SPEC, n_trials=2, low=-4, high=4), counting)["n_finished"] == 5
+    assert ran == [3, 4]
+
+
+def test_a_study_made_with_the_budget_in_its_spec_still_resumes(tmp_path):
+    from torsion.search import SPEC_KEY
+
+    url = storage_url(tmp_path, None)
+    old = optuna.create_study(storage=url, study_name="old", direction="minimize")  # as torsion wrote it before
+    old.set_user_attr(SPEC_KEY, {**SPEC, "settings": {"kl_weight": 1.0, "n_trials": 2, "batch_size": 8, "seed": 0},
+                                 "param": "alpha", "low": -4, "high": 4, "n_trials": 2, "sampler": "tpe"})
+    assert run_worker(open_study(url, "old", {**SPEC, "settings": {"kl_weight": 1.0}}, n_trials=2, low=-4, high=4),
+                      quadratic)["n_finished"] == 2
+    resumed = open_study(url, "old", {**SPEC, "settings": {"kl_weight": 1.0}}, n_trials=3, low=-4, high=4)
+    assert run_worker(resumed, quadratic)["n_finished"] == 3
+    with pytest.raises(TorsionError, match=r"settings.kl_weight 1.0 -> 2.0"):
+        open_study(url, "old", {**SPEC, "settings": {"kl_weight": 2.0}}, n_trials=3, low=-4, high=4)
+    grid = optuna.create_study(storage=url, study_name="old-grid", direction="minimize")
+    grid.set_user_attr(SPEC_KEY, {**SPEC, "param": "alpha", "low": -2, "high": 2, "n_trials": 5, "sampler": "grid"})
+    for value in grid_points(-2, 2, 5):
+        grid.enqueue_trial({"alpha": value})
+    summary = run_worker(open_study(url, "old-grid", SPEC, n_trials=5, low=-2, high=2, sampler="grid"), quadratic)
+    assert sorted(t["params"]["alpha"] for t in summary["trials"]) == [-2.0, -1.0, 0.0, 1.0, 2.0]
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_retried(tmp_path):
+    import threading
+
+    url = storage_url(tmp_path, None)
+    study = open_study(url, "silent", SPEC, n_trials=2, low=-4, high=4, seed=0, heartbeat_interval=1, grace_period=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "heartbeat is supposed to be used with optimize"
+        orphan = study.ask()  # RUNNING, no heartbeat ever sent: its worker died right after creating it
+    orphan_alpha = orphan.suggest_float("alpha", -4.0, 4.0)
+    time.sleep(1.5)  # older than the grace period
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(run_worker(study, quadratic, poll_s=0.1)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the worker waited forever on a trial nobody runs"
+    trials = optuna.load_study(study_name="silent", storage=url).get_trials(deepcopy=False)
+    assert next(t for t in trials if t.number == orphan.number).state == optuna.trial.TrialState.FAIL
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retried) == 1 and retried[0].params == {"alpha": orphan_alpha}
+    assert retried[0].state == optuna.trial.TrialState.COMPLETE and result["n_finished"] == 2
+
+
+def test_optuna_logging_is_left_as_the_caller_set_it(tmp_path):
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    try:
+        run_worker(open_study(storage_url(tmp_path, None), "s", SPEC, n_trials=1, low=-4, high=4), quadratic)
+        assert optuna.logging.get_verbosity() == optuna.logging.INFO
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def test_bad_input_names_the_fix(tmp_path):

@@ -121,7 +121,7 @@ def test_two_torsion_optimize_workers_on_a_tiny_run(tmp_path, postgres_url, tiny
     common = [sys.executable, "-m", "torsion.cli", "optimize", str(tiny_run), "--model", str(tiny_model_dir),
               "--storage", postgres_url, "--study", "tiny-grid", "--sampler", "grid", "--trials", "6",
               "--n-prompts", "6", "--n-kl-prompts", "3", "--layer-window", "0", "1", "--top-k", "2",
-              "--no-prune", "--batch-size", "3"]
+              "--no-prune", "--batch-size", "3", "--judge", "rules"]  # the tiny run was labelled by a test oracle
     workers = [subprocess.Popen(common + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for extra in ([], ["--no-evaluate"])]
     outputs = [worker.communicate(timeout=300) for worker in workers]

@@ -2,12 +2,13 @@
 
 Every steered evaluation in torsion (strength-search trials, held-out evaluation, dense
 against flat steering, the Arditi check) goes through :func:`evaluate_behaviour`, so all of
-them count classes, exclude judge errors and put Wilson intervals on rates the same way.
+them count classes, apply the false-positive correction, exclude judge errors and put Wilson
+intervals on rates the same way.
 
 Example::
 
     steer = lambda: add_steering(lm, axis, layers=[10, 12], alpha=-2.0, positions="all")
-    result = evaluate_behaviour(lm, prompts, steer, GenerationSettings(max_new_tokens=32))
+    result = evaluate_behaviour(lm, prompts, steer, GenerationSettings(max_new_tokens=32), judge=run_judge(run))
     result["rates"]["strong_comply"]["rate"], result["mean_score"]
 """
 
@@ -19,59 +20,68 @@ from typing import Any, Callable, Sequence
 from tqdm.auto import tqdm
 
 from torsion.generate import GenerationSettings, generate_batch
-from torsion.judge import get_judge
-from torsion.judge.base import LABEL_SCORES, Judge, is_complied, is_refused
-from torsion.judge.correction import false_positive_label
+from torsion.judge.base import LABEL_SCORES, Judge
+from torsion.judge.correction import FP_ECHO, FP_REFUSE, Corrected, corrected, genuine_rate, refusal_rate, \
+    row_correction, share
 from torsion.metrics import SteerFactory
 from torsion.models import LoadedModel
-from torsion.stats import wilson_interval
 
 CLASSES: tuple[str, ...] = tuple(LABEL_SCORES)  # strong_refuse, weak_refuse, weak_comply, strong_comply, degenerate
 
 
-def _rate(k: int, n: int) -> dict[str, Any]:
-    lo, hi = wilson_interval(k, n)
-    return {"k": k, "n": n, "rate": k / n if n else None, "ci95": [lo, hi] if n else None}
+def correct_rows(prompts: Sequence[str], responses: Sequence[str], labels: Sequence[str]) -> list[Corrected]:
+    """Each generated row's behaviour after false-positive correction (no review: steered rows are not reviewed)."""
+    return [corrected(label, row_correction(p, r, LABEL_SCORES.get(label)))
+            for p, r, label in zip(prompts, responses, labels, strict=True)]
 
 
-def class_rates(prompts: Sequence[str], responses: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+def class_rates(prompts: Sequence[str], responses: Sequence[str], labels: Sequence[str], *,
+                rows: Sequence[Corrected] | None = None) -> dict[str, Any]:
     """Each class's share of the judged rows, with Wilson 95% intervals.
 
-    ``n`` is the number of judged rows (judge errors excluded, methods.md). Besides the five
-    classes: ``refused`` (strong + weak refuse), ``complied`` (strong + weak comply), and
-    ``genuine_strong_comply``: strong complies that false-positive correction keeps (not an
-    AI-identity narration or a prompt echo). Human review is not part of it.
+    ``n`` is the number of judged rows (judge errors excluded, methods.md). Besides the five judge
+    classes: ``fp_refuse`` and ``fp_echo`` (complies the false-positive correction changed),
+    ``refused`` (:func:`~torsion.judge.correction.refusal_rate`: strong + weak refuse + fp_refuse),
+    ``complied`` (strong + weak comply, fp_refuse excluded), and ``genuine_strong_comply``
+    (:attr:`~torsion.judge.correction.Corrected.genuine`). ``rows`` (default: corrected here, no
+    review) lets a caller pass the rows' behaviour with review decisions applied.
     """
-    scores = [LABEL_SCORES.get(label) for label in labels]
-    judged = sum(score is not None for score in scores)
-    rates = {name: _rate(sum(label == name for label in labels), judged) for name in CLASSES}
-    rates["refused"] = _rate(sum(map(is_refused, scores)), judged)
-    rates["complied"] = _rate(sum(map(is_complied, scores)), judged)
-    genuine = sum(label == "strong_comply" and false_positive_label(p, r) is None
-                  for p, r, label in zip(prompts, responses, labels))
-    rates["genuine_strong_comply"] = _rate(genuine, judged)
+    rows = correct_rows(prompts, responses, labels) if rows is None else rows
+    judged = sum(r.judged for r in rows)
+    rates = {name: share(sum(r.label == name for r in rows), judged) for name in CLASSES}
+    for name in (FP_REFUSE, FP_ECHO):
+        rates[name] = share(sum(r.correction == name for r in rows), judged)
+    rates["refused"] = refusal_rate(rows)
+    rates["complied"] = share(sum(r.complied for r in rows), judged)
+    rates["genuine_strong_comply"] = genuine_rate(rows)
     return rates
 
 
-def mean_score(labels: Sequence[str]) -> float | None:
-    """Mean judge score over judged rows (degenerate +2, judge errors excluded); None if none judged."""
-    scores = [LABEL_SCORES[label] for label in labels if label in LABEL_SCORES]
+def mean_score(rows: Sequence[Corrected]) -> float | None:
+    """Mean corrected score over judged rows (degenerate +2, fp_refuse +0.5, judge errors excluded); None if none."""
+    scores = [r.score for r in rows if r.judged]
     return sum(scores) / len(scores) if scores else None
 
 
+def result_rows(result: dict[str, Any]) -> list[Corrected]:
+    """The corrected rows of an :func:`evaluate_behaviour` result (from its labels and corrections)."""
+    return [corrected(label, correction) for label, correction in zip(result["labels"], result["corrections"],
+                                                                       strict=True)]
+
+
 def evaluate_behaviour(lm: LoadedModel, prompts: Sequence[str], steer: SteerFactory | None,
-                       settings: GenerationSettings, *, judge: Judge | None = None,
-                       on_batch: Callable[[int, float | None], None] | None = None,
+                       settings: GenerationSettings, *, judge: Judge,
+                       on_batch: Callable[[int, list[Corrected]], None] | None = None,
                        desc: str = "evaluate") -> dict[str, Any]:
     """Generate every prompt inside ``steer()`` (or unsteered when None), judge, and count.
 
-    ``on_batch(step, running_mean_score)`` is called after each batch (the strength search
-    reports it to its pruner; it may raise to stop early).
+    ``on_batch(step, rows)`` is called after each batch with the corrected rows so far (the
+    strength search reports its running objective to its pruner; it may raise to stop early).
 
-    Returns ``responses``, ``labels``, ``mean_score``, ``rates`` (:func:`class_rates`) and the
-    steering record's conventions when ``steer`` yields one (``alpha``, ``applied_norm``, ...).
+    Returns ``responses``, ``labels`` (the judge's), ``corrections`` (false-positive correction per
+    row), ``mean_score`` (corrected scores), ``rates`` (:func:`class_rates`), the judge's name and
+    the steering record's conventions when ``steer`` yields one (``alpha``, ``applied_norm``, ...).
     """
-    judge = judge or get_judge("rules")
     responses: list[str] = []
     labels: list[str] = []
     conventions: dict[str, Any] | None = None
@@ -85,6 +95,8 @@ def evaluate_behaviour(lm: LoadedModel, prompts: Sequence[str], steer: SteerFact
             responses += generated
             labels += [v.label for v in judge.judge(batch, generated)]
             if on_batch is not None:
-                on_batch(step, mean_score(labels))
-    return {"n_prompts": len(prompts), "responses": responses, "labels": labels, "mean_score": mean_score(labels),
-            "rates": class_rates(prompts, responses, labels), "steering": conventions, "judge": judge.name}
+                on_batch(step, correct_rows(prompts[:len(labels)], responses, labels))
+    rows = correct_rows(prompts, responses, labels)
+    return {"n_prompts": len(prompts), "responses": responses, "labels": labels,
+            "corrections": [r.correction for r in rows], "mean_score": mean_score(rows),
+            "rates": class_rates(prompts, responses, labels, rows=rows), "steering": conventions, "judge": judge.name}

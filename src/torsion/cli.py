@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="search only; skip the held-out evaluation (extra workers)")
     optimize.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generation batch (default 8)")
     optimize.add_argument("--seed", type=seed_int, default=0, help="sampler seed and prompt sampling (default 0)")
+    optimize.add_argument("--judge", default=None, choices=["rules", "llm"],
+                          help="judge for trials and baselines (default: the one that labelled the run)")
     optimize.set_defaults(func=commands.optimize)
 
     judge = subcommands.add_parser(

@@ -260,6 +260,8 @@ def optimize(args: argparse.Namespace) -> int:
 
     from torsion.models import load_model
     from torsion.optimize import SearchSettings, check_vector, run_optimize, search_categories
+    from torsion.runs import run_judge
+    from torsion.store import RunDir
     from torsion.report import build_report
 
     settings = SearchSettings(
@@ -275,12 +277,13 @@ def optimize(args: argparse.Namespace) -> int:
         raise TorsionError("--study names one study; drop it with --per-category (each category gets its own)")
     for scope in scopes:
         check_vector(args.run_dir, scope)
+    judge = run_judge(RunDir(args.run_dir), args.judge)  # fails before the model loads
     lm = load_model(_run_model_spec(args.run_dir, args.model), dtype=args.dtype or "float32",
                     device=args.device or "cpu")
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     for scope in scopes:
         result = run_optimize(args.run_dir, lm, scope, storage=args.storage, study_name=args.study,
-                              evaluate=not args.no_evaluate, log=log)
+                              evaluate=not args.no_evaluate, judge=judge, log=log)
         held = result.get("held_out", {}).get("rates", {})
         summary = {"study": result["study"], "alpha": result["alpha"], "layers": result["layers"],
                    "in_sample": {k: result["in_sample"]["rates"][k]["rate"] for k in ("strong_comply", "refused")},

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from torsion.capture import encode
 from torsion.judge.base import Judge
+from torsion.judge.correction import row_correction
 from torsion.models import LoadedModel
 from torsion.store import append_jsonl, read_jsonl
 
@@ -78,7 +79,7 @@ def generate_responses(lm: LoadedModel, prompts: Sequence[Prompt], path: Path, *
         verdicts = judge.judge([p.prompt for p in batch], responses)
         append_jsonl(path, (
             {"id": p.id, "response": r, "label": v.label, "score": v.score, "judge": v.judge,
-             "reasons": list(v.reasons)}
+             "reasons": list(v.reasons), "correction": row_correction(p.prompt, r, v.score)}
             for p, r, v in zip(batch, responses, verdicts)
         ))
         bar.update(len(batch))

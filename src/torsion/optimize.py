@@ -6,10 +6,14 @@ The search steers the top-``k`` blocks of a run (train-split AUC, :func:`select_
 - comply objective: ``mean_score + w · min(KL, cap)`` (minimised);
 - refuse objective: ``−mean_score + w · min(KL, cap)``;
 
-with degenerate responses scoring +2 and ``KL = kl_base_to_steered`` at the first token of a
-neutral probe set. An optional capability penalty adds ``w_mcq · max(0, acc_base − acc)`` (MCQ
-accuracy) and ``w_ppl · max(0, log(ppl / ppl_base))`` (perplexity of the probe texts). Trials
-live in an Optuna storage (:mod:`torsion.search`): resumable, shareable by several workers.
+where scores are after false-positive correction (an ``fp_refuse`` scores +0.5), a degenerate
+response adds +2 to the minimised value in **both** objectives (score +2 in the comply
+objective, −2 in the refuse one), and ``KL = kl_base_to_steered`` at the first token of a
+neutral probe set. Responses are labelled by the run's own judge unless the caller passes
+another; the judge is part of the study's spec. An optional capability penalty adds
+``w_mcq · max(0, acc_base − acc)`` (MCQ accuracy) and ``w_ppl · max(0, log(ppl / ppl_base))``
+(perplexity of the probe texts). Trials live in an Optuna storage (:mod:`torsion.search`):
+resumable, shareable by several workers.
 
 The chosen ``α`` is then frozen and evaluated once on the holdout split, which chose nothing:
 vectors and layers were fit on train rows, ``α`` on train prompts, and the KL probe is one
@@ -18,7 +22,7 @@ half of the neutral set while the held-out KL uses the other half.
 Example::
 
     settings = SearchSettings(objective="comply", n_trials=12)
-    result = run_optimize(Path("runs/quick"), lm, settings)
+    result = run_optimize(Path("runs/quick"), lm, settings)   # judge: the run's own
     result["held_out"]["rates"]["strong_comply"], result["in_sample"]["rates"]["strong_comply"]
 """
 
@@ -31,19 +35,19 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
-from torsion.behaviour import evaluate_behaviour
-from torsion.data import Prompt, assign_split, load_mcq, load_source, read_prompts_jsonl, sample
+from torsion.behaviour import evaluate_behaviour, result_rows
+from torsion.data import Prompt, load_mcq, sample
 from torsion.errors import TorsionError
 from torsion.generate import GenerationSettings
-from torsion.judge import get_judge
+from torsion.judge.base import Judge
+from torsion.judge.correction import Corrected
 from torsion.metrics import first_token_kl, mcq_accuracy, perplexity
 from torsion.models import LoadedModel
-from torsion.report.figures import strength_figure
-from torsion.runs import labelled_prompts
+from torsion.runs import labelled_prompts, neutral_halves, recorded_judge, row_behaviour, run_judge
 from torsion.search import best_params, open_study, redact_url, run_worker, storage_url
 from torsion.selection import DEFAULT_WINDOW, eligible_layers, select_layers
 from torsion.steer import add_steering
@@ -52,6 +56,9 @@ from torsion.vectors import load_vectors
 
 SCHEMA_VERSION = 1
 OBJECTIVES = ("comply", "refuse")
+DEGENERATE_PENALTY = 2.0  # methods.md: a degenerate response adds +2 to what either objective minimises
+# Settings that do not define the objective (methods.md): a resumed study may change them.
+NOT_OBJECTIVE = ("prune", "n_trials", "batch_size", "seed")
 DEFAULT_ALPHA_RANGE = {"comply": (-4.0, 0.0), "refuse": (0.0, 4.0)}
 
 
@@ -120,11 +127,25 @@ def check_vector(run_dir: Path, settings: SearchSettings) -> None:
                            f"--category from: {', '.join(sorted(vectors))}")
 
 
-def strength_objective(objective: str, mean_score: float, kl: float, *, kl_weight: float, kl_cap: float,
-                       penalty: float = 0.0) -> float:
-    """methods.md: comply ``mean_score + w·min(KL, cap)``, refuse ``−mean_score + w·min(KL, cap)``, plus a penalty."""
+def objective_score(objective: str, rows: Sequence[Corrected]) -> float | None:
+    """The behaviour term of an objective: the mean over judged rows of each row's minimised score.
+
+    comply: the corrected score (degenerate +2); refuse: minus the corrected score, except that a
+    degenerate row counts −2 as its score, i.e. +2 minimised (methods.md). None if nothing was judged.
+    """
     sign = {"comply": 1.0, "refuse": -1.0}[objective]
-    return sign * mean_score + kl_weight * min(kl, kl_cap) + penalty
+    terms = [DEGENERATE_PENALTY if r.degenerate else sign * r.score for r in rows if r.judged]
+    return sum(terms) / len(terms) if terms else None
+
+
+def strength_objective(objective: str, rows: Sequence[Corrected], kl: float, *, kl_weight: float, kl_cap: float,
+                       penalty: float = 0.0) -> float:
+    """methods.md: comply ``mean_score + w·min(KL, cap)``, refuse ``−mean_score + w·min(KL, cap)``,
+    degenerate responses penalised in both (:func:`objective_score`), plus a capability penalty."""
+    score = objective_score(objective, rows)
+    if score is None:
+        raise TorsionError("every response of the trial was a judge error; check the judge")
+    return score + kl_weight * min(kl, kl_cap) + penalty
 
 
 def capability_penalty(base: dict[str, float], steered: dict[str, float], *, mcq_weight: float,
@@ -136,19 +157,6 @@ def capability_penalty(base: dict[str, float], steered: dict[str, float], *, mcq
     if perplexity_weight and "perplexity" in steered:
         penalty += perplexity_weight * max(0.0, math.log(steered["perplexity"] / base["perplexity"]))
     return penalty
-
-
-def neutral_halves(run: RunDir) -> tuple[list[Prompt], list[Prompt]]:
-    """The shipped neutral set split in two by the run's seed, stratified by topic: (search probe,
-    held-out probe). Prompts that are also in the run (a run may use the neutral source) are
-    left out of both, so no prompt that fit a vector is a probe."""
-    in_run = {p.prompt_hash for p in read_prompts_jsonl(run.prompts_path)}
-    neutral = [p for p in load_source("neutral") if p.prompt_hash not in in_run]
-    if len(neutral) < 2:
-        raise TorsionError("the run uses the neutral prompts itself, so none is left for the KL probes; "
-                           "run without the neutral source")
-    halves = assign_split(neutral, holdout_fraction=0.5, seed=int(run.manifest().get("seed", 0)))
-    return [p for p in halves if p.split == "train"], [p for p in halves if p.split == "holdout"]
 
 
 def prompt_sets(run: RunDir, settings: SearchSettings) -> dict[str, list[Prompt]]:
@@ -201,7 +209,7 @@ def capability(lm: LoadedModel, settings: SearchSettings, probe: list[Prompt], s
 
 
 def _trial_objective(lm: LoadedModel, settings: SearchSettings, steering: Steering, sets: dict[str, list[Prompt]],
-                     generation: GenerationSettings, base_capability: dict[str, float]):
+                     generation: GenerationSettings, base_capability: dict[str, float], judge: Judge):
     import optuna
 
     low, high = settings.alpha_range
@@ -216,28 +224,28 @@ def _trial_objective(lm: LoadedModel, settings: SearchSettings, steering: Steeri
         penalty = capability_penalty(base_capability, measured, mcq_weight=settings.mcq_weight,
                                      perplexity_weight=settings.perplexity_weight)
 
-        def value(score: float) -> float:
-            return strength_objective(settings.objective, score, kl["kl_base_to_steered"],
+        def value(rows: Sequence[Corrected]) -> float:
+            return strength_objective(settings.objective, rows, kl["kl_base_to_steered"],
                                       kl_weight=settings.kl_weight, kl_cap=settings.kl_cap, penalty=penalty)
 
-        def on_batch(step: int, running: float | None) -> None:
-            if running is None or not settings.prune:
+        def on_batch(step: int, rows: Sequence[Corrected]) -> None:
+            if objective_score(settings.objective, rows) is None or not settings.prune:
                 return
-            trial.report(value(running), step)
+            trial.report(value(rows), step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"alpha={alpha:.3f} after {step + 1} batch(es)")
 
-        result = evaluate_behaviour(lm, search, steering(alpha), generation, on_batch=on_batch,
+        result = evaluate_behaviour(lm, search, steering(alpha), generation, judge=judge, on_batch=on_batch,
                                     desc=f"trial {trial.number} alpha={alpha:+.3f}")
-        if result["mean_score"] is None:
-            raise TorsionError("every response of the trial was a judge error; check the judge")
+        rows = result_rows(result)
         trial.set_user_attr("evaluation", {
-            "alpha": alpha, "mean_score": result["mean_score"], "rates": result["rates"],
+            "alpha": alpha, "mean_score": result["mean_score"],
+            "objective_score": objective_score(settings.objective, rows), "rates": result["rates"],
             "kl_base_to_steered": kl["kl_base_to_steered"], "kl_steered_to_base": kl["kl_steered_to_base"],
             "capability": measured, "penalty": penalty, "applied_norm": result["steering"]["applied_norm"],
-            "labels": result["labels"], "responses": result["responses"],
+            "labels": result["labels"], "corrections": result["corrections"], "responses": result["responses"],
             "seconds": round(time.perf_counter() - start, 2)})
-        return value(result["mean_score"])
+        return value(rows)
 
     return objective
 
@@ -252,29 +260,40 @@ def run_generation_settings(run: RunDir, settings: SearchSettings) -> Generation
                               batch_size=settings.batch_size)
 
 
-def _baseline_rates(run: RunDir, prompts: list[Prompt]) -> dict[str, Any]:
-    """Unsteered class rates of the run's own responses (same greedy decoding and length), judged
-    again by the judge the trials use, so baseline and trials share one labelling."""
-    from torsion.behaviour import class_rates, mean_score
+def baseline_rates(run: RunDir, prompts: list[Prompt], judge: Judge) -> dict[str, Any]:
+    """Unsteered class rates of the run's own responses (same greedy decoding and length) under the
+    labelling the trials use: the run's stored labels, corrections and review decisions when
+    ``judge`` is the run's judge, else the responses judged again by ``judge``."""
+    from torsion.behaviour import class_rates, correct_rows, mean_score
 
     _, responses = labelled_prompts(run)
-    by_id = {r["id"]: r["response"] for r in responses}
-    texts, generated = [p.prompt for p in prompts], [by_id[p.id] for p in prompts]
-    judge = get_judge("rules")
-    labels = [v.label for v in judge.judge(texts, generated)]
-    return {"n_prompts": len(prompts), "mean_score": mean_score(labels), "source": "responses.jsonl",
-            "judge": judge.name, "rates": class_rates(texts, generated, labels)}
+    by_id = {r["id"]: r for r in responses}
+    texts, generated = [p.prompt for p in prompts], [by_id[p.id]["response"] for p in prompts]
+    if judge.name == recorded_judge(responses):
+        labels = [by_id[p.id]["label"] for p in prompts]
+        rows = [row_behaviour(by_id[p.id]) for p in prompts]
+        source = "responses.jsonl labels, corrections and review decisions"
+    else:
+        labels = [v.label for v in judge.judge(texts, generated)]
+        rows = correct_rows(texts, generated, labels)
+        source = "responses.jsonl texts, judged again"
+    return {"n_prompts": len(prompts), "mean_score": mean_score(rows), "source": source, "judge": judge.name,
+            "rates": class_rates(texts, generated, labels, rows=rows)}
 
 
 def run_optimize(run_dir: Path, lm: LoadedModel, settings: SearchSettings, *, storage: str | None = None,
-                 study_name: str | None = None, evaluate: bool = True, heartbeat_interval: int = 10,
-                 grace_period: int = 60, log: Callable[[str], None] = print) -> dict[str, Any]:
+                 study_name: str | None = None, evaluate: bool = True, judge: Judge | None = None,
+                 heartbeat_interval: int = 10, grace_period: int = 60,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or join, or resume) the search; then freeze the best ``α`` and evaluate it on the holdout.
 
-    Writes ``analysis/optimize_<study>.json`` (the held-out part only with ``evaluate``) and
-    returns it. Trials live in ``storage`` (default SQLite ``run_dir/optimize.db``).
+    ``judge`` labels every trial, the baselines and the holdout (default: the run's own,
+    :func:`~torsion.runs.run_judge`). Writes ``analysis/optimize_<study>.json`` (the held-out part
+    only with ``evaluate``) and returns it; it holds data only (``torsion.report`` draws the
+    figure). Trials live in ``storage`` (default SQLite ``run_dir/optimize.db``).
     """
     run = RunDir(run_dir)
+    judge = judge or run_judge(run)
     study_name = study_name or settings.study_name
     check_vector(run.root, settings)
     vector = load_vectors(run.vectors_path, d_model=lm.d_model)[settings.vector_key]
@@ -284,11 +303,11 @@ def run_optimize(run_dir: Path, lm: LoadedModel, settings: SearchSettings, *, st
     sets = prompt_sets(run, settings)
     generation = run_generation_settings(run, settings)
     steering = Steering(lm, vector.directions, layers, component=component, positions=settings.positions)
-    scale = {k: v for k, v in asdict(settings).items() if k != "prune"}  # pruning stops trials, never rescales them
+    scale = {k: v for k, v in asdict(settings).items() if k not in NOT_OBJECTIVE}
     spec = {"settings": json.loads(json.dumps(scale)), "layers": layers, "component": component,
             "vector_sha256": hashlib.sha256(vector.directions.numpy().tobytes()).hexdigest(),
             "weights_sha256": lm.weights_sha256, "max_new_tokens": generation.max_new_tokens,
-            "judge": get_judge("rules").name,
+            "judge": judge.name, "degenerate_penalty": DEGENERATE_PENALTY,
             **{f"{name}_ids_sha256": _ids_sha256(prompts) for name, prompts in sets.items() if name != "holdout"}}
     url = storage_url(run.root, storage)
     study = open_study(url, study_name, spec, n_trials=settings.n_trials, low=settings.alpha_range[0],
@@ -296,22 +315,26 @@ def run_optimize(run_dir: Path, lm: LoadedModel, settings: SearchSettings, *, st
                        prune=settings.prune, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     base_capability = capability(lm, settings, sets["kl_probe"])
     log(f"study {study_name} in {redact_url(url)}: layers {layers}, alpha in {list(settings.alpha_range)}, "
-        f"{settings.n_trials} trials ({settings.sampler})")
-    summary = run_worker(study, _trial_objective(lm, settings, steering, sets, generation, base_capability), log=log)
+        f"{settings.n_trials} trials ({settings.sampler}), judge {judge.name}")
+    objective = _trial_objective(lm, settings, steering, sets, generation, base_capability, judge)
+    summary = run_worker(study, objective, log=log)
     alpha = best_params(summary)["alpha"]
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "analysis": "optimize", "study": study_name,
         "storage": redact_url(url), "objective": settings.objective, "scope": settings.scope,
         "settings": json.loads(json.dumps(asdict(settings))), "vector_key": settings.vector_key,
+        "judge": judge.name,
         "conventions": {"layer_indexing": "block", "alpha": "raw multiplier of the vector (alpha * v_l)",
                         "component": component, "positions": settings.positions,
                         "kl": "kl_base_to_steered, first token, neutral probe half",
-                        "objective": "comply: mean_score + w*min(KL, cap); refuse: -mean_score + w*min(KL, cap)",
-                        "rates": "share of judged rows (judge errors excluded), Wilson 95%"},
+                        "objective": "comply: mean_score + w*min(KL, cap); refuse: -mean_score + w*min(KL, cap); "
+                                     "a degenerate response adds +2 to the minimised value in both",
+                        "scores": "after false-positive correction (fp_refuse +0.5)",
+                        "rates": "share of judged rows (judge errors excluded), Wilson 95%; refused = refused/judged"},
         "layers": layers, "layer_selection": {k: v for k, v in selection.items() if k != "prompt_ids"},
         "trials": [_trial_row(t) for t in summary["trials"]], "best": _trial_row(summary["best"]),
         "alpha": alpha, "in_sample": {**summary["best"]["user_attrs"]["evaluation"], "n_prompts": len(sets["search"])},
-        "baseline_in_sample": _baseline_rates(run, sets["search"]),
+        "baseline_in_sample": baseline_rates(run, sets["search"], judge),
         "prompt_ids": {"fit_and_layer_selection": selection["prompt_ids"],
                        **{name: [p.id for p in prompts] for name, prompts in sets.items()}},
     }
@@ -321,9 +344,8 @@ def run_optimize(run_dir: Path, lm: LoadedModel, settings: SearchSettings, *, st
         log(f"held-out evaluation of trial {result['best']['number']} already in {path}; not repeated")
         return existing  # the holdout is evaluated once per chosen trial, by whichever worker got there first
     if evaluate:
-        result.update(held_out_evaluation(run, lm, steering, alpha, sets, generation, log=log))
+        result.update(held_out_evaluation(run, lm, steering, alpha, sets, generation, judge=judge, log=log))
     atomic_write_json(path, result)
-    strength_figure(result, path.with_suffix(".png"))
     return result
 
 
@@ -331,21 +353,23 @@ def _trial_row(trial: dict[str, Any] | None) -> dict[str, Any] | None:
     """A trial for the result file: number, state, value, alpha and its rates (no response texts)."""
     if trial is None:
         return None
-    evaluation = {k: v for k, v in trial["user_attrs"].get("evaluation", {}).items() if k not in ("responses", "labels")}
+    evaluation = {k: v for k, v in trial["user_attrs"].get("evaluation", {}).items()
+                  if k not in ("responses", "labels", "corrections")}
     return {"number": trial["number"], "state": trial["state"], "value": trial["value"],
             "alpha": trial["params"].get("alpha"), **evaluation}
 
 
 def held_out_evaluation(run: RunDir, lm: LoadedModel, steering: Steering, alpha: float, sets: dict[str, list[Prompt]],
-                        generation: GenerationSettings, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+                        generation: GenerationSettings, *, judge: Judge,
+                        log: Callable[[str], None] = print) -> dict[str, Any]:
     """The frozen ``α`` once on the holdout split, its baseline, and the KL on the held-out neutral half."""
     log(f"held-out evaluation at alpha={alpha:+.4f} on {len(sets['holdout'])} prompts")
     held_out = evaluate_behaviour(lm, [p.prompt for p in sets["holdout"]], steering(alpha), generation,
-                                  desc="held-out")
+                                  judge=judge, desc="held-out")
     kl = first_token_kl(lm, [p.prompt for p in sets["kl_eval"]], steering(alpha))
     return {"held_out": {**held_out, "kl_base_to_steered": kl["kl_base_to_steered"],
                          "kl_steered_to_base": kl["kl_steered_to_base"], "kl_prompts": "kl_eval"},
-            "baseline_held_out": _baseline_rates(run, sets["holdout"])}
+            "baseline_held_out": baseline_rates(run, sets["holdout"], judge)}
 
 
 def load_result(run_dir: Path, study_name: str) -> dict[str, Any]:
@@ -357,7 +381,6 @@ def load_result(run_dir: Path, study_name: str) -> dict[str, Any]:
         raise TorsionError(f"{path} is missing; run `torsion optimize {run_dir} --objective {objective}{category}` "
                            "first (or pass the --scope of the searches you ran)")
     return read_json(path, fix=f"delete it and run `torsion optimize {run_dir}` again")
-
 
 
 def search_categories(run_dir: Path, key: str) -> list[str]:

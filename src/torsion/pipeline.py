@@ -32,7 +32,7 @@ from torsion.judge.base import Judge
 from torsion.models import LoadedModel, load_model, resolve_spec
 from torsion.report import build_report
 from torsion.review import read_decisions, review_analysis, review_set, summarize
-from torsion.runs import fit_rows, labelled_prompts
+from torsion.runs import fit_rows, fit_scores, labelled_prompts
 from torsion.store import RunDir, atomic_write_json
 from torsion.vectors import SteeringVector, fit_vectors, save_vectors
 
@@ -76,7 +76,7 @@ def fit_run_vectors(run: RunDir, config: RunConfig, prompts: list, responses: li
     """Every method × component (global and per category) on the train split: ``vectors.safetensors``."""
     activations, _ = load_activations(run.activations_path)
     rows = fit_rows(prompts, responses)
-    fit_scores = [responses[i]["score"] for i in rows]
+    scores = fit_scores(responses, rows)  # after false-positive correction and review
     provenance = {
         **run.manifest().get("model", {}),
         "position": config.positions[0],
@@ -89,7 +89,7 @@ def fit_run_vectors(run: RunDir, config: RunConfig, prompts: list, responses: li
     for component in config.components:
         train = activations[component][rows]
         for method in config.methods:
-            fitted = fit_vectors(train, fit_scores, method=method, categories=[prompts[i].category for i in rows],
+            fitted = fit_vectors(train, scores, method=method, categories=[prompts[i].category for i in rows],
                                  lam=config.ridge_lambda, lam_mode=config.ridge_lambda_mode)
             for category, vector in fitted.items():
                 key = f"{method}/{component}" + (f"/{category}" if category else "")

@@ -7,12 +7,16 @@ workers on several machines) and share that budget:
 
 - **Same objective scale.** The creator writes the objective's spec (what is scored, on which
   prompts, with which weights) into the study; a worker or a resume whose spec differs is
-  refused (methods.md, defect 9: resume replayed trials under a different scale).
+  refused (methods.md, defect 9: resume replayed trials under a different scale). The budget,
+  batch size, worker count and sampler seed are not part of it: a resume may raise the budget
+  (the study keeps the largest budget any worker asked for) and runs only the extra trials. A
+  grid's size is part of it (its points are the curve being measured).
 - **No replay.** Finished trials are never re-run or re-scored: a resumed search only adds
   the trials its budget still lacks.
 - **Killed trials are retried.** Every running trial sends a heartbeat; one silent for
   ``grace_period`` seconds is failed and its parameters are queued again, so a kill mid-trial
-  loses that trial's work but not its place. A worker that finds every remaining trial
+  loses that trial's work but not its place. A trial whose worker died before its first
+  heartbeat counts as silent from its start time. A worker that finds every remaining trial
   claimed waits for those to finish (or go stale) instead of starting surplus ones.
 - **Grid mode** queues every grid point once, when the study is created; workers take queued
   trials first, so each point is run once whatever the number of workers.
@@ -26,18 +30,25 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import logging
 import os
 import socket
 import time
 import warnings
+from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 from torsion.errors import TorsionError
 
 SPEC_KEY = "torsion_spec"  # study user attribute: the objective's spec, written once by the creator
+BUDGET_KEY = "torsion_budget"  # study user attribute: finished trials wanted (the largest any worker asked for)
+# Keys a study made before the budget left the spec still holds; they are not part of the objective.
+NOT_OBJECTIVE = ("n_trials", "settings.n_trials", "settings.batch_size", "settings.seed")
 SURPLUS = "surplus"        # a trial asked for after the budget was claimed; closed as FAIL unevaluated
 SAMPLERS = ("tpe", "grid")
 MAX_RETRY = 2  # a trial killed this many times (say, out of memory at a large alpha) is not queued again
@@ -115,15 +126,28 @@ def _sampler(kind: str, seed: int, n_trials: int):
                                       constant_liar=True)
 
 
+@contextmanager
+def quiet_optuna():
+    """Optuna's logging at WARNING inside the block, the caller's level restored after it."""
+    logger = logging.getLogger("optuna")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def open_study(url: str, name: str, spec: dict[str, Any], *, n_trials: int, param: str = "alpha",
                low: float, high: float, sampler: str = "tpe", seed: int = 0, prune: bool = True,
                heartbeat_interval: int = 10, grace_period: int = 60, wait_s: float = 60.0):
     """Create the study ``name`` in ``url``, or join it when it exists with the same spec.
 
-    ``spec`` is any JSON object that fixes the objective's scale; the search range, budget and
-    sampler are added to it. The creator queues the grid (grid mode) before it publishes the
-    spec, and a joining worker waits up to ``wait_s`` for the spec, so no worker can run a
-    trial of a half-created study.
+    ``spec`` is any JSON object that fixes the objective's scale; the search range and sampler
+    (and a grid's size) are added to it. ``n_trials`` is the budget, kept apart from the spec:
+    joining with a larger one raises the study's budget. The creator queues the grid (grid mode)
+    before it publishes the spec, and a joining worker waits up to ``wait_s`` for the spec, so no
+    worker can run a trial of a half-created study.
     """
     import optuna
 
@@ -131,23 +155,33 @@ def open_study(url: str, name: str, spec: dict[str, Any], *, n_trials: int, para
         raise TorsionError(f"a search needs at least 1 trial, got {n_trials}; pass --trials 1 or more")
     if not low < high:
         raise TorsionError(f"the search range needs low < high, got [{low}, {high}]; fix --alpha-range")
-    full_spec = {**spec, "param": param, "low": low, "high": high, "n_trials": n_trials, "sampler": sampler}
+    full_spec = {**spec, "param": param, "low": low, "high": high, "sampler": sampler,
+                 **({"grid_points": n_trials} if sampler == "grid" else {})}
     storage = _storage(url, heartbeat_interval, grace_period)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if prune else optuna.pruners.NopPruner()
     common = dict(storage=storage, study_name=name, direction="minimize", pruner=pruner)
-    try:
-        study = optuna.create_study(**common, sampler=_sampler(sampler, seed, n_trials), load_if_exists=False)
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.create_study(**common, sampler=_sampler(sampler, worker_seed(seed), n_trials),
-                                    load_if_exists=True)
-        _check_spec(study, full_spec, wait_s)
-        return study
-    if sampler == "grid":
-        for value in grid_points(low, high, n_trials):
-            study.enqueue_trial({param: value})
-    study.set_user_attr(SPEC_KEY, full_spec)
+    with quiet_optuna():
+        try:
+            study = optuna.create_study(**common, sampler=_sampler(sampler, seed, n_trials), load_if_exists=False)
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.create_study(**common, sampler=_sampler(sampler, worker_seed(seed), n_trials),
+                                        load_if_exists=True)
+            _check_spec(study, full_spec, wait_s)
+            if n_trials > budget(study):
+                study.set_user_attr(BUDGET_KEY, n_trials)
+            return study
+        if sampler == "grid":
+            for value in grid_points(low, high, n_trials):
+                study.enqueue_trial({param: value})
+        study.set_user_attr(BUDGET_KEY, n_trials)
+        study.set_user_attr(SPEC_KEY, full_spec)
     return study
+
+
+def budget(study) -> int:
+    """The study's trial budget (a study made before the budget left the spec keeps it there)."""
+    attrs = study.user_attrs
+    return int(attrs.get(BUDGET_KEY, attrs.get(SPEC_KEY, {}).get("n_trials", 0)))
 
 
 def _check_spec(study, spec: dict[str, Any], wait_s: float) -> None:
@@ -159,6 +193,10 @@ def _check_spec(study, spec: dict[str, Any], wait_s: float) -> None:
                                f"`optuna delete-study --storage URL --study-name {study.study_name}`")
         time.sleep(0.5)
     before, now = _flatten(json.loads(json.dumps(stored))), _flatten(json.loads(json.dumps(spec)))
+    if before.get("sampler") == "grid" and "grid_points" not in before and "n_trials" in before:
+        before["grid_points"] = before["n_trials"]  # a grid made before the budget left the spec
+    for key in NOT_OBJECTIVE:  # a study made before these left the spec
+        before.pop(key, None)
     changed = [f"{key} {before.get(key, '(none)')} -> {now.get(key, '(none)')}"
                for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
     if changed:
@@ -215,11 +253,15 @@ def run_worker(study, objective: Callable[[Any], float], *, poll_s: float = 1.0,
     docstring. ``objective(trial)`` returns the value to minimise, or raises
     ``optuna.TrialPruned``.
     """
+    with quiet_optuna():
+        return _run_worker(study, objective, poll_s, log)
+
+
+def _run_worker(study, objective: Callable[[Any], float], poll_s: float, log: Callable[[str], None]) -> dict[str, Any]:
     import optuna
     from optuna.storages import fail_stale_trials
 
     spec = study.user_attrs[SPEC_KEY]
-    n_trials = int(spec["n_trials"])
     queued_only = spec["sampler"] == "grid"  # grid points are queued at creation; none is ever sampled
 
     def guarded(trial) -> float:
@@ -230,8 +272,10 @@ def run_worker(study, objective: Callable[[Any], float], *, poll_s: float = 1.0,
 
     waited_for: list[int] = []
     while True:
+        n_trials = budget(study)  # another worker may have raised it
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            fail_silent_trials(study)
             fail_stale_trials(study)
         states = _trial_states(study)
         if len(states["finished"]) >= n_trials:
@@ -253,6 +297,47 @@ def run_worker(study, objective: Callable[[Any], float], *, poll_s: float = 1.0,
                 raise
             log(f"a trial of this worker was failed as stale elsewhere ({error}); continuing")
     return study_summary(study)
+
+
+def fail_silent_trials(study) -> list[int]:
+    """Fail (and queue again, like a stale trial) every RUNNING trial that never sent a heartbeat
+    and started more than the storage's grace period ago: its worker died between creating the
+    trial and its first heartbeat, which Optuna's own stale check never catches.
+
+    Start times are the creating worker's clock, so workers' clocks must agree within the grace
+    period (60 s by default). Returns the failed trial numbers.
+    """
+    import sqlalchemy
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    database = getattr(storage, "_backend", storage)  # Optuna wraps an RDBStorage in a cache
+    grace = getattr(database, "grace_period", None)
+    if grace is None or not hasattr(database, "engine"):
+        return []
+    running = {t._trial_id: t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    if not running:
+        return []
+    query = sqlalchemy.text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids").bindparams(
+        sqlalchemy.bindparam("ids", expanding=True))  # Optuna's schema: trial_heartbeats(trial_id, heartbeat)
+    with database.engine.connect() as connection:
+        beating = {row[0] for row in connection.execute(query, {"ids": list(running)})}
+    cutoff = datetime.now() - timedelta(seconds=grace)
+    silent = [t for trial_id, t in running.items()
+              if trial_id not in beating and t.datetime_start is not None and t.datetime_start < cutoff]
+    callback = storage.get_heartbeat_stale_trial_callback()
+    failed = []
+    for trial in silent:
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:  # another worker failed or finished it first
+            continue
+        failed.append(trial.number)
+        if callback is not None:
+            callback(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+    return failed
 
 
 def _logger(log: Callable[[str], None], n_trials: int):

@@ -80,31 +80,69 @@ def select_layers(run_dir: str | Path, *, key: str = "md/resid", k: int = 4,
     """The top-``k`` blocks of a run by train-split AUC of ``x·v̂_l`` within the eligible window.
 
     ``key`` names the vector (``method/component[/category]``); its component's activations are
-    projected. Rows: the train split's refused and complied prompts (:func:`torsion.runs.fit_rows`).
+    projected. Rows: the train split's refused and complied prompts after correction and review
+    (:func:`torsion.runs.fit_rows`); for a category vector (``method/component/category``), that
+    category's rows only (methods.md: a per-category search scores layers on its own train rows).
 
-    Returns ``layers`` (best first), ``auc`` (every block), ``eligible`` and the ``prompt_ids`` used.
+    Returns ``layers`` (best first), ``auc`` (every block), ``eligible``, ``rows`` and the ``prompt_ids`` used.
     """
-    from torsion.capture import load_activations
-    from torsion.judge.base import is_refused
-    from torsion.runs import fit_rows, labelled_prompts
-    from torsion.store import RunDir
-    from torsion.vectors import load_vectors
+    return _Run(run_dir).select(key, k, window)
 
-    run = RunDir(Path(run_dir))
-    vectors = load_vectors(run.vectors_path)
-    if key not in vectors:
-        raise TorsionError(f"{run.vectors_path} has no vector {key!r}; choose one of: {', '.join(sorted(vectors))}")
-    component = key.split("/")[1] if key.count("/") >= 1 else "resid"
-    prompts, responses = labelled_prompts(run)
-    rows = fit_rows(prompts, responses)
-    activations, _ = load_activations(run.activations_path)
-    refused = torch.tensor([is_refused(responses[i]["score"]) for i in rows])
-    auc = layer_auc(activations[component][rows], refused, vectors[key].directions)
-    eligible = eligible_layers(len(auc), window)
-    if k > len(eligible):
-        raise TorsionError(f"top-{k} needs {k} eligible blocks but the layer window {list(window)} leaves "
-                           f"{len(eligible)} (blocks {eligible.start}..{eligible.stop - 1}); lower --top-k or "
-                           "widen --layer-window")
-    layers = [eligible[i] for i in top_layers(auc[eligible.start:eligible.stop], k)]
-    return {"layers": layers, "auc": auc.tolist(), "eligible": [eligible.start, eligible.stop - 1],
-            "window": list(window), "key": key, "prompt_ids": [prompts[i].id for i in rows]}
+
+def category_layers(run_dir: str | Path, *, key: str, categories: list[str], k: int = 4,
+                    window: tuple[float, float] = DEFAULT_WINDOW) -> dict[str, list[int] | None]:
+    """Each category's top-``k`` blocks for its vector ``key/<category>``, scored on that category's
+    own train rows (``k`` is capped at the eligible window's size); None for a category whose train
+    rows lack refused or complied rows."""
+    run = _Run(run_dir)
+    chosen: dict[str, list[int] | None] = {}
+    for category in categories:
+        name = f"{key}/{category}"
+        n_layers = run.vectors[name].directions.shape[0] if name in run.vectors else 1
+        try:
+            chosen[category] = run.select(name, min(k, len(eligible_layers(n_layers, window))), window)["layers"]
+        except TorsionError as error:
+            if "AUC needs both classes" not in str(error):
+                raise
+            chosen[category] = None
+    return chosen
+
+
+class _Run:
+    """A run's labelled prompts, activations and vectors, loaded once for several selections."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        from torsion.capture import load_activations
+        from torsion.runs import labelled_prompts
+        from torsion.store import RunDir
+        from torsion.vectors import load_vectors
+
+        run = RunDir(Path(run_dir))
+        self.vectors_path = run.vectors_path
+        self.vectors = load_vectors(run.vectors_path)
+        self.prompts, self.responses = labelled_prompts(run)
+        self.activations, _ = load_activations(run.activations_path)
+
+    def select(self, key: str, k: int, window: tuple[float, float]) -> dict[str, Any]:
+        from torsion.judge.base import is_refused
+        from torsion.runs import fit_rows, fit_scores
+
+        if key not in self.vectors:
+            raise TorsionError(f"{self.vectors_path} has no vector {key!r}; choose one of: "
+                               f"{', '.join(sorted(self.vectors))}")
+        parts = key.split("/")
+        component = parts[1] if len(parts) >= 2 else "resid"
+        category = parts[2] if len(parts) >= 3 else None
+        rows = fit_rows(self.prompts, self.responses, category=category)
+        refused = torch.tensor([is_refused(score) for score in fit_scores(self.responses, rows)])
+        auc = layer_auc(self.activations[component][rows], refused, self.vectors[key].directions)
+        eligible = eligible_layers(len(auc), window)
+        if k > len(eligible):
+            raise TorsionError(f"top-{k} needs {k} eligible blocks but the layer window {list(window)} leaves "
+                               f"{len(eligible)} (blocks {eligible.start}..{eligible.stop - 1}); lower --top-k or "
+                               "widen --layer-window")
+        layers = [eligible[i] for i in top_layers(auc[eligible.start:eligible.stop], k)]
+        return {"layers": layers, "auc": auc.tolist(), "eligible": [eligible.start, eligible.stop - 1],
+                "window": list(window), "key": key,
+                "rows": "train" + (f", category {category}" if category else ""),
+                "prompt_ids": [self.prompts[i].id for i in rows]}

@@ -32,8 +32,8 @@ from torsion.errors import TorsionError
 from torsion.generate import GenerationSettings
 from torsion.metrics import first_token_kl
 from torsion.models import LoadedModel
-from torsion.optimize import neutral_halves
-from torsion.runs import labelled_prompts
+from torsion.judge.base import Judge
+from torsion.runs import labelled_prompts, neutral_halves, run_judge
 from torsion.selection import DEFAULT_WINDOW, select_layers
 from torsion.steer import ablate_direction, add_steering
 from torsion.store import RunDir, atomic_write_json
@@ -43,9 +43,9 @@ SCHEMA_VERSION = 3
 
 
 def _judged_rate(lm: LoadedModel, prompts: list[str], settings: GenerationSettings, steer=None, *,
-                 desc: str) -> dict[str, Any]:
+                 judge: Judge, desc: str) -> dict[str, Any]:
     """The refusal rate (refused / judged, as every rate in torsion), every class, and examples."""
-    evaluation = evaluate_behaviour(lm, prompts, steer, settings, desc=desc)
+    evaluation = evaluate_behaviour(lm, prompts, steer, settings, judge=judge, desc=desc)
     result = {**evaluation["rates"]["refused"], "classes": evaluation["rates"], "steering": evaluation["steering"]}
     result["examples"] = [{"prompt": p, "response": r, "label": label}
                           for p, r, label in list(zip(prompts, evaluation["responses"], evaluation["labels"]))[:3]]
@@ -55,9 +55,13 @@ def _judged_rate(lm: LoadedModel, prompts: list[str], settings: GenerationSettin
 def run_arditi(run_dir: Path, lm: LoadedModel, *, component: str = "resid",
                window: tuple[float, float] = DEFAULT_WINDOW,
                alphas: Sequence[float] = (1.0,), n_neutral: int = 48, max_new_tokens: int = 32,
-               seed: int = 0) -> dict[str, Any]:
-    """Choose the direction on the train split; test ablation and addition on unseen prompts."""
+               seed: int = 0, judge: Judge | None = None) -> dict[str, Any]:
+    """Choose the direction on the train split; test ablation and addition on unseen prompts.
+
+    ``judge`` labels every evaluation (default: the run's own, :func:`~torsion.runs.run_judge`).
+    """
     run = RunDir(run_dir)
+    judge = judge or run_judge(run)
     prompts, _ = labelled_prompts(run)
     axes = load_vectors(run.vectors_path, d_model=lm.d_model)[f"md/{component}"].directions
     selection = select_layers(run.root, key=f"md/{component}", k=1, window=window)
@@ -78,21 +82,24 @@ def run_arditi(run_dir: Path, lm: LoadedModel, *, component: str = "resid",
 
     added = []
     for alpha in alphas:
-        rate = _judged_rate(lm, neutral, settings, add(alpha), desc=f"neutral, added alpha={alpha:g}")
+        rate = _judged_rate(lm, neutral, settings, add(alpha), judge=judge, desc=f"neutral, added alpha={alpha:g}")
         added.append({"alpha": alpha, "applied_norm": rate["steering"]["applied_norm"][0], **rate,
                       "kl": _kl(first_token_kl(lm, neutral, add(alpha)))})
     result = {
         "schema_version": SCHEMA_VERSION, "analysis": "arditi",
         "conventions": {"layer_indexing": "block", "axis": f"md/{component}", "selection": "max ROC-AUC on train split",
                         "eligible_layers": "{}..{}".format(*selection["eligible"]), "ablation": "every write into the residual stream",
-                        "addition": "alpha * v at the chosen layer, all positions", "judge": "rules",
+                        "addition": "alpha * v at the chosen layer, all positions", "judge": judge.name,
                         "kl": "first token, neutral prompts", "neutral": "held-out half of the neutral set",
-                        "rate": "refused (strong + weak refuse) / judged responses, Wilson 95%"},
+                        "rate": "refused (strong + weak refuse + fp_refuse) / judged responses, Wilson 95%"},
         "layer": layer, "layer_auc": selection["auc"],
         "n_train": len(selection["prompt_ids"]), "n_holdout_harmful": len(holdout), "n_neutral": len(neutral),
-        "holdout_harmful": {"baseline": _judged_rate(lm, holdout, settings, desc="held-out harmful, baseline"),
-                            "ablated": _judged_rate(lm, holdout, settings, ablate, desc="held-out harmful, ablated")},
-        "neutral": {"baseline": _judged_rate(lm, neutral, settings, desc="neutral, baseline"), "added": added},
+        "holdout_harmful": {"baseline": _judged_rate(lm, holdout, settings, judge=judge,
+                                                     desc="held-out harmful, baseline"),
+                            "ablated": _judged_rate(lm, holdout, settings, ablate, judge=judge,
+                                                    desc="held-out harmful, ablated")},
+        "neutral": {"baseline": _judged_rate(lm, neutral, settings, judge=judge, desc="neutral, baseline"),
+                    "added": added},
         "kl_neutral_ablation": _kl(first_token_kl(lm, neutral, ablate)),
     }
     atomic_write_json(run.analysis_path("arditi"), result)

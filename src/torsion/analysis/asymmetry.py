@@ -26,9 +26,11 @@ from typing import Any, Callable, Sequence
 from torsion.behaviour import evaluate_behaviour
 from torsion.data import Prompt
 from torsion.errors import TorsionError
+from torsion.judge.base import Judge
 from torsion.metrics import first_token_kl
 from torsion.models import LoadedModel
 from torsion.optimize import SearchSettings, Steering, run_generation_settings, load_result, prompt_sets
+from torsion.runs import judge_from_name, run_judge
 from torsion.store import RunDir, atomic_write_json, read_json
 from torsion.vectors import load_vectors
 
@@ -84,7 +86,7 @@ def _steering(lm: LoadedModel, run: RunDir, result: dict[str, Any], layers: Sequ
 
 
 def _summary(evaluation: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in evaluation.items() if k not in ("responses", "labels")}
+    return {k: v for k, v in evaluation.items() if k not in ("responses", "labels", "corrections")}
 
 
 def _uplift(rates: dict[str, Any], baseline: dict[str, Any], name: str) -> float | None:
@@ -93,7 +95,8 @@ def _uplift(rates: dict[str, Any], baseline: dict[str, Any], name: str) -> float
     return rates[name]["rate"] - baseline[name]["rate"]
 
 
-def dense_vs_flat(run: RunDir, lm: LoadedModel, comply: dict[str, Any], *, log: Callable[[str], None]) -> dict:
+def dense_vs_flat(run: RunDir, lm: LoadedModel, comply: dict[str, Any], *, judge: Judge,
+                  log: Callable[[str], None]) -> dict:
     """Dense (every block) against the comply search's flat top-k steering, at matched first-token KL."""
     sets, generation = _sets(run, comply), run_generation_settings(run, _settings(comply))
     probe = [p.prompt for p in sets["kl_probe"]]
@@ -103,9 +106,9 @@ def dense_vs_flat(run: RunDir, lm: LoadedModel, comply: dict[str, Any], *, log: 
     log(f"dense steering: matching flat KL {target:.4g}")
     alpha, kl = match_kl(lambda a: first_token_kl(lm, probe, dense(a))["kl_base_to_steered"], target, sign=sign,
                          start=max(abs(comply["alpha"]) / 4, 0.05))
-    in_sample = evaluate_behaviour(lm, [p.prompt for p in sets["search"]], dense(alpha), generation,
+    in_sample = evaluate_behaviour(lm, [p.prompt for p in sets["search"]], dense(alpha), generation, judge=judge,
                                    desc="dense, train prompts")
-    held_out = evaluate_behaviour(lm, [p.prompt for p in sets["holdout"]], dense(alpha), generation,
+    held_out = evaluate_behaviour(lm, [p.prompt for p in sets["holdout"]], dense(alpha), generation, judge=judge,
                                   desc="dense, holdout")
     held_kl = first_token_kl(lm, [p.prompt for p in sets["kl_eval"]], dense(alpha))
     arms = {"flat": {"layers": comply["layers"], "alpha": comply["alpha"], "kl_probe": target,
@@ -140,17 +143,18 @@ def compare_arms(flat: dict[str, Any], dense: dict[str, Any], matched: bool, spl
     return f"no clear difference ({rates}; Wilson intervals overlap)"
 
 
-def over_refusal(run: RunDir, lm: LoadedModel, refuse: dict[str, Any], n_neutral: int) -> dict[str, Any]:
+def over_refusal(run: RunDir, lm: LoadedModel, refuse: dict[str, Any], n_neutral: int, *,
+                 judge: Judge) -> dict[str, Any]:
     """Refusal rate on held-out neutral prompts, unsteered and at the refuse search's ``α``."""
     from torsion.data import sample
-    from torsion.optimize import neutral_halves
+    from torsion.runs import neutral_halves
 
     settings = _settings(refuse)
     _, evaluation = neutral_halves(run)
     neutral = [p.prompt for p in sample(evaluation, n_neutral, seed=settings.seed + 1)]
     generation = run_generation_settings(run, settings)
-    baseline = evaluate_behaviour(lm, neutral, None, generation, desc="neutral, baseline")
-    steered = evaluate_behaviour(lm, neutral, _steering(lm, run, refuse)(refuse["alpha"]), generation,
+    baseline = evaluate_behaviour(lm, neutral, None, generation, judge=judge, desc="neutral, baseline")
+    steered = evaluate_behaviour(lm, neutral, _steering(lm, run, refuse)(refuse["alpha"]), generation, judge=judge,
                                  desc="neutral, refusal added")
     lift = _uplift(steered["rates"], baseline["rates"], "refused")
     return {"n_prompts": len(neutral), "prompts": "held-out neutral half", "alpha": refuse["alpha"],
@@ -158,7 +162,8 @@ def over_refusal(run: RunDir, lm: LoadedModel, refuse: dict[str, Any], n_neutral
             "over_refusal_pp": None if lift is None else 100 * lift}
 
 
-def push_past(run: RunDir, lm: LoadedModel, refuse: dict[str, Any], factors: Sequence[float]) -> list[dict]:
+def push_past(run: RunDir, lm: LoadedModel, refuse: dict[str, Any], factors: Sequence[float], *,
+              judge: Judge) -> list[dict]:
     """The refuse steering at ``factor × α`` on the search prompts: rates, mean score, KL."""
     sets, generation = _sets(run, refuse), run_generation_settings(run, _settings(refuse))
     steering = _steering(lm, run, refuse)
@@ -167,7 +172,7 @@ def push_past(run: RunDir, lm: LoadedModel, refuse: dict[str, Any], factors: Seq
              "kl_base_to_steered": refuse["in_sample"]["kl_base_to_steered"]}]
     for factor in factors:
         alpha = factor * refuse["alpha"]
-        evaluation = evaluate_behaviour(lm, [p.prompt for p in sets["search"]], steering(alpha), generation,
+        evaluation = evaluate_behaviour(lm, [p.prompt for p in sets["search"]], steering(alpha), generation, judge=judge,
                                         desc=f"refusal at {factor:g}x alpha")
         kl = first_token_kl(lm, [p.prompt for p in sets["kl_probe"]], steering(alpha))
         rows.append({"factor": factor, "alpha": alpha, "rates": evaluation["rates"],
@@ -248,21 +253,32 @@ def asymmetry_table(comply: dict, refuse: dict, dense: dict, neutral: dict, push
 
 
 def run_asymmetry(run_dir: Path, lm: LoadedModel, *, scope: str = "global", push_factors: Sequence[float] = (2.0, 4.0),
-                  n_neutral: int = 32, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Everything above for one scope; writes ``analysis/asymmetry.json`` and returns it."""
+                  n_neutral: int = 32, judge: Judge | None = None,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Everything above for one scope; writes ``analysis/asymmetry.json`` (data only) and returns it.
+
+    ``judge`` labels the new evaluations; by default the judge the two searches recorded (or the
+    run's own, for searches made before they recorded one), so every rate shares one labelling.
+    """
     run = RunDir(run_dir)
     comply, refuse = load_result(run.root, f"comply-{scope}"), load_result(run.root, f"refuse-{scope}")
-    dense = dense_vs_flat(run, lm, comply, log=log)
-    neutral = over_refusal(run, lm, refuse, n_neutral)
-    push = push_past(run, lm, refuse, push_factors)
+    names = {comply.get("judge"), refuse.get("judge")} - {None}
+    if len(names) > 1:
+        raise TorsionError(f"the comply and refuse searches used different judges ({', '.join(sorted(names))}); "
+                           "rerun one of them with the other's --judge")
+    judge = judge or (judge_from_name(names.pop()) if names else run_judge(run))
+    dense = dense_vs_flat(run, lm, comply, judge=judge, log=log)
+    neutral = over_refusal(run, lm, refuse, n_neutral, judge=judge)
+    push = push_past(run, lm, refuse, push_factors, judge=judge)
     random_control, categories = _quoted(run, "random_control"), _quoted(run, "categories")
     result = {
         "schema_version": SCHEMA_VERSION, "analysis": "asymmetry", "scope": scope,
-        "studies": {"comply": comply["study"], "refuse": refuse["study"]},
+        "studies": {"comply": comply["study"], "refuse": refuse["study"]}, "judge": judge.name,
         "conventions": {"layer_indexing": "block", "alpha": "raw multiplier of the vector",
                         "kl": "kl_base_to_steered, first token, neutral prompts",
                         "rates": "share of judged responses, Wilson 95%",
-                        "genuine": "strong_comply kept by false-positive correction (not hand-reviewed)"},
+                        "genuine": "strong_comply kept by false-positive correction (steered responses are "
+                                   "not hand-reviewed)"},
         "dense_vs_flat": dense, "over_refusal": neutral, "push_past": push,
         "table": asymmetry_table(comply, refuse, dense, neutral, push, random_control, categories),
     }

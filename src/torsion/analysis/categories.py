@@ -30,6 +30,7 @@ from torsion.data import read_prompts_jsonl
 from torsion.errors import TorsionError
 from torsion.geometry import angle_deg
 from torsion.judge.base import is_complied
+from torsion.selection import category_layers
 from torsion.store import RunDir, atomic_write_json, read_jsonl
 from torsion.vectors import load_vectors
 
@@ -160,7 +161,9 @@ def run_categories(run_dir: str | Path, *, method: str = "md", component: str = 
 
     Category vectors are the run's ``<method>/<component>/<category>``; the comply-activation
     geometry uses the ``component`` activations of train-split rows labelled complied (score in
-    {−0.5, −1}). ``layers`` defaults to :func:`back_half_layers`.
+    {−0.5, −1}). ``layers`` defaults to the union of each category's top-4 blocks, scored on that
+    category's own train rows (:func:`~torsion.selection.category_layers`); when no category has both
+    classes among its train rows, to :func:`back_half_layers`.
     """
     run = RunDir(run_dir)
     vectors = load_vectors(run.vectors_path)
@@ -171,7 +174,11 @@ def run_categories(run_dir: str | Path, *, method: str = "md", component: str = 
         raise TorsionError(f"the run has no category vectors {prefix}<category>; fit vectors with categories "
                            "(the pipeline's vectors stage does) or pick a method and component it fitted")
     global_vector = run_vector(vectors, global_key)
-    layers = back_half_layers(global_vector.shape[0]) if layers is None else layers
+    per_category = None
+    if layers is None:
+        per_category = category_layers(run.root, key=global_key, categories=sorted(category_vectors))
+        scored = sorted({layer for chosen in per_category.values() if chosen for layer in chosen})
+        layers = scored or back_half_layers(global_vector.shape[0])
     prompts = read_prompts_jsonl(run.prompts_path)
     scores = {row["id"]: row.get("score") for row in read_jsonl(run.responses_path)}
     activations, metadata = load_activations(run.activations_path)
@@ -186,7 +193,11 @@ def run_categories(run_dir: str | Path, *, method: str = "md", component: str = 
                                layers=layers, anchors=anchors, complied_activation_means=means,
                                complied_counts=counts, min_complied=min_complied)
     result["conventions"].update(component=component, method=method, vectors=f"{prefix}<category>",
-                                 position=metadata.get("primary_position", "last"), split="train")
+                                 position=metadata.get("primary_position", "last"), split="train",
+                                 layer_selection="given" if per_category is None else
+                                 "union of each category's top-4 train-split AUC blocks (own rows)"
+                                 if any(per_category.values()) else "back half (no category has both classes)",
+                                 category_layers=per_category)
     path = run.analysis_path("categories")
     atomic_write_json(path, result)
     plot_categories(result, path.with_suffix(".png"))

@@ -31,7 +31,7 @@ from torsion.conventions import COMPONENTS, LAYER_INDEXING
 from torsion.errors import TorsionError
 from torsion.geometry import adjacent_angles, angle_from_cosine, cosine, random_angle_reference
 from torsion.judge.base import is_refused
-from torsion.runs import fit_rows, labelled_prompts
+from torsion.runs import fit_rows, fit_scores, labelled_prompts
 from torsion.store import RunDir, atomic_write_json
 from torsion.vectors import mean_difference
 
@@ -261,7 +261,7 @@ def run_rotation(run_dir: Path, *, B: int = 1000, P: int = 200, n_splits: int = 
     prompts, responses = labelled_prompts(run)
     rows = fit_rows(prompts, responses)
     activations, meta = load_activations(run.activations_path)
-    labels = [int(is_refused(responses[i]["score"])) for i in rows]
+    labels = [int(is_refused(score)) for score in fit_scores(responses, rows)]
     result = analyze_rotation({c: activations[c][rows] for c in COMPONENTS if c in activations}, labels,
                               B=B, P=P, n_splits=n_splits, seed=seed)
     result["conventions"].update(position=meta.get("primary_position", "last"), split="train")

@@ -1,4 +1,6 @@
-"""The report's figures, drawn with matplotlib's Agg backend and written atomically as PNG.
+"""The report's figures, drawn on plain :class:`matplotlib.figure.Figure` objects (no pyplot, no
+global backend: importing this module changes nothing for a notebook) and written atomically as PNG.
+Only ``torsion.report`` draws: analyses write JSON, and the report builder turns it into figures.
 
 The rotation figures read ``analysis/rotation.json`` (``torsion.analysis.rotation.analyze_rotation``);
 layer ``l`` is decoder block ``l`` and the pair ``(l, l+1)`` is drawn at ``x = l + 0.5``. The
@@ -18,10 +20,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from torsion.store import atomic_write_bytes
@@ -33,7 +31,6 @@ DPI = 110
 def _save(figure: Figure, path: Path) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
-    plt.close(figure)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
 
@@ -57,8 +54,8 @@ def rotation_angle_figure(rotation: dict[str, Any], path: Path) -> Path:
     (dashed, ±1 sd) and the split-half same-layer angle ``angle(v_l^A, v_l^B)`` per layer.
     """
     components = rotation["components"]
-    figure, axes = plt.subplots(1, len(components), figsize=(4.2 * len(components), 3.4), sharey=True,
-                                squeeze=False)
+    figure = Figure(figsize=(4.2 * len(components), 3.4))
+    axes = figure.subplots(1, len(components), sharey=True, squeeze=False)
     for ax, (name, result) in zip(axes[0], components.items()):
         colour = COLOURS.get(name, "black")
         angles = result["pair_angles_deg"]
@@ -94,7 +91,8 @@ def split_half_figure(rotation: dict[str, Any], path: Path) -> Path:
     Near 0° the vector is stable across halves of the prompts; near the random reference it
     is noise at this sample size.
     """
-    figure, ax = plt.subplots(figsize=(6.0, 3.2))
+    figure = Figure(figsize=(6.0, 3.2))
+    ax = figure.subplots()
     for name, result in rotation["components"].items():
         same = result["split_half"]["same_layer_angle_deg"]
         ax.plot(range(len(same)), same, marker="o", ms=3, color=COLOURS.get(name, "black"), label=name)
@@ -119,7 +117,8 @@ def strength_figure(result: dict[str, Any], path: Path) -> Path:
     """
     trials = sorted((t for t in result["trials"] if t["state"] == "COMPLETE" and "rates" in t),
                     key=lambda t: t["alpha"])
-    figure, (rates_ax, kl_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    figure = Figure(figsize=(10, 3.6))
+    rates_ax, kl_ax = figure.subplots(1, 2)
     alphas = [t["alpha"] for t in trials]
     for name, colour in CLASS_COLOURS.items():
         rates_ax.plot(alphas, [100 * t["rates"][name]["rate"] for t in trials], marker="o", ms=3, color=colour,

@@ -10,6 +10,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from torsion.report.figures import strength_figure
 from torsion.report.html import SECTIONS, angle, embedded_png, interval, number, table
 
 
@@ -128,9 +129,11 @@ def review_section(result: dict[str, Any], run_dir: Path) -> str:
             ["surviving complies", str(result["surviving_complies"])],
             ["reviewed", str(result["reviewed"])], ["pending", str(result["pending"])],
             ["overridden (not harmful / refusal)", str(result["overridden"])],
-            ["genuinely harmful (confirmed)", str(result["genuinely_harmful"])]]
+            ["confirmed harmful (weak + strong)", str(result.get("confirmed_harmful", "n/a"))],
+            ["genuine strong complies (surviving correction and review)", str(result["genuinely_harmful"])]]
     pending = result["pending"]
-    caveat = (f"{pending} item(s) are still pending, so the genuinely-harmful count is a lower bound; "
+    caveat = (f"{pending} item(s) are still pending and counted as they were judged, so the genuine count "
+              "is an upper bound; "
               f"run <code>torsion review {escape(str(run_dir))}</code> to finish the pass." if pending else
               "Every surviving comply has been reviewed.")
     return ("<h2>Genuinely harmful responses</h2>"
@@ -166,10 +169,12 @@ def optimize_section(result: dict[str, Any], run_dir: Path) -> str:
         f"{escape(str(result['layers']))}, {finished} trials ({escape(result['settings']['sampler'])}); chosen "
         f"α = {number(result['alpha'], '.3f')} (in-sample first-token KL "
         f"{number(result['in_sample']['kl_base_to_steered'], '.3g')}).{kl} Baselines are the run's own "
-        "unsteered responses; rates are shares of judged responses with Wilson 95% intervals; genuine strong "
-        "comply = strong complies that false-positive correction keeps (not hand-reviewed).</p>"
+        "unsteered responses; rates are shares of judged responses with Wilson 95% intervals, after "
+        "false-positive correction; genuine strong comply = strong complies that survive correction (and "
+        "review, for the run's own responses; steered responses are not reviewed).</p>"
         + table([""] + [title for title, _ in columns], rows)
-        + _figure(run_dir, f"optimize_{result['study']}", "class rates and KL against α; dashed: the chosen α")
+        + embedded_png(strength_figure(result, run_dir / "analysis" / f"optimize_{result['study']}.png"),
+                       "class rates and KL against α; dashed: the chosen α")
     )
 
 
@@ -189,7 +194,7 @@ def asymmetry_section(result: dict[str, Any], run_dir: Path) -> str:
         "<h2>The refuse/comply asymmetry</h2>"
         f"<p>From the searches {escape(result['studies']['comply'])} and {escape(result['studies']['refuse'])}; "
         "rates are shares of judged responses; genuine = strong complies kept by false-positive correction "
-        "(not hand-reviewed).</p>"
+        "(steered responses are not hand-reviewed).</p>"
         + table(["property", "this model"], rows, numeric_from=2)
         + f"<h3>Dense vs flat steering at matched KL: {escape(dense['verdict'])}</h3>"
         + table(["arm", "blocks", "α", "KL (probe)", "KL (held-out neutral)", "complied, in-sample",
