@@ -257,8 +257,9 @@ def unit_directions(lm: LoadedModel, direction: object) -> Tensor:
 
 
 @contextmanager
-def ablate_direction(lm: LoadedModel, direction: object) -> Iterator[Tensor]:
-    """Directional ablation ``h' = h − (h·v̂) v̂`` at every write into the residual stream.
+def ablate_direction(lm: LoadedModel, direction: object,
+                     weight: float | Sequence[float] = 1.0) -> Iterator[Tensor]:
+    """Directional ablation ``h' = h − w_l (h·v̂) v̂`` at every write into the residual stream.
 
     The writes are the embedding module's output and every ``attn`` and ``mlp`` component
     output (for Gemma 2/3 the post-norm modules, whose outputs are what is added). Block ``l``'s
@@ -267,27 +268,33 @@ def ablate_direction(lm: LoadedModel, direction: object) -> Iterator[Tensor]:
 
     Args:
         direction: ``[d_model]`` (every layer) or ``[n_layers, d_model]``.
+        weight: the share ``w_l`` of the component removed at block ``l``'s writes (the
+            embedding uses ``w_0``): one value for every block or one per block. 1 (the
+            default) is full ablation; a write whose weight is 0 gets no hook at all.
 
     Yields:
         The unit directions ``[n_layers, d_model]``.
     """
     units = unit_directions(lm, direction)
+    weights = _check_alpha(weight, tuple(range(lm.n_layers)))
 
-    def make_hook(unit: Tensor):
+    def make_hook(unit: Tensor, w: float):
         def hook(_module: torch.nn.Module, _inputs: tuple, output: Any) -> Any:
             hidden = output_tensor(output)
             u = unit.to(hidden)
-            ablated = hidden - (hidden @ u)[..., None] * u
+            removed = (hidden @ u) if w == 1.0 else (hidden @ u) * w
+            ablated = hidden - removed[..., None] * u
             return (ablated, *output[1:]) if isinstance(output, tuple) else ablated
         return hook
 
-    writes = [(lm.layout.embed, units[0])]
-    writes += [(module, units[layer]) for layer in range(lm.n_layers)
+    writes = [(lm.layout.embed, units[0], weights[0])]
+    writes += [(module, units[layer], weights[layer]) for layer in range(lm.n_layers)
                for module in (lm.layout.attn[layer], lm.layout.mlp[layer])]
     handles: list[RemovableHandle] = []
     try:
-        for module, unit in writes:
-            handles.append(module.register_forward_hook(make_hook(unit), prepend=True))
+        for module, unit, w in writes:
+            if w != 0.0:
+                handles.append(module.register_forward_hook(make_hook(unit, w), prepend=True))
         yield units
     finally:
         for handle in handles:

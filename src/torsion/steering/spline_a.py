@@ -1,0 +1,136 @@
+"""``spline-a``: per-block spline steering (methods.md, "Manifold (spline) steering", variant A).
+
+At each steered block, ``z = U(h − μ)`` and ``h' = h + β Uᵀ(s(t) − z)``: the subspace
+coordinates move the share ``β`` of the way to the curve's point at ``t`` (``β = 1`` puts
+them on it); the orthogonal complement is kept. The strength is ``t`` (0 = the refuse end,
+1 = the comply end). A ``t`` outside the coherent range (the manifold file's last coherent
+``t`` per side, else the outer knots) is refused unless ``allow_extrapolation``.
+
+Example::
+
+    method = SplineA.from_manifold(load_manifold("runs/quick/manifold.safetensors"), layers=[10, 12])
+    with method.apply(lm, 0.8) as record: ...
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from torsion.errors import TorsionError
+from torsion.manifold.file import Manifold
+from torsion.manifold.fit import make_curve
+from torsion.models import LoadedModel
+from torsion.steering.base import MethodRecord, SteeringMethod
+from torsion.steering.hooks import block_device, replace_steering, subspace_target
+from torsion.steering.registry import register
+
+
+def check_t(name: str, t: float, t_range: tuple[float, float], allow_extrapolation: bool) -> None:
+    """Refuse ``t`` outside ``t_range`` (the coherent range) unless extrapolation is allowed."""
+    low, high = t_range
+    if not allow_extrapolation and not low <= t <= high:
+        raise TorsionError(f"{name} t={t} is outside the coherent range [{low:g}, {high:g}] (last coherent t, "
+                           "else the outer knots); pass a t inside it or --allow-extrapolation")
+
+
+def normalise_common(method: Any) -> None:
+    """Shared field checks of the spline methods: beta, smoothing, t range, knot positions."""
+    object.__setattr__(method, "layers", tuple(int(layer) for layer in method.layers))
+    object.__setattr__(method, "beta", float(method.beta))
+    object.__setattr__(method, "smoothing", float(method.smoothing))
+    object.__setattr__(method, "knots_t", torch.as_tensor(method.knots_t).detach().float().cpu())
+    if not method.layers:
+        raise TorsionError(f"{method.name} needs at least one layer to steer; pass layers=[...]")
+    if method.knots_t.ndim != 1 or method.knots_t.numel() < 2:
+        raise TorsionError(f"{method.name} needs at least two knots, got knots_t of shape "
+                           f"{list(method.knots_t.shape)}; refit the manifold with more bins")
+    t_range = method.t_range
+    if t_range is None:
+        t_range = (float(method.knots_t.min()), float(method.knots_t.max()))
+    low, high = (float(v) for v in t_range)
+    if not low <= high:
+        raise TorsionError(f"{method.name} t_range [{low}, {high}] is empty; pass low <= high")
+    object.__setattr__(method, "t_range", (low, high))
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class SplineA(SteeringMethod):
+    """``basis`` ``[n, k, d]``, ``mean`` ``[n, d]``, ``knots`` ``[n, n_knots, k]`` aligned with ``layers``; ``knots_t`` ``[n_knots]``."""
+
+    name = "spline-a"
+    replacement = True
+    layers: tuple[int, ...]
+    basis: Tensor
+    mean: Tensor
+    knots: Tensor
+    knots_t: Tensor
+    beta: float = 1.0
+    smoothing: float = 0.0
+    t_range: tuple[float, float] | None = None
+    allow_extrapolation: bool = False
+    component: str = "resid"
+    positions: str = "last"
+
+    def _normalise(self) -> None:
+        normalise_common(self)
+        for key in ("basis", "mean", "knots"):
+            object.__setattr__(self, key, torch.as_tensor(getattr(self, key)).detach().float().cpu())
+        n = len(self.layers)
+        if (self.basis.ndim != 3 or self.mean.shape != (n, self.basis.shape[2])
+                or self.knots.shape != (n, self.knots_t.numel(), self.basis.shape[1]) or self.basis.shape[0] != n):
+            raise TorsionError(f"spline-a tensors disagree: basis {list(self.basis.shape)}, mean "
+                               f"{list(self.mean.shape)}, knots {list(self.knots.shape)} for {n} layers; "
+                               "refit the manifold")
+
+    d_model = property(lambda self: self.basis.shape[2])
+    n_layers_needed = property(lambda self: max(self.layers) + 1)
+    steered_layers = property(lambda self: self.layers)
+
+    @classmethod
+    def from_manifold(cls, manifold: Manifold, layers: Sequence[int] | None = None, **params: Any) -> SplineA:
+        """Spline A on ``layers`` (default every block the file has) of a loaded manifold file."""
+        chosen = tuple(layers) if layers is not None else tuple(sorted(manifold.a))
+        missing = [layer for layer in chosen if layer not in manifold.a]
+        if not chosen or missing:
+            raise TorsionError(f"the manifold file has spline A for blocks {sorted(manifold.a)}, not {missing or '[]'}; "
+                               "pass fitted --layers or refit with `torsion manifold fit --variant a`")
+        fits = [manifold.a[layer] for layer in chosen]
+        params.setdefault("t_range", manifold.t_range())
+        params.setdefault("smoothing", float(manifold.meta.get("smoothing", 0.0)))
+        return cls(chosen, torch.stack([f.basis for f in fits]), torch.stack([f.mean for f in fits]),
+                   torch.stack([f.knots for f in fits]), fits[0].knots_t, meta=_provenance(manifold), **params)
+
+    def targets(self, t: float) -> Tensor:
+        """``s_l(t)`` for each steered block, ``[n, k]``."""
+        knots_t = self.knots_t.double().numpy()
+        return torch.stack([torch.from_numpy(make_curve(knots_t, self.knots[i].double().numpy(), self.smoothing)(t))
+                            for i in range(len(self.layers))]).float()
+
+    def _context(self, lm: LoadedModel, strength: float) -> AbstractContextManager[MethodRecord]:
+        check_t(self.name, strength, self.t_range, self.allow_extrapolation)
+        targets = self.targets(strength)
+        return subspace_context(lm, self, strength, [self.basis[i] for i in range(len(self.layers))],
+                                list(self.mean), targets)
+
+
+def subspace_context(lm: LoadedModel, method: Any, strength: float, bases: Sequence[Tensor],
+                     means: Sequence[Tensor], targets: Tensor) -> AbstractContextManager[MethodRecord]:
+    """The replacement hooks of a spline method: one :func:`subspace_target` per steered block."""
+    norms = tuple(abs(method.beta) * float(torch.linalg.vector_norm(s.double())) for s in targets)
+    record = MethodRecord(method.name, strength, method.layers, (strength,) * len(method.layers), norms,
+                          method.component, method.positions, replacement=True)
+    transforms = [] if method.beta == 0 else [  # β = 0: no hook at all
+        subspace_target(U, mu, s, method.beta, block_device(lm, method.component, layer))
+        for layer, U, mu, s in zip(method.layers, bases, means, targets)]
+    return replace_steering(lm, transforms, record)
+
+
+def _provenance(manifold: Manifold) -> dict[str, Any]:
+    keys = ("model_id", "weights_sha256", "run_dir", "component", "k", "m", "knots")
+    return {key: manifold.meta[key] for key in keys if key in manifold.meta}
