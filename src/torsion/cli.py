@@ -107,6 +107,23 @@ def _add_model_options(parser: argparse.ArgumentParser, default_model: str | Non
                         help="cpu (default), cuda, cuda:N, or auto to shard a large model over all GPUs")
 
 
+def _add_method_options(steer: argparse.ArgumentParser) -> None:
+    """``torsion steer --method NAME``: any registered steering method (torsion.steering)."""
+    group = steer.add_argument_group("steering method (instead of plain addition)")
+    group.add_argument("--method", default=None,
+                       help="flat, dense, ablation, weighted-ablation, ace, spline-a, spline-b")
+    group.add_argument("--method-file", type=existing_file, default=None,
+                       help="a saved method file (SteeringMethod.save)")
+    group.add_argument("--manifold", type=existing_file, default=None, help="spline-a/spline-b: a manifold.safetensors")
+    group.add_argument("--t", type=finite_float, default=None, help="spline-a/spline-b: position, 0 refuse .. 1 comply")
+    group.add_argument("--beta", type=finite_float, default=None, help="replacement mixing (ace, splines; default 1)")
+    group.add_argument("--allow-extrapolation", action="store_true",
+                       help="splines: allow a t past the last coherent t")
+    group.add_argument("--run", type=Path, default=None, help="ace: the run whose complied train mean is mu")
+    group.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                       help="another method parameter, e.g. peak_position=12 (JSON values); repeatable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="torsion",
@@ -151,11 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: torsion steer --vector runs/x/vectors.safetensors --key md/resid --layers 10 12 "
         "--alpha -4 --prompts neutral --limit 8")
     _add_model_options(steer, "embedded:qwen2.5-coder-0.5b")
-    steer.add_argument("--vector", type=existing_file, required=True, help="a vectors.safetensors file")
+    steer.add_argument("--vector", type=existing_file, default=None, help="a vectors.safetensors file")
     steer.add_argument("--key", default=None, help="which vector in the file, e.g. md/resid or md/resid/<category>")
-    steer.add_argument("--layers", type=block_index, nargs="+", required=True, help="block indices to steer")
-    steer.add_argument("--alpha", type=finite_float, nargs="+", required=True,
-                       help="one alpha for every layer, or one per layer")
+    steer.add_argument("--layers", type=block_index, nargs="+", default=None, help="block indices to steer")
+    steer.add_argument("--alpha", type=finite_float, nargs="+", default=None,
+                       help="one alpha for every layer, or one per layer (with --method: the one strength)")
+    _add_method_options(steer)
     steer.add_argument("--component", default="resid", choices=["resid", "attn", "mlp"],
                        help="where the vector is added (default resid: the block output)")
     steer.add_argument("--positions", default="last", choices=["last", "all"],
@@ -169,6 +187,28 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch (default 8)")
     steer.add_argument("--out", type=output_path, default=None, help="write JSONL rows here instead of printing")
     steer.set_defaults(func=commands.steer)
+
+    manifold = subcommands.add_parser(
+        "manifold", help="fit manifold (spline) steering from a run: knots, spline A per block, spline B surface",
+        description="Knots are the centroids of the behaviour bins (strong_refuse, weak_refuse, weak_comply, "
+        "strong_comply) with at least --m train rows, at t = (1 - mean score)/2. Spline A: per block, a PCA "
+        "basis (--k dims) and a scipy spline through the knots. Spline B: one thin-plate surface over (t, layer) "
+        "in a shared basis. Writes RUN_DIR/manifold.safetensors and analysis/manifold.json (knots, dropped bins, "
+        "B's leave-one-block-out error against A and against nearest-block copying).",
+        epilog="example: torsion manifold fit runs/quick --k 8 --m 5\n"
+        "then:    torsion steer --method spline-a --manifold runs/quick/manifold.safetensors --t 0.8 --prompts "
+        "harmbench --limit 4", formatter_class=argparse.RawDescriptionHelpFormatter)
+    manifold.add_argument("action", choices=["fit"])
+    manifold.add_argument("run_dir", type=Path, help="a directory made by `torsion run`")
+    manifold.add_argument("--variant", default="both", choices=["a", "b", "both"], help="which splines (default both)")
+    manifold.add_argument("--layers", type=block_index, nargs="+", default=None,
+                          help="blocks to fit (default: the eligible window, blocks L/4 .. 0.8L-1)")
+    manifold.add_argument("--k", type=positive_int, default=8, help="PCA dimensions (default 8)")
+    manifold.add_argument("--m", type=positive_int, default=5, help="fewest train rows for a bin to be a knot (default 5)")
+    manifold.add_argument("--smoothing", type=nonneg_float, default=0.0,
+                          help="spline smoothing (default 0: interpolate)")
+    manifold.add_argument("--component", default="resid", choices=["resid", "attn", "mlp"])
+    manifold.set_defaults(func=commands.manifold)
 
     vector = subcommands.add_parser(
         "vector", help="inspect vector files; convert to and from llama.cpp control vectors",

@@ -55,14 +55,11 @@ def steer(args: argparse.Namespace) -> int:
     from torsion.store import atomic_write_text
     from torsion.vectors import load_vector
 
-    if args.prompt:
-        prompts = [args.prompt]
-    else:
-        from torsion.data import load_source
-
-        prompts = [p.prompt for p in load_source(args.prompts)][: args.limit]
-        if not prompts:
-            raise TorsionError(f"prompt source {args.prompts!r} holds no prompts; pass a source with at least one")
+    if args.method or args.method_file:
+        return steer_method(args)
+    if args.vector is None or args.layers is None or args.alpha is None:
+        raise TorsionError("steer needs --vector, --layers and --alpha (or --method NAME with its options)")
+    prompts = _steer_prompts(args)
     load_vector(args.vector, args.key)  # a wrong file or key fails before the model loads
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     vector = load_vector(args.vector, args.key, d_model=lm.d_model)
@@ -75,12 +72,27 @@ def steer(args: argparse.Namespace) -> int:
         atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         print(args.out)
         return 0
+    _print_steered(rows)
+    return 0
+
+
+def _steer_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt:
+        return [args.prompt]
+    from torsion.data import load_source
+
+    prompts = [p.prompt for p in load_source(args.prompts)][: args.limit]
+    if not prompts:
+        raise TorsionError(f"prompt source {args.prompts!r} holds no prompts; pass a source with at least one")
+    return prompts
+
+
+def _print_steered(rows: list[dict]) -> None:
     first = rows[0]
     print(f"# layers {first['layers']}  alpha {first['alpha']}  applied norm "
           f"{[round(n, 4) for n in first['applied_norm']]}  ({first['component']}, positions {first['positions']})")
     for row in rows:
         print(f"\n>>> {row['prompt']}\n{row['response']}")
-    return 0
 
 
 def vector(args: argparse.Namespace) -> int:
@@ -368,4 +380,56 @@ def review(args: argparse.Namespace) -> int:
     from torsion.review import run_review
 
     run_review(args.run_dir, args.host, args.port)
+    return 0
+
+
+def steer_method(args: argparse.Namespace) -> int:
+    """``torsion steer --method NAME`` (or ``--method-file``): generate under any registered method."""
+    import json
+
+    from torsion.generate import GenerationSettings, generate_batch
+    from torsion.models import load_model
+    from torsion.steering.cli import build_method, method_strength
+    from torsion.store import atomic_write_text
+
+    strength, name = method_strength(args)  # checks the name and the strength before the model loads
+    prompts = _steer_prompts(args)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    method = build_method(args, lm, name)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    rows = []
+    with method.apply(lm, strength) as record:
+        for start in range(0, len(prompts), args.batch_size):
+            batch = prompts[start:start + args.batch_size]
+            rows += [{"prompt": p, "response": r} for p, r in zip(batch, generate_batch(lm, batch, settings))]
+        conventions = record.conventions()
+    source = {"method_file": str(args.method_file) if args.method_file else None,
+              "manifold": str(args.manifold) if args.manifold else None,
+              "vector": str(args.vector) if args.vector else None, "key": args.key}
+    rows = [{**row, **conventions, "source": source} for row in rows]
+    if args.out:
+        atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        print(args.out)
+        return 0
+    print(f"# method {method.name}  strength {strength}")
+    _print_steered(rows)
+    return 0
+
+
+def manifold(args: argparse.Namespace) -> int:
+    """``torsion manifold fit RUN_DIR``: knots, splines, manifold.safetensors and analysis/manifold.json."""
+    from torsion.manifold.build import fit_run_manifold
+
+    result = fit_run_manifold(args.run_dir, variant=args.variant, layers=args.layers, k=args.k, m=args.m,
+                              smoothing=args.smoothing, component=args.component)
+    knots = ", ".join(f"{b['bin']} t={b['t']:g} n={b['n']}" for b in result["knots"]["bins"])
+    dropped = ", ".join(f"{d['bin']} (n={d['n']})" for d in result["knots"]["dropped"]) or "none"
+    print(f"# knots: {knots}; dropped: {dropped}", file=sys.stderr)
+    table = result["leave_one_block_out"]
+    if table:
+        summary = table["summary_interior"]
+        print(f"# leave-one-block-out (interior blocks, mean): B {summary['b_loo']:.4g}, nearest-block copy "
+              f"{summary['nearest_copy']:.4g}, A in-sample {summary.get('a_fit', float('nan')):.4g}, knot scale "
+              f"{summary['knot_scale']:.4g}", file=sys.stderr)
+    print(result["path"])
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -72,3 +73,24 @@ class Ace(SteeringMethod):
             unit = (v / torch.linalg.vector_norm(v)).float().to(device)
             transforms.append(ace_transform(unit, self.means[layer].to(device), strength, self.beta))
         return replace_steering(lm, transforms, record)
+
+
+def complied_means(run_dir: Any, component: str = "resid") -> Tensor:
+    """``μ`` for ACE: the mean activation of the run's complied train rows, ``[n_layers, d_model]``."""
+    from torsion.capture import load_activations
+    from torsion.judge.base import is_complied
+    from torsion.manifold.knots import behaviour_labels
+    from torsion.runs import fit_rows, labelled_prompts
+    from torsion.store import RunDir
+
+    run = RunDir(run_dir)
+    prompts, responses = labelled_prompts(run)
+    rows = fit_rows(prompts, responses)
+    _, scores = behaviour_labels([prompts[i] for i in rows], [responses[i] for i in rows])
+    complied = [i for i, score in zip(rows, scores) if is_complied(score)]
+    if not complied:
+        raise TorsionError(f"{run.root} has no complied train rows; ACE needs a complied mean")
+    tensors, _ = load_activations(run.activations_path)
+    if component not in tensors:
+        raise TorsionError(f"activations have no component {component!r}; choose one of {', '.join(sorted(tensors))}")
+    return tensors[component][complied].double().mean(0).float()
