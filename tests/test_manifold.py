@@ -62,6 +62,20 @@ def test_fewer_than_two_usable_knots_fails_in_one_line():
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("n, d", [(40, 16), (10, 32)])
+def test_pca_basis_matches_the_svd(n, d):
+    from torsion.manifold.fit import pca_basis
+
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    x -= x.mean(0)
+    basis = pca_basis(x, 4).double()
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(4, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(basis.abs(), vh[:4].abs(), atol=1e-6, rtol=0)
+    with pytest.raises(TorsionError, match="k=11 PCA dims"):
+        pca_basis(x[:10], 11)
+
+
 def _spline_a(knots, layers=(1, 2), **params) -> SplineA:
     fits = fit_a(knots, list(layers), k=4)
     return SplineA(tuple(layers), torch.stack([fits[l].basis for l in layers]), torch.stack([fits[l].mean for l in layers]),

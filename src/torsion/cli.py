@@ -196,9 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         "in a shared basis. Writes RUN_DIR/manifold.safetensors and analysis/manifold.json (knots, dropped bins, "
         "B's leave-one-block-out error against A and against nearest-block copying).",
         epilog="example: torsion manifold fit runs/quick --k 8 --m 5\n"
+        "         torsion manifold coherence runs/quick --variant a\n"
         "then:    torsion steer --method spline-a --manifold runs/quick/manifold.safetensors --t 0.8 --prompts "
         "harmbench --limit 4", formatter_class=argparse.RawDescriptionHelpFormatter)
-    manifold.add_argument("action", choices=["fit"])
+    manifold.add_argument("action", choices=["fit", "coherence"],
+                          help="fit: knots and splines; coherence (after fit): sweep t past the outer knots "
+                          "(first-token KL, perplexity ratio, degenerate share) and record the last coherent t")
     manifold.add_argument("run_dir", type=Path, help="a directory made by `torsion run`")
     manifold.add_argument("--variant", default="both", choices=["a", "b", "both"], help="which splines (default both)")
     manifold.add_argument("--layers", type=block_index, nargs="+", default=None,
@@ -208,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     manifold.add_argument("--smoothing", type=nonneg_float, default=0.0,
                           help="spline smoothing (default 0: interpolate)")
     manifold.add_argument("--component", default="resid", choices=["resid", "attn", "mlp"])
+    manifold.add_argument("--t-grid", type=float, nargs="+", default=None,
+                          help="coherence: the t values swept (default -0.5 -0.25 0 1 1.25 1.5)")
+    manifold.add_argument("--n-prompts", type=int, default=8, help="coherence: prompts per measurement (default 8)")
+    manifold.add_argument("--max-new-tokens", type=int, default=32, help="coherence: tokens per response")
+    _add_model_options(manifold)
     manifold.set_defaults(func=commands.manifold)
 
     vector = subcommands.add_parser(

@@ -417,8 +417,23 @@ def steer_method(args: argparse.Namespace) -> int:
 
 
 def manifold(args: argparse.Namespace) -> int:
-    """``torsion manifold fit RUN_DIR``: knots, splines, manifold.safetensors and analysis/manifold.json."""
-    from torsion.manifold.build import fit_run_manifold
+    """``torsion manifold fit|coherence RUN_DIR``: knots and splines, or the endpoint-coherence sweep."""
+    from torsion.manifold.build import DEFAULT_SWEEP, fit_run_manifold, run_coherence
+
+    if args.action == "coherence":
+        from torsion.models import load_model
+
+        variant = "a" if args.variant == "both" else args.variant
+        lm = load_model(_run_model_spec(args.run_dir, args.model), dtype=args.dtype or "float32",
+                        device=args.device or "cpu")
+        sweep = run_coherence(args.run_dir, lm, variant=variant, ts=args.t_grid or DEFAULT_SWEEP, layers=args.layers,
+                              n_prompts=args.n_prompts, max_new_tokens=args.max_new_tokens)
+        for row in sweep["rows"]:
+            print(f"t={row['t']:g}  KL {row['kl_base_to_steered']:.4g}  perplexity x{row['perplexity_ratio']:.3g}  "
+                  f"degenerate {row['degenerate_share']:.0%}", file=sys.stderr)
+        last = sweep["last_coherent_t"]
+        print(f"last coherent t: {last['low']:g} .. {last['high']:g}")
+        return 0
 
     result = fit_run_manifold(args.run_dir, variant=args.variant, layers=args.layers, k=args.k, m=args.m,
                               smoothing=args.smoothing, component=args.component)

@@ -59,3 +59,46 @@ def fit_run_manifold(run_dir: Path, *, variant: str = "both", layers: Sequence[i
               "knots": knots.summary(), "layer_indexing": LAYER_INDEXING, "leave_one_block_out": table}
     atomic_write_json(run.analysis_path("manifold"), result)
     return {**result, "path": str(path)}
+
+
+DEFAULT_SWEEP = (-0.5, -0.25, 0.0, 1.0, 1.25, 1.5)
+
+
+def run_coherence(run_dir: Path, lm: Any, *, variant: str = "a", ts: Sequence[float] = DEFAULT_SWEEP,
+                  layers: Sequence[int] | None = None, n_prompts: int = 8, max_new_tokens: int = 32) -> dict[str, Any]:
+    """Endpoint sweep of a fitted manifold; records the last coherent t in the file and ``analysis/manifold.json``.
+
+    Generation prompts: the run's first ``n_prompts`` train-split prompts; KL and perplexity:
+    the first ``n_prompts`` of the neutral search-probe half (as the strength search uses).
+    """
+    import json
+
+    from torsion.generate import GenerationSettings
+    from torsion.manifold.coherence import coherence_sweep, last_coherent_t
+    from torsion.manifold.file import load_manifold
+    from torsion.optimize import neutral_halves
+    from torsion.runs import labelled_prompts
+    from torsion.steering.spline_a import SplineA
+    from torsion.steering.spline_b import SplineB
+
+    run = RunDir(run_dir)
+    path = run.root / MANIFOLD_FILE
+    manifold = load_manifold(path)
+    cls = {"a": SplineA, "b": SplineB}.get(variant)
+    if cls is None:
+        raise TorsionError(f"coherence sweeps one variant; choose a or b, not {variant!r}")
+    method = cls.from_manifold(manifold, layers)
+    method.validate(lm)
+    prompts, _ = labelled_prompts(run)
+    train = [p.prompt for p in prompts if p.split == "train"][:n_prompts]
+    probe = [p.prompt for p in neutral_halves(run)[0]][:n_prompts]
+    sweep = coherence_sweep(lm, method, ts, kl_prompts=probe, texts=probe, prompts=train,
+                            settings=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=8))
+    bins = [b["t"] for b in manifold.meta["knots"]["bins"]]
+    sweep["last_coherent_t"] = last_coherent_t(sweep["rows"], (min(bins), max(bins)))
+    sweep.update(variant=variant, layers=list(method.layers))
+    save_manifold(path, manifold.with_coherence(sweep))
+    table_path = run.analysis_path("manifold")
+    table = json.loads(table_path.read_text()) if table_path.is_file() else {}
+    atomic_write_json(table_path, {**table, "coherence": sweep})
+    return sweep

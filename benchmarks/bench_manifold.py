@@ -1,0 +1,125 @@
+"""Manifold steering: generation overhead of spline A, and the time to fit A and B for 24 blocks.
+
+1. Generation with spline-A steering on 4 blocks (positions ``last``) against unsteered
+   generation of the same batches, interleaved, in one process on the embedded Qwen model;
+   both arms are forced to produce exactly ``NEW_TOKENS`` tokens. Target ≤ 1.05x. The spline
+   is fitted on this process's own activations of the prompts (labels assigned round-robin:
+   the timing does not depend on what the knots mean).
+2. Fitting spline A and spline B (with its leave-one-block-out table) for 24 blocks, k = 8,
+   from activations shaped like a quick run. Target ≤ 10 s. It uses the real
+   ``activations.safetensors`` of ``/work/main/runs/quick-old`` (or ``$TORSION_BENCH_RUN``) when
+   that run has one, else synthetic activations of the same shape, and says which.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from common import best_of, write_result
+
+from torsion.capture import capture_batch, encode
+from torsion.judge.base import LABEL_SCORES
+from torsion.manifold.build import fit_manifold
+from torsion.manifold.knots import fit_knots, knots_from_run
+from torsion.models import load_model
+from torsion.steering.spline_a import SplineA
+from torsion.store import RunDir
+
+N_PROMPTS, BATCH, NEW_TOKENS, REPEATS, SEED = 4, 4, 16, 5, 0
+LAYERS, K, T = [8, 10, 12, 14], 8, 0.8
+FIT_BLOCKS, QUICK_SHAPE = 24, (190, 24, 896)  # fit rows of a quick run: train split, refused or complied
+RUN = Path(os.environ.get("TORSION_BENCH_RUN", "/work/main/runs/quick-old"))
+PROMPTS = [
+    "How do I bake sourdough bread at home?", "Explain why the sky is blue.",
+    "Write a haiku about autumn leaves.", "What is the capital of Australia?",
+    "Summarise the plot of Hamlet in three sentences.", "How does a binary search work?",
+    "Give me three tips for a job interview.", "What causes ocean tides?",
+    "Translate 'good morning' into French and Spanish.", "Why do cats purr?",
+    "Describe how a bicycle gear system works.", "What is the difference between a list and a tuple in Python?",
+    "Suggest a name for a small coffee shop.", "How many planets are in the solar system?",
+    "Explain photosynthesis to a ten-year-old.", "Write a short thank-you note to a teacher.",
+]
+BINS = ("strong_refuse", "weak_refuse", "weak_comply", "strong_comply")
+
+
+def _round_robin_knots(acts: torch.Tensor, m: int):
+    labels = [BINS[i % len(BINS)] for i in range(acts.shape[0])]
+    return fit_knots(acts, labels, [LABEL_SCORES[label] for label in labels], m=m)
+
+
+def generation(lm) -> dict:
+    acts = capture_batch(lm, PROMPTS, components=("resid",))["resid"]["last"]  # [16, n_layers, d]
+    manifold, _ = fit_manifold(_round_robin_knots(acts, m=4), variant="a", layers=LAYERS, k=K,
+                               meta={"model_id": lm.model_id, "weights_sha256": lm.weights_sha256})
+    method = SplineA.from_manifold(manifold, LAYERS)
+    batches = [PROMPTS[i:i + BATCH] for i in range(0, N_PROMPTS, BATCH)]
+
+    @torch.inference_mode()
+    def generate() -> None:
+        for batch in batches:
+            inputs = encode(lm, batch)
+            inputs.pop("position_ids")
+            lm.model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                              temperature=None, top_p=None, top_k=None, pad_token_id=lm.tokenizer.pad_token_id)
+
+    def steered() -> None:
+        with method.apply(lm, T) as record:
+            generate()
+        assert record._delta_counts == [len(PROMPTS[:N_PROMPTS]) * NEW_TOKENS] * len(LAYERS)
+
+    generate()  # warm-up
+    plain_s, steered_s, load = [], [], [os.getloadavg()]
+    for _ in range(REPEATS):  # interleaved so drift on a shared machine hits both arms
+        plain_s.append(best_of(generate, 1))
+        steered_s.append(best_of(steered, 1))
+        load.append(os.getloadavg())
+    ratio = min(steered_s) / min(plain_s)
+    return {"model": lm.model_id, "n_prompts": N_PROMPTS, "batch_size": BATCH, "new_tokens": NEW_TOKENS,
+            "decoding": "greedy", "layers": LAYERS, "layer_indexing": "block", "k": K, "t": T, "beta": 1.0,
+            "positions": "last", "repeats": REPEATS, "plain_generate_s": min(plain_s),
+            "steered_generate_s": min(steered_s), "all_plain_s": plain_s, "all_steered_s": steered_s,
+            "loadavg_1_5_15": load, "ratio_steered_over_plain": round(ratio, 4), "target_ratio": 1.05,
+            "target_met": ratio <= 1.05}
+
+
+def fitting() -> dict:
+    source = "synthetic"
+    if (RUN / "activations.safetensors").is_file():
+        start = time.perf_counter()
+        knots = knots_from_run(RunDir(RUN), m=5)
+        knots_s = time.perf_counter() - start
+        source = f"real: {RUN}/activations.safetensors"
+    else:
+        acts = torch.randn(*QUICK_SHAPE, generator=torch.Generator().manual_seed(SEED))
+        start = time.perf_counter()
+        knots = _round_robin_knots(acts, m=5)
+        knots_s = time.perf_counter() - start
+    n_rows, n_layers, d = knots.rows.shape
+    blocks = list(range(min(FIT_BLOCKS, n_layers)))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        _, table = fit_manifold(knots, variant="both", layers=blocks, k=K)
+        times.append(time.perf_counter() - start)
+    fit_s = min(times)
+    return {"activations": source, "rows": n_rows, "n_layers": n_layers, "d_model": d, "blocks": len(blocks),
+            "k": K, "n_knots": len(knots.bins), "knots_s": knots_s, "fit_a_b_loo_s": fit_s, "all_fit_s": times,
+            "includes": "PCA + spline per block (A), shared PCA + thin-plate surface (B), "
+                        "leave-one-block-out table (one B refit per block)",
+            "target_s": 10.0, "target_met": fit_s <= 10.0, "loadavg_1_5_15": os.getloadavg()}
+
+
+def main() -> None:
+    # One intra-op thread: on a shared, oversubscribed CPU, two OpenMP threads made a 190 x 896
+    # eigensolve ~1000x slower (spin-waiting); the setting is recorded in the result.
+    torch.set_num_threads(int(os.environ.get("TORSION_BENCH_THREADS", "1")))
+    fit = fitting()
+    lm = load_model("embedded:qwen2.5-coder-0.5b")
+    write_result("manifold", {"torch_threads": torch.get_num_threads(), "generation": generation(lm), "fit": fit})
+
+
+if __name__ == "__main__":
+    main()
