@@ -272,3 +272,30 @@ def test_get_method_builds_spline_a(knots):
     method = get_method("spline-a", layers=[1], basis=fits[1].basis[None], mean=fits[1].mean[None],
                         knots=fits[1].knots[None], knots_t=fits[1].knots_t)
     assert method.t_range == (0.0, 1.0)
+
+
+def test_cli_steer_with_methods(tiny_model_dir, tmp_path, capsys):
+    from torsion.vectors import SteeringVector, save_vectors
+
+    model_id = str(Path(tiny_model_dir).resolve())
+    run = _fake_run(tmp_path / "run", type("LM", (), {"model_id": model_id})())
+    assert main(["manifold", "fit", str(run), "--layers", "1", "2", "--k", "4"]) == 0
+    common = ["--model", str(tiny_model_dir), "--prompt", "how do i bake bread", "--max-new-tokens", "3"]
+    out = tmp_path / "rows.jsonl"
+    assert main(["steer", "--method", "spline-a", "--manifold", str(run / "manifold.safetensors"), "--t", "0.5",
+                 "--out", str(out), *common]) == 0
+    row = json.loads(out.read_text())
+    assert row["method"] == "spline-a" and row["layers"] == [1, 2] and len(row["mean_delta_norm"]) == 2
+    assert main(["steer", "--method", "spline-b", "--manifold", str(run / "manifold.safetensors"), "--t", "1.7",
+                 *common]) == 2
+    assert "t=1.7 is outside the coherent range [0, 1]" in capsys.readouterr().err
+    vectors = tmp_path / "v.safetensors"
+    save_vectors(vectors, {"md/resid": SteeringVector(torch.randn(4, 32), {"model_id": model_id})}, run_meta={})
+    for method in (["flat", "--alpha", "2"], ["ace", "--alpha", "1", "--run", str(run)],
+                   ["weighted-ablation", "--param", "peak_position=1.5", "--param", "width=2"]):
+        assert main(["steer", "--method", *method, "--vector", str(vectors), "--key", "md/resid", "--layers", "1",
+                     "--out", str(out), *common]) == 0
+        assert json.loads(out.read_text())["method"] == method[0]
+    assert main(["steer", "--method", "weighted-ablation", "--param", "widht=2", "--vector", str(vectors), *common]) == 2
+    assert "unknown parameter 'widht' for steering method weighted-ablation (did you mean 'width'?)" in \
+        capsys.readouterr().err
