@@ -77,12 +77,36 @@ def generation(lm) -> dict:
         steered_s.append(best_of(steered, 1))
         load.append(os.getloadavg())
     ratio = min(steered_s) / min(plain_s)
-    return {"model": lm.model_id, "n_prompts": N_PROMPTS, "batch_size": BATCH, "new_tokens": NEW_TOKENS,
+    hook_s = _hook_seconds(lm, method)
+    return {"hook_s_per_run": hook_s, "hook_share_of_plain": round(hook_s / min(plain_s), 5),
+            "hook_note": "the spline-A hooks' own work for one run of every batch (per block and forward: "
+                         "the subspace transform and the record's norm), timed outside the model; a load-"
+                         "independent bound on the overhead, beside the wall-time ratio",
+            "model": lm.model_id, "n_prompts": N_PROMPTS, "batch_size": BATCH, "new_tokens": NEW_TOKENS,
             "decoding": "greedy", "layers": LAYERS, "layer_indexing": "block", "k": K, "t": T, "beta": 1.0,
             "positions": "last", "repeats": REPEATS, "plain_generate_s": min(plain_s),
             "steered_generate_s": min(steered_s), "all_plain_s": plain_s, "all_steered_s": steered_s,
             "loadavg_1_5_15": load, "ratio_steered_over_plain": round(ratio, 4), "target_ratio": 1.05,
             "target_met": ratio <= 1.05}
+
+
+def _hook_seconds(lm, method: SplineA, loops: int = 20) -> float:
+    """Seconds of hook work for one run: ``N_PROMPTS / BATCH`` batches x ``NEW_TOKENS`` forwards x 4 blocks."""
+    from torsion.steering.hooks import subspace_target
+
+    targets = method.targets(T)
+    record_like = torch.zeros(())
+    transforms = [subspace_target(method.basis[i], method.mean[i], targets[i], 1.0, lm.device)
+                  for i in range(len(LAYERS))]
+    hidden = torch.randn(BATCH, lm.d_model)
+    calls = (N_PROMPTS // BATCH) * NEW_TOKENS
+    start = time.perf_counter()
+    for _ in range(loops):
+        for _ in range(calls):
+            for transform in transforms:
+                new = transform(hidden)
+                record_like = record_like + torch.linalg.vector_norm(new - hidden, dim=-1).sum()
+    return (time.perf_counter() - start) / loops
 
 
 def fitting() -> dict:
