@@ -207,14 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     manifold.add_argument("--layers", type=block_index, nargs="+", default=None,
                           help="blocks to fit (default: the eligible window, blocks L/4 .. 0.8L-1)")
     manifold.add_argument("--k", type=positive_int, default=8, help="PCA dimensions (default 8)")
-    manifold.add_argument("--m", type=positive_int, default=5, help="fewest train rows for a bin to be a knot (default 5)")
+    manifold.add_argument("--m", type=positive_int, default=5,
+                          help="fewest train rows for a bin to be a knot (default 5)")
     manifold.add_argument("--smoothing", type=nonneg_float, default=0.0,
                           help="spline smoothing (default 0: interpolate)")
     manifold.add_argument("--component", default="resid", choices=["resid", "attn", "mlp"])
-    manifold.add_argument("--t-grid", type=float, nargs="+", default=None,
+    manifold.add_argument("--t-grid", type=finite_float, nargs="+", default=None,
                           help="coherence: the t values swept (default -0.5 -0.25 0 1 1.25 1.5)")
-    manifold.add_argument("--n-prompts", type=int, default=8, help="coherence: prompts per measurement (default 8)")
-    manifold.add_argument("--max-new-tokens", type=int, default=32, help="coherence: tokens per response")
+    manifold.add_argument("--n-prompts", type=positive_int, default=8,
+                          help="coherence: prompts per measurement (default 8)")
+    manifold.add_argument("--max-new-tokens", type=positive_int, default=32, help="coherence: tokens per response")
     _add_model_options(manifold)
     manifold.set_defaults(func=commands.manifold)
 

@@ -69,7 +69,9 @@ def block_device(lm: LoadedModel, component: str, layer: int) -> torch.device:
 
 
 def subspace_target(basis: Tensor, mean: Tensor, target: Tensor, beta: float, device: Any) -> Transform:
-    """``h ↦ h + β Uᵀ(s − U(h − μ))`` with ``U`` = ``basis`` ``[k, d]`` (orthonormal rows), ``μ`` ``[d]``, ``s`` ``[k]``.
+    """``h ↦ h + β Uᵀ(s − U(h − μ))``.
+
+    ``U`` = ``basis`` ``[k, d]`` (orthonormal rows), ``μ`` = ``mean`` ``[d]``, ``s`` = ``target`` ``[k]``.
 
     Replacement inside the subspace with mixing ``β``; the orthogonal complement is kept.
     """

@@ -61,7 +61,11 @@ def normalise_common(method: Any) -> None:
 @register
 @dataclass(frozen=True, eq=False)
 class SplineA(SteeringMethod):
-    """``basis`` ``[n, k, d]``, ``mean`` ``[n, d]``, ``knots`` ``[n, n_knots, k]`` aligned with ``layers``; ``knots_t`` ``[n_knots]``."""
+    """Spline A on ``layers``.
+
+    ``basis`` ``[n, k, d]``, ``mean`` ``[n, d]`` and ``knots`` ``[n, n_knots, k]`` are aligned
+    with ``layers``; ``knots_t`` is ``[n_knots]``.
+    """
 
     name = "spline-a"
     replacement = True
