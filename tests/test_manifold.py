@@ -299,3 +299,18 @@ def test_cli_steer_with_methods(tiny_model_dir, tmp_path, capsys):
     assert main(["steer", "--method", "weighted-ablation", "--param", "widht=2", "--vector", str(vectors), *common]) == 2
     assert "unknown parameter 'widht' for steering method weighted-ablation (did you mean 'width'?)" in \
         capsys.readouterr().err
+
+
+def test_cli_coherence_records_the_last_coherent_t(tiny_model_dir, tmp_path, capsys):
+    model_id = str(Path(tiny_model_dir).resolve())
+    run = _fake_run(tmp_path / "run", type("LM", (), {"model_id": model_id})())
+    assert main(["manifold", "fit", str(run), "--layers", "1", "2", "--k", "4"]) == 0
+    assert main(["manifold", "coherence", str(run), "--model", str(tiny_model_dir), "--t-grid", "-0.25", "1.25",
+                 "--n-prompts", "2", "--max-new-tokens", "2"]) == 0
+    sweep = load_manifold(run / "manifold.safetensors").meta["coherence"]
+    assert [row["t"] for row in sweep["rows"]] == [-0.25, 1.25]
+    last = sweep["last_coherent_t"]
+    expected = last_coherent_t(sweep["rows"], (0.0, 1.0))
+    assert (last["low"], last["high"]) == (expected["low"], expected["high"])
+    assert json.loads((run / "analysis" / "manifold.json").read_text())["coherence"]["variant"] == "a"
+    assert SplineA.from_manifold(load_manifold(run / "manifold.safetensors")).t_range == (last["low"], last["high"])
