@@ -68,7 +68,7 @@ def generation(lm) -> dict:
     def steered() -> None:
         with method.apply(lm, T) as record:
             generate()
-        assert record._delta_counts == [len(PROMPTS[:N_PROMPTS]) * NEW_TOKENS] * len(LAYERS)
+        assert record.steered_tokens == [len(PROMPTS[:N_PROMPTS]) * NEW_TOKENS] * len(LAYERS)
 
     generate()  # warm-up
     plain_s, steered_s, load = [], [], [os.getloadavg()]

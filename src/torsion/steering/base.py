@@ -56,13 +56,18 @@ class MethodRecord:
     positions: str
     phase: str = "both"
     replacement: bool = False
-    _delta_sums: list[Any] = field(default_factory=list, repr=False)
-    _delta_counts: list[int] = field(default_factory=list, repr=False)
+    _delta_sums: list[Any] = field(default_factory=list, init=False, repr=False)
+    _delta_counts: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.replacement and not self._delta_sums:
+        if self.replacement:
             self._delta_sums = [0.0] * len(self.layers)
             self._delta_counts = [0] * len(self.layers)
+
+    @property
+    def steered_tokens(self) -> list[int]:
+        """Token positions steered so far per block (replacement methods; empty for additive ones)."""
+        return list(self._delta_counts)
 
     @property
     def alpha(self) -> tuple[float, ...]:

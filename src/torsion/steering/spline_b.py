@@ -84,11 +84,14 @@ class SplineB(SteeringMethod):
         interpolator = surface.interpolator()
         return torch.stack([torch.from_numpy(surface.evaluate(t, layer, interpolator)) for layer in self.layers]).float()
 
-    def _context(self, lm: LoadedModel, strength: float) -> AbstractContextManager[MethodRecord]:
-        check_t(self.name, strength, self.t_range, self.allow_extrapolation)
+    def validate(self, lm: LoadedModel) -> None:
+        super().validate(lm)
         if self.depth_layers != lm.n_layers:
             raise TorsionError(f"spline-b was fitted on a {self.depth_layers}-block model but this one has "
                                f"{lm.n_layers}; refit the manifold for this model")
+
+    def _context(self, lm: LoadedModel, strength: float) -> AbstractContextManager[MethodRecord]:
+        check_t(self.name, strength, self.t_range, self.allow_extrapolation)
         surface = self.surface()
         return subspace_context(lm, self, strength, [self.basis] * len(self.layers),
                                 [surface.mean_of(layer) for layer in self.layers], self.targets(strength))
