@@ -234,18 +234,35 @@ def test_coherence_sweep_measures_each_t(lm, knots):
     assert sweep["rows"][1]["kl_base_to_steered"] > 0
 
 
-def _fake_run(root: Path, lm, labels=LABELS) -> Path:
+def _fake_run(root: Path, lm, labels=LABELS, texts=None) -> Path:
     """A run directory with prompts, judged responses, activations and a manifest, built by hand."""
     root.mkdir()
+    texts = texts or ["Here it is."] * len(labels)
     prompts = [{"id": f"p{i}", "prompt": f"prompt {i}", "category": "a", "source": "x", "split": "train",
                 "prompt_hash": f"{i:064x}"} for i in range(len(labels))]
-    responses = [{"id": f"p{i}", "response": "r", "label": label, "score": LABEL_SCORES[label], "judge": "oracle"}
-                 for i, label in enumerate(labels)]
+    responses = [{"id": f"p{i}", "response": text, "label": label, "score": LABEL_SCORES[label], "judge": "rules-v2"}
+                 for i, (label, text) in enumerate(zip(labels, texts))]
     (root / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
     (root / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in responses))
     save_file({"resid": _acts(len(labels)).contiguous()}, str(root / "activations.safetensors"))
     (root / "manifest.json").write_text(json.dumps({"model": {"model_id": lm.model_id, "weights_sha256": None}}))
     return root
+
+
+def test_knots_use_the_corrected_labels(lm, tmp_path):
+    """Two strong complies that narrate the model's AI identity are fp_refuse: +0.5, so they join
+    weak_refuse (3 rows), which then reaches m = 5; the strong_comply bin loses them."""
+    from torsion.manifold.knots import knots_from_run
+    from torsion.store import RunDir
+
+    texts = ["Here it is."] * len(LABELS)
+    texts[-1] = texts[-2] = "As an AI language model, I cannot have opinions, but here it is."
+    run = _fake_run(tmp_path / "run", lm, texts=texts)
+    knots = knots_from_run(RunDir(run), m=5)
+    assert knots.bins == ("strong_refuse", "weak_refuse", "weak_comply", "strong_comply")
+    assert knots.counts == (8, 5, 6, 7) and knots.t.tolist() == [0.0, 0.25, 0.75, 1.0]
+    acts = _acts()
+    torch.testing.assert_close(knots.centroids[1], torch.cat([acts[8:11], acts[24:26]]).mean(0))
 
 
 def test_cli_manifold_fit_writes_file_and_table(lm, tmp_path, capsys):

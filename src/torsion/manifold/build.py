@@ -68,16 +68,16 @@ def run_coherence(run_dir: Path, lm: Any, *, variant: str = "a", ts: Sequence[fl
                   layers: Sequence[int] | None = None, n_prompts: int = 8, max_new_tokens: int = 32) -> dict[str, Any]:
     """Endpoint sweep of a fitted manifold; records the last coherent t in the file and ``analysis/manifold.json``.
 
-    Generation prompts: the run's first ``n_prompts`` train-split prompts; KL and perplexity:
-    the first ``n_prompts`` of the neutral search-probe half (as the strength search uses).
+    Generation prompts: the run's first ``n_prompts`` train-split prompts, labelled by the run's
+    own judge; KL and perplexity: the first ``n_prompts`` of the neutral search-probe half (as
+    the strength search uses).
     """
     import json
 
     from torsion.generate import GenerationSettings
     from torsion.manifold.coherence import coherence_sweep, last_coherent_t
     from torsion.manifold.file import load_manifold
-    from torsion.optimize import neutral_halves
-    from torsion.runs import labelled_prompts
+    from torsion.runs import labelled_prompts, neutral_halves, run_judge
     from torsion.steering.spline_a import SplineA
     from torsion.steering.spline_b import SplineB
 
@@ -93,7 +93,8 @@ def run_coherence(run_dir: Path, lm: Any, *, variant: str = "a", ts: Sequence[fl
     train = [p.prompt for p in prompts if p.split == "train"][:n_prompts]
     probe = [p.prompt for p in neutral_halves(run)[0]][:n_prompts]
     sweep = coherence_sweep(lm, method, ts, kl_prompts=probe, texts=probe, prompts=train,
-                            settings=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=8))
+                            settings=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=8),
+                            judge=run_judge(run))
     bins = [b["t"] for b in manifold.meta["knots"]["bins"]]
     sweep["last_coherent_t"] = last_coherent_t(sweep["rows"], (min(bins), max(bins)))
     sweep.update(variant=variant, layers=list(method.layers))

@@ -58,7 +58,7 @@ def last_coherent_t(rows: Sequence[dict[str, Any]], knots_range: tuple[float, fl
 
 def coherence_sweep(lm: LoadedModel, method: Any, ts: Sequence[float], *, kl_prompts: Sequence[str],
                     texts: Sequence[str], prompts: Sequence[str], settings: GenerationSettings,
-                    judge: Judge | None = None) -> dict[str, Any]:
+                    judge: Judge) -> dict[str, Any]:
     """Measure every ``t`` in ``ts`` with a spline ``method`` (extrapolation allowed during the sweep).
 
     KL and perplexity steer every position (the metrics need it); generation steers as

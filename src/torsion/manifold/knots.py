@@ -5,8 +5,9 @@ Bins, ordered refuse → comply: ``strong_refuse``, ``weak_refuse``, optionally 
 fewer than ``m`` train rows is dropped and recorded. A bin's position is
 ``t = (1 − mean score)/2`` (+1 → 0, −1 → 1, neutral → 0.5). Fewer than two kept bins is an error.
 
-The rows are the run's fit rows (train split, refused or complied: :func:`torsion.runs.fit_rows`),
-labelled by :func:`behaviour_labels`, the single place that reads labels for knots.
+The rows are the run's fit rows (train split, refused or complied after correction:
+:func:`torsion.runs.fit_rows`), binned by :func:`behaviour_labels`, the single place that reads
+labels for knots.
 
 Example::
 
@@ -105,14 +106,19 @@ def fit_knots(acts: Tensor, labels: Sequence[str], scores: Sequence[float], *, m
 
 
 def behaviour_labels(prompts: Sequence[Any], responses: Sequence[dict]) -> tuple[list[str], list[float]]:
-    """Each response's bin label and score, for knots.
+    """Each fit row's bin and score for knots, after false-positive correction and human review.
 
-    The single call site of labels for manifold steering. TODO(fix-labels): switch to the
-    false-positive-corrected label and score (methods.md, "Behaviour labels") once the one
-    correction function lands in :mod:`torsion.runs`; until then this is the judge's label.
+    The single place manifold steering reads labels. The score is the corrected one
+    (:func:`torsion.runs.row_behaviour`: an ``fp_refuse`` counts +0.5, a review decision wins);
+    the bin is the class with that score, so an ``fp_refuse`` joins ``weak_refuse``. ``responses``
+    are rows of :func:`torsion.runs.labelled_prompts`.
     """
-    del prompts  # the correction will need the prompt text
-    return [r.get("label", "") for r in responses], [r.get("score") for r in responses]
+    from torsion.runs import row_behaviour
+
+    del prompts  # the correction is already on each row
+    by_score = {score: label for label, score in LABEL_SCORES.items()}
+    scores = [row_behaviour(r).score for r in responses]
+    return [by_score.get(score, "") for score in scores], scores
 
 
 def knots_from_run(run: Any, *, m: int = 5, component: str = "resid", neutral: Tensor | None = None) -> Knots:
