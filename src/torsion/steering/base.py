@@ -81,10 +81,14 @@ class MethodRecord:
         self._delta_counts[index] += norms.numel()
 
     def mean_delta_norms(self) -> list[float | None] | None:
-        """Mean ``‖h' − h‖`` per block over the token positions steered so far (0 if none)."""
+        """Mean ``‖h' − h‖`` per block over the token positions steered so far (None before any).
+
+        Read it when the context's work is done: a caller that records conventions on entering
+        the context (as :func:`torsion.behaviour.evaluate_behaviour` does today) sees None.
+        """
         if not self.replacement:
             return None
-        return [float(s) / c if c else 0.0 for s, c in zip(self._delta_sums, self._delta_counts)]
+        return [float(s) / c if c else None for s, c in zip(self._delta_sums, self._delta_counts)]
 
     def conventions(self) -> dict[str, Any]:
         """The fields every steered output records; ``alpha``/``applied_norm`` as add_steering names them."""
