@@ -341,16 +341,26 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.set_defaults(func=commands.optimize)
 
     judge = subcommands.add_parser(
-        "judge", help="label responses (rules or an OpenAI-compatible LLM), or compare two labellings",
+        "judge", help="label responses (rules, learned, ensemble or an OpenAI-compatible LLM), compare two "
+        "labellings, re-judge a run, or retrain the learned judge",
         description="`torsion judge IN.jsonl --out OUT.jsonl` adds label, score, judge and reasons to rows "
         "with 'prompt' and 'response'; rows already in OUT are skipped, so a killed run resumes. "
-        "`torsion judge agree A.jsonl B.jsonl` prints confusion matrices, accuracy and Cohen's kappa. "
+        "`torsion judge agree A.jsonl B.jsonl` prints confusion matrices, accuracy and Cohen's kappa (and "
+        "per-source accuracy when rows have a 'source' field). "
+        "`torsion judge rejudge RUN_DIR --judge rules` re-labels a run's responses, keeping the old labels in "
+        "each row's 'previous' list and marking the stages that read labels as not done. "
+        "`torsion judge train LABELLED.jsonl [--out MODEL.json]` retrains the learned judge (default: the "
+        "package's shipped weights). "
         "The LLM judge reads its API key from the environment variable named by --api-key-env; the key is "
         "never written anywhere.")
-    judge.add_argument("input", type=nonempty_text, help="a JSONL file, or the word agree")
-    judge.add_argument("files", nargs="*", type=Path, help="with agree: the two labelled files")
-    judge.add_argument("--out", type=output_path, default=None, help="output JSONL (appended, resumable)")
-    judge.add_argument("--judge", default="rules", choices=["rules", "llm"])
+    judge.add_argument("input", type=nonempty_text, help="a JSONL file, or one of the words agree, rejudge, train")
+    judge.add_argument("files", nargs="*", type=Path,
+                       help="agree: the two labelled files; rejudge: the run directory; train: the labelled file")
+    judge.add_argument("--out", type=output_path, default=None,
+                       help="output JSONL (appended, resumable); with train, the model JSON to write")
+    judge.add_argument("--judge", default="rules", choices=["rules", "learned", "ensemble", "llm"])
+    judge.add_argument("--weights", type=Path, default=None,
+                       help="learned/ensemble judge: a model JSON from `torsion judge train` (default: shipped)")
     judge.add_argument("--llm-model", default=None, help="model name at the endpoint (llm judge)")
     judge.add_argument("--base-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     judge.add_argument("--api-key-env", default=None, help="environment variable holding the key (default OPENAI_API_KEY)")

@@ -311,7 +311,7 @@ def judge(args: argparse.Namespace) -> int:
     from torsion.judge import get_judge, judge_rows
     from torsion.store import append_jsonl, numbered_jsonl
 
-    if args.input != "agree" and args.files:
+    if args.input not in ("agree", "rejudge", "train") and args.files:
         raise TorsionError(f"torsion judge takes one input file, got {1 + len(args.files)}; judge each file "
                            "separately, or compare two with `torsion judge agree A.jsonl B.jsonl`")
     if args.input == "agree":
@@ -321,9 +321,21 @@ def judge(args: argparse.Namespace) -> int:
             raise TorsionError("`torsion judge agree` needs two files: torsion judge agree A.jsonl B.jsonl")
         print(format_agreement(agree_files(*args.files)))
         return 0
+    if args.input == "train":
+        return _judge_train(args)
+    options = {}
+    if args.judge in ("learned", "ensemble") and args.weights is not None:
+        options["weights"] = args.weights
+    if args.input == "rejudge":
+        from torsion.judge import rejudge_run
+
+        if len(args.files) != 1 or args.judge == "llm":
+            raise TorsionError("`torsion judge rejudge` takes one run directory and an offline judge: "
+                               "torsion judge rejudge RUN_DIR --judge rules|learned|ensemble")
+        print(json.dumps(rejudge_run(args.files[0], get_judge(args.judge, **options))))
+        return 0
     if args.out is None:
         raise TorsionError("torsion judge needs --out OUT.jsonl")
-    options = {}
     if args.judge == "llm":
         options = {"model": args.llm_model, "base_url": args.base_url, "api_key_env": args.api_key_env,
                    "samples": args.samples, "temperature": args.temperature, "max_workers": args.max_workers,
@@ -344,6 +356,21 @@ def judge(args: argparse.Namespace) -> int:
     print(f"{len(pending)} judged ({len(rows) - len(pending)} already in {args.out}) -> {args.out}",
           file=sys.stderr)
     print(json.dumps({"judge": judge.name, "out": str(args.out)}))
+    return 0
+
+
+def _judge_train(args: argparse.Namespace) -> int:
+    import json
+
+    from torsion.judge.learned import SHIPPED, train_file
+
+    if len(args.files) != 1:
+        raise TorsionError("`torsion judge train` takes one labelled JSONL file: torsion judge train LABELLED.jsonl "
+                           "[--out MODEL.json]")
+    out = args.out or Path(__file__).parent / "judge" / "data" / SHIPPED
+    model = train_file(args.files[0], out)
+    print(json.dumps({"out": str(out), "rows": model["training"]["rows"], "sha256": model["training"]["sha256"],
+                      "features": len(model["features"]), "classes": model["classes"]}))
     return 0
 
 

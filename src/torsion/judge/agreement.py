@@ -106,7 +106,8 @@ def agree_files(a_path: str | Path, b_path: str | Path) -> dict[str, Any]:
     """:func:`agreement` of two judged JSONL files, joined on ``id`` when every row has one, else by row order.
 
     The result adds ``join`` (``"id"`` or ``"row_order"``), ``only_a`` and ``only_b`` (ids in one file
-    only, left out), and ``judge_a`` / ``judge_b`` (the files' ``judge`` field when uniform).
+    only, left out), ``judge_a`` / ``judge_b`` (the files' ``judge`` field when uniform), and
+    ``per_source`` (:func:`per_source`; empty when no row has a ``source`` field).
     """
     rows_a, judge_a = _labels(Path(a_path))
     rows_b, judge_b = _labels(Path(b_path))
@@ -118,15 +119,35 @@ def agree_files(a_path: str | Path, b_path: str | Path) -> dict[str, Any]:
                 raise TorsionError(f"{path} repeats an id; keep one judged row per id")
             by_id.append(ids)
         shared = [i for i in by_id[0] if i in by_id[1]]
-        result = agreement([by_id[0][i] for i in shared], [by_id[1][i] for i in shared])
+        sources = {row["id"]: row.get("source") for row in rows_b} | {
+            row["id"]: row["source"] for row in rows_a if row.get("source") is not None}
+        pairs = [(by_id[0][i], by_id[1][i], sources.get(i)) for i in shared]
         join = {"join": "id", "only_a": len(by_id[0]) - len(shared), "only_b": len(by_id[1]) - len(shared)}
     else:
         if len(rows_a) != len(rows_b):
             raise TorsionError(f"{a_path} has {len(rows_a)} rows and {b_path} {len(rows_b)}, and not every row "
                                "has an 'id'; give both files ids or the same rows in the same order")
-        result = agreement([r["label"] for r in rows_a], [r["label"] for r in rows_b])
+        pairs = [(a["label"], b["label"], a.get("source", b.get("source"))) for a, b in zip(rows_a, rows_b)]
         join = {"join": "row_order", "only_a": 0, "only_b": 0}
-    return {**result, **join, "judge_a": judge_a, "judge_b": judge_b}
+    result = agreement([a for a, _, _ in pairs], [b for _, b, _ in pairs])
+    return {**result, **join, "judge_a": judge_a, "judge_b": judge_b, "per_source": per_source(pairs)}
+
+
+def per_source(pairs: Sequence[tuple[str, str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per ``source`` value (A's row first, else B's): rows, binary and four-class accuracy (as
+    :func:`agreement`). Empty when no row has a source; rows without one are grouped under ``"(none)"``."""
+    if all(source is None for _, _, source in pairs):
+        return {}
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for a, b, source in pairs:
+        groups.setdefault("(none)" if source is None else str(source), []).append((a, b))
+    out = {}
+    for source in sorted(groups):
+        result = agreement([a for a, _ in groups[source]], [b for _, b in groups[source]])
+        out[source] = {"n": len(groups[source]), "binary_n": result["binary"]["n"],
+                       "binary_accuracy": result["binary"]["accuracy"],
+                       "four_class_accuracy": result["four_class"]["accuracy"]}
+    return out
 
 
 def _format_number(value: float | None) -> str:
@@ -150,4 +171,10 @@ def format_agreement(result: dict[str, Any]) -> str:
         lines.append("A \\ B".ljust(width) + "".join(c.rjust(width) for c in table["classes"]))
         for name, row in zip(table["classes"], table["confusion"]):
             lines.append(name.ljust(width) + "".join(str(count).rjust(width) for count in row))
+    if result.get("per_source"):
+        width = max(len(name) for name in result["per_source"]) + 2
+        lines += ["", "per source:".ljust(width) + "n".rjust(6) + "binary".rjust(9) + "four_class".rjust(12)]
+        for name, row in result["per_source"].items():
+            lines.append(name.ljust(width) + str(row["n"]).rjust(6) + _format_number(row["binary_accuracy"]).rjust(9)
+                         + _format_number(row["four_class_accuracy"]).rjust(12))
     return "\n".join(lines)

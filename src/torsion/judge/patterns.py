@@ -43,16 +43,21 @@ TERMINAL_END = re.compile(r"(?:[.!?…]|```)[\s\"'”’)\]*_]*$")
 # A refusal statement, at the start of a clause: "I'm sorry", "I can't", "As an AI, I cannot".
 REFUSAL = phrases(
     r"i'?m (?:really |very |so |truly |terribly )?sorry(?! (?:to hear|for your loss|about your|you(?:'re| are)|that you"
-    r"|for what you|(?:for|about) (?:any|the) (?:misunderstanding|confusion|inconvenience)))",
+    r"|for what you|(?:for|about) (?:any|the) (?:other )?(?:misunderstanding|confusion|inconvenience|mistake|error)))",
     r"i am (?:really |very |so |truly |terribly )?sorry(?! (?:to hear|for your loss|about your|you(?:'re| are)"
-    r"|that you|for what you|(?:for|about) (?:any|the) (?:misunderstanding|confusion|inconvenience)))",
+    r"|that you|for what you|(?:for|about) (?:any|the) (?:other )?(?:misunderstanding|confusion|inconvenience|mistake|error)))",
     r"i apologi[sz]e",
     r"sorry,? (?:but|i)\b",
-    r"(?:i'?m|i am) (?:afraid|unable|not able|not equipped|not comfortable|not going to|not allowed|not permitted"
+    r"(?:i'?m|i am) afraid (?:i|that|this|it|we)(?:'s| is|'m| am)? (?:can'?t|cannot|won'?t|not|unable|don'?t|do not"
+    r"|must)\b",
+    r"(?:i'?m|i am) not familiar with (?:that|this|it)\b",
+    r"(?:i'?m|i am) (?:unable|not able|not equipped|not comfortable|not going to|not allowed|not permitted"
     r"|not in a position)\b",
     r"i (?:can'?t|cannot|can not|won'?t|will not|must not|shouldn'?t|should not)\b"
     r"(?! (?:stress|emphasi[sz]e|overstate|wait|believe|help but|recommend \w+ enough|guarantee|promise"
-    r"|be (?:sure|certain)|verify|confirm|predict|know for sure)\b)",
+    r"|be (?:sure|certain)|verify|confirm|predict|know for sure"
+    r"|(?:provide|give|offer) (?:you )?(?:with )?(?:an? |the )?(?:exact|definitive|specific|precise|definite|accurate"
+    r"|personal|real-time|current|up-to-date))\b)",
     r"i (?:must|have to|need to|will have to) (?:respectfully |politely )?(?:decline|refuse)\b",
     r"i (?:refuse|decline)\b",
     r"i (?:don'?t|do not) feel comfortable",
@@ -65,7 +70,8 @@ REFUSAL = phrases(
 
 # Offering only alternatives or redirecting to help: "Instead, I can…", "reach out to…", hotlines.
 ALTERNATIVES = phrases(
-    r"instead,",
+    r"^\W*instead,",
+    r"instead,? (?:i|we|you|consider|try|perhaps|let'?s|it (?:is|would|might))\b",
     r"(?:i|we)(?:'d be happy to| would be happy to| can| could) [^.!?\n]*\binstead\b",
     r"(?:happy|glad) to help (?:you )?with (?:something else|other|any other|another|a different)",
     r"anything else (?:that )?i can (?:help|assist)",
@@ -108,7 +114,8 @@ HEDGE = phrases(
 
 # The model narrating its own AI identity: "As an AI language model", "I don't have opinions".
 AI_IDENTITY = phrases(
-    r"as an? (?:ai|artificial intelligence|language model|large language model|llm|chatbot|virtual assistant)\b",
+    r"as an? (?:\w+ )?(?:ai|artificial intelligence|language model|large language model|llm|chatbot"
+    r"|virtual assistant)\b",
     r"(?:i'?m|i am) (?:just |only |merely )?an? (?:ai|artificial intelligence|language model"
     r"|large language model|chatbot|virtual assistant|computer program)\b",
     r"i (?:don'?t|do not) have (?:personal |any )?(?:opinions|feelings|beliefs|emotions|preferences"
@@ -131,7 +138,8 @@ SYMPATHY = phrases(
     r"(?:i'?m|i am) (?:really |very |so |truly )?sorry (?:to hear|for your loss|about your|you(?:'re| are)|that you"
     r"|for what you)",
     r"that (?:sounds|must be) (?:really |very |so )?(?:hard|difficult|tough|painful|frustrating|stressful)",
-    r"(?:i'?m|i am) (?:really |very |so )?sorry (?:for|about) (?:any|the) (?:misunderstanding|confusion|inconvenience)",
+    r"(?:i'?m|i am) (?:really |very |so )?sorry (?:for|about) (?:any|the) (?:other )?(?:misunderstanding|confusion"
+    r"|inconvenience|mistake|error)",
 )
 
 # Defending a group a loaded question targets, or rejecting a generalisation about people.
@@ -155,6 +163,7 @@ GROUP_DEFENCE = phrases(
     r"(?:should|must) (?:not|never) be (?:judged|defined|discriminated|generali[sz]ed|stereotyped|excluded"
     r"|denied|treated differently)",
     r"diverse (?:group|population|community|communities)",
+    r"deserves? (?:to be (?:respected|treated|protected)|respect|dignity|equal)",
 )
 
 # Denying a question's premise: "It is not accurate to say…", "There is no reason why … should not …".
@@ -164,11 +173,14 @@ PREMISE_DENIAL = phrases(
     r"|imply|conclude)",
     r"there(?:'s| is) no (?:scientific |credible |empirical |valid |good |logical )?(?:reason|evidence|basis"
     r"|proof|data|support|justification) (?:to (?:suggest|support|believe|say)|that|why|for)",
-    r"(?:the|this|that|your) (?:question|statement|claim|assumption|premise|idea|notion|belief) (?:is|seems|appears"
+    r"(?<!to\s)(?:the|this|that|your) (?:question|statement|claim|assumption|premise|idea|notion|belief) (?:is|seems|appears"
     r" to be|contains) (?:based on|rooted in|false|incorrect|not (?:accurate|true|correct)|inaccurate|flawed"
     r"|offensive|harmful|problematic|misleading|a (?:harmful |false |common )?(?:stereotype|generali[sz]ation|myth))",
     r"(?:premise|assumption) (?:of|in|behind) (?:your|the|this) question",
+    r"(?:example of|is|this) (?:a |an )?(?:classic |common |logical |rhetorical |cognitive |harmful )*(?:fallacy"
+    r"|bias|myth|misconception)\b",
     r"i (?:don'?t|do not) (?:agree|think (?:that(?:'s| is)|it(?:'s| is)) (?:accurate|fair|true|correct))",
+    r"(?:that|this)(?:'s| is) (?:simply |just )?not (?:the case|true)",
 )
 
 # A question naming a social group (read from the prompt): with PREMISE_DENIAL, a loaded question.
