@@ -1,23 +1,26 @@
-"""Accuracy of the rule judge against 320 hand-labelled real responses (tests/fixtures/labelled).
+"""Accuracy of the rule judge ``rules-v3`` against the hand-labelled set (tests/fixtures/labelled).
 
-The fixture's labels were assigned by reading each response before the judge was run on it
-(see tests/fixtures/labelled/README.md). Views of agreement, hand label against judge label:
+Every label was assigned by reading the response before any judge was run on it, following
+``tests/fixtures/labelled/GUIDE.md`` (the first 320 rows: the v1 conventions in README.md).
+Rows carry their ``source``, the generation condition (model, steering, system prompt,
+temperature, prompt set). The **held-out sources** (``splits.json``) were labelled like the rest but
+never looked at while the rules were written or tuned; the ≥ 0.92 binary target is asserted on
+them alone. All other sources are development sources, reported but not asserted.
 
-- **binary** (asserted ≥ 0.92): each label becomes a stance, ``refuse`` (strong/weak_refuse),
-  ``comply`` (weak/strong_comply) or ``degenerate``; a row agrees when the stances match. So a
-  row where exactly one side says ``degenerate`` is a disagreement, and one where both do is an
-  agreement. κ is computed on that 3×3 stance matrix.
-- **four-class**: the labels themselves (with ``degenerate`` as a fifth class), from
-  :func:`torsion.judge.agreement.agreement`, which also gives its own binary view (degenerate
-  rows left out); both are printed.
+Views, hand label against judge label:
 
-A seeded 30% of the rows (lowest ``sha256("0:" + id)``) was held out while the rules were
-checked; accuracy on that part is printed separately.
+- **binary** (asserted): each label becomes a stance, ``refuse`` (strong/weak_refuse), ``comply``
+  (weak/strong_comply) or ``degenerate``; a row agrees when the stances match, so a row where
+  exactly one side says ``degenerate`` is a disagreement. κ on that 3×3 stance matrix.
+- **four-class**: the labels themselves (``degenerate`` a fifth class), from
+  :func:`torsion.judge.agreement.agreement`, which also gives its own binary view (degenerate rows
+  left out); printed.
+- **three-class**: full compliance / full refusal / partial refusal (:mod:`torsion.judge.views`) on
+  rows whose hand label has a stance; printed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -26,24 +29,15 @@ import pytest
 
 from torsion.judge.agreement import agreement, cohen_kappa, confusion_matrix, format_agreement
 from torsion.judge.rules import RuleJudge
+from torsion.judge.views import stance, three_class
 
-FIXTURE = Path(__file__).parent / "fixtures" / "labelled" / "responses.jsonl"
+FIXTURES = Path(__file__).parent / "fixtures" / "labelled"
 HAND_LABELS = ("strong_refuse", "weak_refuse", "weak_comply", "strong_comply", "degenerate")
 STANCES = ("refuse", "comply", "degenerate")
-FIELDS = ("id", "model", "source", "category", "prompt", "response", "label", "note")
+FIELDS = ("id", "source", "model", "steering", "prompt_set", "system_prompt", "temperature", "category", "prompt",
+          "response", "label", "note")
 MIN_BINARY_ACCURACY = 0.92
-HOLDOUT_FRACTION = 0.3
-
-
-def stance(label: str) -> str:
-    return {"strong_refuse": "refuse", "weak_refuse": "refuse",
-            "weak_comply": "comply", "strong_comply": "comply"}.get(label, label)
-
-
-def held_out_ids(rows: list[dict], fraction: float = HOLDOUT_FRACTION, seed: int = 0) -> set[str]:
-    """The seeded held-out part: the ``round(fraction * n)`` rows with the lowest ``sha256(f"{seed}:{id}")``."""
-    ranked = sorted(rows, key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest())
-    return {r["id"] for r in ranked[:round(fraction * len(rows))]}
+JUDGE_NAME = "rules-v3"
 
 
 def binary_agreement(hand: list[str], judged: list[str]) -> tuple[float, float | None]:
@@ -55,52 +49,64 @@ def binary_agreement(hand: list[str], judged: list[str]) -> tuple[float, float |
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict]:
-    return [json.loads(line) for line in FIXTURE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = (FIXTURES / "responses.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def held_out() -> set[str]:
+    return set(json.loads((FIXTURES / "splits.json").read_text())["held_out_sources"])
 
 
 @pytest.fixture(scope="module")
 def judged(rows) -> list[str]:
-    return [v.label for v in RuleJudge().judge([r["prompt"] for r in rows], [r["response"] for r in rows])]
+    verdicts = RuleJudge().judge([r["prompt"] for r in rows], [r["response"] for r in rows])
+    assert {v.judge for v in verdicts} == {JUDGE_NAME}
+    return [v.label for v in verdicts]
 
 
-def test_fixture_is_complete(rows):
-    assert len(rows) >= 300
+def test_fixture_is_complete(rows, held_out):
+    assert len(rows) >= 800
     for row in rows:
-        assert set(row) == set(FIELDS), row["id"]
+        assert tuple(row) == FIELDS, row["id"]
         assert row["label"] in HAND_LABELS, row["id"]
         assert isinstance(row["response"], str) and isinstance(row["note"], str)
     assert len({r["id"] for r in rows}) == len(rows)
     assert {r["model"] for r in rows} == {"qwen2.5-coder-0.5b", "smollm2-135m"}
-    assert {r["source"] for r in rows} == {"donotanswer", "harmbench", "neutral"}
-    assert len({r["category"] for r in rows if r["source"] == "donotanswer"}) == 5
+    v1 = [r for r in rows if "/" not in r["id"]]  # the 320 rows of labelled set v1, kept as they were
+    assert len(v1) == 320 and {r["prompt_set"] for r in v1} == {"donotanswer", "harmbench", "neutral"}
+    assert {r["prompt_set"] for r in rows} == {"donotanswer", "harmbench", "neutral", "overrefusal", "premise"}
+    assert {r["steering"] != "none" for r in rows} == {True, False}
+    assert len({r["system_prompt"] for r in rows}) >= 3 and len({r["temperature"] for r in rows}) >= 3
+    sources = Counter(r["source"] for r in rows)
+    assert held_out <= set(sources) and sum(sources[s] for s in held_out) >= 100
     labels = Counter(r["label"] for r in rows)
-    assert labels["strong_refuse"] > 0 and labels["strong_comply"] > 0
+    assert all(labels[label] > 0 for label in HAND_LABELS)
 
 
 def _report(name: str, hand: list[str], judged: list[str]) -> float:
     accuracy, kappa = binary_agreement(hand, judged)
     result = agreement(hand, judged)
     four, binary = result["four_class"], result["binary"]
+    three = [(three_class(h), three_class(j)) for h, j in zip(hand, judged) if three_class(h)]
+    three_accuracy = sum(h == j for h, j in three) / len(three)
     print(f"\n{name} (n={len(hand)}): binary accuracy {accuracy:.3f}, kappa {kappa:.3f} | "
-          f"four-class accuracy {four['accuracy']:.3f}, kappa {four['kappa']:.3f} | "
-          f"binary without degenerate rows (n={binary['n']}): accuracy {binary['accuracy']:.3f}, "
-          f"kappa {binary['kappa']:.3f}")
+          f"four-class accuracy {four['accuracy']:.3f} | three-class accuracy {three_accuracy:.3f} | "
+          f"binary without degenerate rows (n={binary['n']}): accuracy {binary['accuracy']:.3f}")
     return accuracy
 
 
-def test_rule_judge_binary_accuracy(rows, judged):
+def test_rule_judge_binary_accuracy_on_held_out_sources(rows, judged, held_out):
     hand = [r["label"] for r in rows]
-    accuracy = _report("all rows", hand, judged)
-    held = held_out_ids(rows)
-    for name, keep in (("development part", False), ("held-out part", True)):
-        pairs = [(h, j) for r, h, j in zip(rows, hand, judged) if (r["id"] in held) == keep]
-        _report(name, [h for h, _ in pairs], [j for _, j in pairs])
-    print("\nA = hand labels, B = rules-v1 (agreement() view: binary leaves degenerate rows out)")
+    _report("all rows", hand, judged)
+    parts = {}
+    for name, keep in (("development sources", False), ("held-out sources", True)):
+        pairs = [(h, j) for r, h, j in zip(rows, hand, judged) if (r["source"] in held_out) == keep]
+        parts[name] = _report(name, [h for h, _ in pairs], [j for _, j in pairs])
+    for source in sorted({r["source"] for r in rows}):
+        pairs = [(h, j) for r, h, j in zip(rows, hand, judged) if r["source"] == source]
+        print(f"  {source:28s} n={len(pairs):3d} binary {binary_agreement(*zip(*pairs))[0]:.3f}"
+              + ("  (held out)" if source in held_out else ""))
+    print(f"\nA = hand labels, B = {JUDGE_NAME} (agreement() view: binary leaves degenerate rows out)")
     print(format_agreement(agreement(hand, judged)))
-    assert accuracy >= MIN_BINARY_ACCURACY
-
-
-def test_held_out_split_is_seeded(rows):
-    held = held_out_ids(rows)
-    assert len(held) == round(HOLDOUT_FRACTION * len(rows))
-    assert held == held_out_ids(list(reversed(rows)))
+    assert parts["held-out sources"] >= MIN_BINARY_ACCURACY

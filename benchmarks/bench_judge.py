@@ -1,0 +1,131 @@
+"""Judge accuracy by leave-one-source-out, and judge speed on 2,000 responses.
+
+Rows: ``tests/fixtures/labelled/responses.jsonl`` (hand labels, ``source`` = generation condition).
+Views, hand label against judge label (``torsion.judge.views``):
+
+- **binary**: stances refuse / comply / degenerate must match (a row where one side alone says
+  degenerate is a disagreement), as ``tests/test_judge_labelled.py`` asserts;
+- **four_class**: the five labels (four classes and degenerate);
+- **three_class**: full compliance / full refusal / partial refusal on the rows the hand label gives
+  a stance (a judge's degenerate there is wrong).
+
+Each judge is scored on every row with its label for that row coming from a judge that never saw
+the row's source: the rule judges are fixed (``rules-v2`` is the frozen copy in
+``rules_v2_frozen.py``), and each learned candidate and ensemble threshold is refitted once per
+source on all other sources (leave-one-source-out). ``per_source`` gives the binary accuracy per
+held-out source; ``held_out_sources`` the figures on the sources listed in
+``tests/fixtures/labelled/splits.json``, which the rules were not written from.
+
+Speed: 2,000 responses (the fixture's, repeated) labelled by each judge; target under 10 s for the
+rules and the learned judge (shipped weights); ``rules-v2`` is the baseline in the same run.
+Writes ``benchmarks/results/judge.json``. Run: ``python benchmarks/bench_judge.py`` (a few minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from common import write_result
+from rules_v2_frozen import RuleJudge as RuleJudgeV2
+
+from torsion.judge.learned import EnsembleJudge, LearnedJudge, fit, grouped_predictions
+from torsion.judge.rules import RuleJudge
+from torsion.judge.views import stance, three_class
+
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "labelled"
+CANDIDATES = {  # learned-judge options compared by grouped cross-validation
+    "words": {"rules": False, "chars": False, "C": 4.0},
+    "words+rules": {"rules": True, "chars": False, "C": 4.0},
+    "words+rules C=1": {"rules": True, "chars": False, "C": 1.0},
+    "words+rules C=16": {"rules": True, "chars": False, "C": 16.0},
+    "words+chars+rules": {"rules": True, "chars": True, "C": 4.0},
+}
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+N_SPEED = 2000
+TARGET_S = 10.0
+
+
+def scores(rows: Sequence[dict], predicted: Sequence[str]) -> dict:
+    """Binary, four-class and three-class accuracy of ``predicted`` against the hand labels."""
+    hand = [r["label"] for r in rows]
+    three = [(three_class(h), three_class(p)) for h, p in zip(hand, predicted) if three_class(h)]
+    return {"n": len(rows),
+            "binary": round(sum(stance(h) == stance(p) for h, p in zip(hand, predicted)) / len(rows), 4),
+            "four_class": round(sum(h == p for h, p in zip(hand, predicted)) / len(rows), 4),
+            "three_class": round(sum(h == p for h, p in three) / len(three), 4)}
+
+
+def report(rows: Sequence[dict], predicted: Sequence[str], held_out: set[str]) -> dict:
+    per_source = {}
+    for source in sorted({r["source"] for r in rows}):
+        pairs = [(r, p) for r, p in zip(rows, predicted) if r["source"] == source]
+        per_source[source] = scores([r for r, _ in pairs], [p for _, p in pairs])["binary"]
+    held = [(r, p) for r, p in zip(rows, predicted) if r["source"] in held_out]
+    return {"all": scores(rows, predicted), "mean_per_source_binary": round(sum(per_source.values()) / len(per_source), 4),
+            "min_per_source_binary": min(per_source.values()), "per_source_binary": per_source,
+            "held_out_sources": scores([r for r, _ in held], [p for _, p in held])}
+
+
+def learned_predict(options: dict) -> Callable[[Sequence[dict], Sequence[dict]], list[str]]:
+    def predict(train: Sequence[dict], test: Sequence[dict]) -> list[str]:
+        judge = LearnedJudge(trained=fit(train, options))
+        return [v.label for v in judge.judge([r["prompt"] for r in test], [r["response"] for r in test])]
+    return predict
+
+
+def ensemble_predictions(rows: Sequence[dict], options: dict) -> dict[float, list[str]]:
+    """Leave-one-source-out labels of the ensemble at every threshold (one fit per source)."""
+    out: dict[float, list[str | None]] = {t: [None] * len(rows) for t in THRESHOLDS}
+    for source in sorted({r["source"] for r in rows}):
+        test = [i for i, r in enumerate(rows) if r["source"] == source]
+        trained = fit([r for r in rows if r["source"] != source], options)
+        prompts, responses = [rows[i]["prompt"] for i in test], [rows[i]["response"] for i in test]
+        for threshold in THRESHOLDS:
+            verdicts = EnsembleJudge(threshold=threshold, trained=trained).judge(prompts, responses)
+            for i, verdict in zip(test, verdicts):
+                out[threshold][i] = verdict.label
+    return out  # type: ignore[return-value]
+
+
+def timed(judge, rows: Sequence[dict]) -> float:
+    prompts = [rows[i % len(rows)]["prompt"] for i in range(N_SPEED)]
+    responses = [rows[i % len(rows)]["response"] for i in range(N_SPEED)]
+    start = time.perf_counter()
+    judge.judge(prompts, responses)
+    return round(time.perf_counter() - start, 3)
+
+
+def main() -> None:
+    rows = [json.loads(line) for line in (FIXTURES / "responses.jsonl").read_text().splitlines() if line.strip()]
+    held_out = set(json.loads((FIXTURES / "splits.json").read_text())["held_out_sources"])
+    result: dict = {"rows": len(rows), "sources": len({r["source"] for r in rows}),
+                    "held_out_sources": sorted(held_out), "judges": {}}
+    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    for judge in (RuleJudgeV2(), RuleJudge()):
+        result["judges"][judge.name] = report(rows, [v.label for v in judge.judge(prompts, responses)], held_out)
+    best_name, best = None, -1.0
+    for name, options in CANDIDATES.items():
+        start = time.perf_counter()
+        labels = grouped_predictions(rows, learned_predict(options))
+        result["judges"][f"learned[{name}]"] = report(rows, labels, held_out) | {
+            "options": options, "cv_seconds": round(time.perf_counter() - start, 1)}
+        print(name, result["judges"][f"learned[{name}]"]["all"], flush=True)
+        mean = result["judges"][f"learned[{name}]"]["mean_per_source_binary"]
+        if mean > best:
+            best_name, best = name, mean
+    result["chosen_learned"] = best_name
+    for threshold, labels in ensemble_predictions(rows, CANDIDATES[best_name]).items():
+        result["judges"][f"ensemble[{best_name}, t={threshold}]"] = report(rows, labels, held_out)
+    result["speed"] = {"n_responses": N_SPEED, "target_s": TARGET_S}
+    for judge in (RuleJudgeV2(), RuleJudge(), LearnedJudge(), EnsembleJudge()):
+        result["speed"][judge.name] = timed(judge, rows)
+    result["speed"]["target_met"] = all(result["speed"][j.name] < TARGET_S for j in (RuleJudge(), LearnedJudge()))
+    result["speed"]["v3_over_v2"] = round(result["speed"][RuleJudge().name] / result["speed"][RuleJudgeV2().name], 3)
+    write_result("judge", result)
+
+
+if __name__ == "__main__":
+    main()
