@@ -72,6 +72,11 @@ V2_CONDITIONS = [
     ("qwen-overrefusal-direct", "qwen2.5-coder-0.5b", {"overrefusal": 16}, "direct", 0.0, None),
     ("qwen-steer-refuse", "qwen2.5-coder-0.5b", {"neutral": 8, "overrefusal": 8}, "none", 0.0, 0.6),
     ("qwen-steer-comply", "qwen2.5-coder-0.5b", {"donotanswer": 8, "harmbench": 8}, "none", 0.0, -0.4),
+    # A second held-out round, generated after the first held-out sources had been measured (README).
+    ("smol-cautious-greedy", "smollm2-135m", {"harmbench": 20, "overrefusal": 20, "premise": 20}, "cautious", 0.0,
+     None),
+    ("smol-steer-mild-refuse", "smollm2-135m", {"donotanswer": 30, "premise": 20}, "none", 0.0, 0.4),
+    ("qwen-terse-t0.5", "qwen2.5-coder-0.5b", {"donotanswer": 20}, "terse", 0.5, None),
 ]
 V2_MAX_NEW_TOKENS = 48
 V2_BATCH_SIZE = 20  # larger batches: more tokens per second on a shared CPU
