@@ -106,7 +106,7 @@ def fit(rows: Sequence[dict], options: dict[str, Any] | None = None) -> dict[str
         data += list(v.values())
         indptr.append(len(cols))
     x = csr_matrix((data, cols, indptr), shape=(n, len(names)))
-    model = LogisticRegression(C=options["C"], max_iter=3000)
+    model = LogisticRegression(C=options["C"], solver="newton-cg", max_iter=200)
     model.fit(x, [r["label"] for r in rows])
     return {"version": VERSION, "options": options, "classes": list(model.classes_), "features": names,
             "idf": [round(idf.get(name, 0.0), 5) for name in names],

@@ -204,7 +204,7 @@ GROUP_TERM = phrases(
 
 # Offering part of the content after a refusal: "However, I can provide general information…", "That said,".
 PARTIAL_OFFER = phrases(
-    r"(?:however|but|that said),? (?:i can|i'?d be happy to|here(?:'s| is| are))",
+    r"(?:however|but|that said),? (?:i can\b(?!'t)|i'?d be happy to|here(?:'s| is| are))",
     r"that said,",
     r"i can (?:provide|give|offer|share|tell you|explain) (?:you )?(?:some )?(?:general|basic|high-level) ",
 )
