@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 
 from torsion.errors import TorsionError
 from torsion.judge.base import JUDGE_ERROR, LABEL_SCORES, Judge, Verdict, is_complied, is_refused
-from torsion.judge.correction import correct_false_positives
+from torsion.judge.correction import correct_false_positives, row_correction
 from torsion.judge.learned import EnsembleJudge, LearnedJudge
 from torsion.judge.llm import LLMJudge
 from torsion.judge.rules import RuleJudge
@@ -88,8 +88,9 @@ LABEL_STAGES: tuple[str, ...] = ("vectors", "rotation", "propagation", "random_c
 def rejudge_run(run_dir: str | Path, judge: Judge) -> dict[str, Any]:
     """Re-label a run's ``responses.jsonl`` with ``judge``, keeping each old label beside the new one.
 
-    Each row's old ``judge``, ``label``, ``score`` and ``reasons`` are appended to its ``previous`` list
-    (a row already labelled by this judge is left as it is). The file is replaced atomically; the
+    Each row's old ``judge``, ``label``, ``score``, ``reasons`` and ``correction`` are appended to its
+    ``previous`` list and the false-positive correction is recomputed for the new label (a row already
+    labelled by this judge is left as it is). The file is replaced atomically; the
     manifest records ``judge_version`` and a ``rejudged`` entry, and the stages that read labels
     (``LABEL_STAGES``) are marked not done, so ``torsion run`` refits them from the new labels.
     Returns ``{"rows", "changed", "judge", "invalidated"}``.
@@ -110,10 +111,12 @@ def rejudge_run(run_dir: str | Path, judge: Judge) -> dict[str, Any]:
     verdicts = judge.judge([prompts[row["id"]] for row in pending], [row["response"] for row in pending])
     changed = 0
     for row, verdict in zip(pending, verdicts, strict=True):
-        old = {key: row.get(key) for key in ("judge", "label", "score", "reasons")}
+        old = {key: row.get(key) for key in ("judge", "label", "score", "reasons", "correction")}
         row["previous"] = [*row.get("previous", []), old]
         changed += verdict.label != old["label"]
-        row.update(label=verdict.label, score=verdict.score, judge=verdict.judge, reasons=list(verdict.reasons))
+        prompt = prompts[row["id"]]
+        row.update(label=verdict.label, score=verdict.score, judge=verdict.judge, reasons=list(verdict.reasons),
+                   correction=row_correction(prompt, row["response"], verdict.score))
     atomic_write_text(run.responses_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     history = run.manifest().get("rejudged", [])
     history.append({"judge": judge.name, "rows": len(pending), "changed": changed,
