@@ -12,7 +12,7 @@ The fixture was generated with ``torsion.data`` at commit 91ca8e1 (176 shipped n
 prompts). The neutral set has grown since, so a fresh draw now picks some different neutral
 prompts; ``--prompts-from`` regenerates exactly the fixture's (model, prompt) pairs instead.
 
-``--v2`` generates the 500 rows added for labelled set v2 instead (``V2_CONDITIONS``): the two
+``--v2`` generates the 610 rows added for labelled set v2 instead (``V2_CONDITIONS``): the two
 models under refusal steering (a mean-difference vector fitted on the fixture's own hand labels,
 ``α`` positive toward refusal and negative toward compliance), under system prompts and sampling
 temperatures, on the shipped neutral set, on DoNotAnswer/HarmBench, and on two prompt sets written
