@@ -89,6 +89,18 @@ def test_shipped_weights_are_trained_on_the_fixture():
     assert all(v.reasons[-1].startswith("p=") for v in verdicts)
 
 
+def test_bad_labelled_files_name_the_fix(tmp_path):
+    with pytest.raises(TorsionError, match="does not exist"):
+        train_file(tmp_path / "missing.jsonl", tmp_path / "m.json")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "response": "r", "label": "strong_comply"}\n{not json\n')
+    with pytest.raises(TorsionError, match="line 2"):
+        train_file(bad, tmp_path / "m.json")
+    bad.write_text('{"prompt": "p", "response": "r", "label": "refuse"}\n')
+    with pytest.raises(TorsionError, match="row 1 .* needs 'prompt', 'response' and a label"):
+        train_file(bad, tmp_path / "m.json")
+
+
 def test_bad_weights_name_the_fix(tmp_path):
     with pytest.raises(TorsionError, match="torsion judge train"):
         get_judge("learned", weights=tmp_path / "missing.json")

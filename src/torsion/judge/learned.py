@@ -204,7 +204,12 @@ def load_model_file(path: str | Path | None = None) -> dict[str, Any]:
 
 def read_labelled(path: str | Path) -> list[dict]:
     """Rows of a labelled JSONL file; each needs ``prompt``, ``response`` and a known ``label``."""
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    from torsion.store import read_jsonl
+
+    if not Path(path).is_file():
+        raise TorsionError(f"{path} does not exist; pass the labelled JSONL file (tests/fixtures/labelled/"
+                           "responses.jsonl)")
+    rows = read_jsonl(Path(path), last_line=True)
     for number, row in enumerate(rows, start=1):
         if not (isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str)
                 and row.get("label") in LABEL_SCORES):
