@@ -6,14 +6,16 @@ bin's centroid about the train mean): at pool sizes ``n`` geometric from ``m`` t
 subsample's estimate and the full pool's. The curve is fitted by ``k / n^a + floor`` with
 ``k, a, floor ≥ 0``; the floor is structural instability, ``k / n^a`` volume instability.
 
-A subsample is a pair of 0/1 indicator rows over the prompts, so the ``B`` estimates of a size
-are one matrix product (:func:`torsion.analysis.rotation.batched_mean_difference`'s machinery),
-never a Python loop over draws.
+A subsample is a weight row over the prompts (an indicator scaled by ``1/n``), so the ``B``
+estimates of a size are weights times the activations; their norms and their angles to the
+full estimate are forms in the rows' Gram matrix, computed once per component, never a
+Python loop over draws.
 
 Example::
 
     sizes = pool_sizes(120, m=5)                            # 8 sizes, 5 … 120
-    angles = subsample_angles(x, refused_rows, complied_rows, sizes, B=200, seed=0)  # [8, 200, n_layers]
+    gram = centred_gram(x)                                  # [n_layers, n_prompts, n_prompts]
+    angles = subsample_angles(gram, refused_rows, complied_rows, sizes, B=200, seed=0)  # [8, 200, n_layers]
     fit = fit_learning_curve(sizes, angles.mean(1)[:, 12].numpy())
 """
 
@@ -26,12 +28,10 @@ import torch
 from scipy.optimize import least_squares
 from torch import Tensor
 
-from torsion.analysis.rotation import _map_mean_differences
 from torsion.errors import TorsionError
-from torsion.geometry import angle_deg
+from torsion.geometry import angle_from_cosine
 
 A_MAX = 4.0  # upper bound of the exponent a (a >= 0; the bound keeps the fit finite and is recorded)
-A_GRID = np.linspace(0.0, A_MAX, 801)  # the profile fit's grid of a (step 0.005)
 MIN_FIT_SIZES = 4  # distinct sizes below N needed to fit three parameters
 
 
@@ -55,59 +55,73 @@ def proportional_split(n: int, n_first: int, n_second: int) -> tuple[int, int]:
     return first, second
 
 
-def subsample_indicators(rows: Tensor, n_prompts: int, size: int, draws: int,
-                         generator: torch.Generator) -> Tensor:
-    """``[draws, n_prompts]`` 0/1 rows: each picks ``size`` of ``rows`` (prompt indices) without replacement.
+def centred_gram(x: Tensor) -> Tensor:
+    """Inner products of the rows about their mean, per layer: ``[n_prompts, n_layers, d_model]`` → ``[n_layers, n, n]``.
 
-    Draw: ``argsort(torch.rand([draws, len(rows)], dtype=float64))[:, :size]`` from ``generator``.
+    float64. Every estimate of this module is a weighted sum of these centred rows (a
+    two-class vector's weights sum to zero, so the origin cancels; a knot is taken about the
+    train mean, which is this mean), so its norm and its dot product with another estimate are
+    forms in this matrix: no ``d_model``-sized vector is formed per draw.
     """
-    order = torch.argsort(torch.rand(draws, len(rows), generator=generator, dtype=torch.float64), dim=1)
-    return torch.zeros(draws, n_prompts).scatter_(1, rows[order[:, :size]], 1.0)
+    rows = x.double() - x.double().mean(0)
+    by_layer = rows.transpose(0, 1)  # [n_layers, n, d_model]
+    return by_layer @ by_layer.transpose(-1, -2)
 
 
-def subsample_angles(x: Tensor, first_rows: Sequence[int], second_rows: Sequence[int], sizes: Sequence[int], *,
-                     B: int, seed: int, resample_second: bool = True) -> tuple[Tensor, Tensor]:
+def subsample_angles(gram: Tensor, first_rows: Sequence[int], second_rows: Sequence[int], sizes: Sequence[int], *,
+                     B: int, seed: int, resample_second: bool = True) -> Tensor:
     """Angles between subsample estimates and the full-pool estimate, per size, draw and layer.
 
-    The estimate is ``mean(x[first]) − mean(x[second])``:
+    - two-class vector (``resample_second=True``): ``mean(x[first]) − mean(x[second])``, first =
+      refused, second = complied; a size ``n`` counts both classes, split by
+      :func:`proportional_split`;
+    - knot (``resample_second=False``): ``mean(x[first]) − mean(x)``, the bin's centroid about
+      the mean of the rows ``gram`` was built from (the train mean); ``second_rows`` is unused
+      and only the bin is subsampled, at ``n`` rows.
 
-    - two-class vector (``resample_second=True``): first = refused, second = complied; a size
-      ``n`` counts both classes, split by :func:`proportional_split`;
-    - knot (``resample_second=False``): first = the bin's rows, second = the train rows whose
-      mean is the origin; only the bin is subsampled, at ``n`` rows.
-
-    A size equal to the pool is the full pool: its angles are 0 by construction and are not
-    drawn. Draws come from ``torch.Generator().manual_seed(seed)``, size by size, first class
-    then second.
+    A draw is a weight row (an indicator over the pool scaled by ``1/n`` per class), so the
+    ``B`` estimates' squared norms are ``w G w`` and their dots with the full estimate ``w G
+    w_full``, batched over draws and layers. A size equal to the pool is the full pool: its
+    angles are 0 by construction and are not drawn. Draws: ``torch.Generator().manual_seed(seed)``,
+    size by size, ``argsort(torch.rand([B, n_class], dtype=float64))[:, :n_class_size]`` for
+    the first class, then the second.
 
     Args:
-        x: ``[n_prompts, n_layers, d_model]``.
+        gram: ``[n_layers, n_prompts, n_prompts]`` from :func:`centred_gram`.
 
     Returns:
-        ``[n_sizes, B, n_layers]`` float64 angles in degrees, and the full-pool estimate
-        ``[n_layers, d_model]``.
+        ``[n_sizes, B, n_layers]`` float64 angles in degrees.
     """
     first = torch.as_tensor(list(first_rows), dtype=torch.long)
-    second = torch.as_tensor(list(second_rows), dtype=torch.long)
-    n_prompts, n_layers, _ = x.shape
-    full_first = torch.zeros(1, n_prompts).index_fill_(1, first, 1.0)
-    full_second = torch.zeros(1, n_prompts).index_fill_(1, second, 1.0)
-    full = _map_mean_differences(x, full_first, full_second, lambda v: v)[0]  # [n_layers, d_model]
-    n_pool = len(first) + (len(second) if resample_second else 0)
+    second = torch.as_tensor(list(second_rows) if resample_second else [], dtype=torch.long)
+    pool = torch.cat([first, second])
+    pool_gram = gram[:, pool][:, :, pool]  # [n_layers, n_pool, n_pool]
+    n_first, n_pool = len(first), len(pool)
+    full = torch.cat([torch.full((n_first,), 1.0 / n_first, dtype=torch.float64),
+                      torch.full((n_pool - n_first,), -1.0 / max(n_pool - n_first, 1), dtype=torch.float64)])
+    projections = pool_gram @ full  # [n_layers, n_pool]: each row's dot with the full estimate
+    full_norm = (projections @ full).clamp_min(0).sqrt()  # [n_layers]
     generator = torch.Generator().manual_seed(seed)
-    angles = torch.zeros(len(sizes), B, n_layers, dtype=torch.float64)
+    angles = torch.zeros(len(sizes), B, gram.shape[0], dtype=torch.float64)
     for index, size in enumerate(sizes):
         if size >= n_pool:
             continue  # the full pool: every draw is the full estimate
-        if resample_second:
-            n_first, n_second = proportional_split(size, len(first), len(second))
-            first_weights = subsample_indicators(first, n_prompts, n_first, B, generator)
-            second_weights = subsample_indicators(second, n_prompts, n_second, B, generator)
-        else:
-            first_weights = subsample_indicators(first, n_prompts, size, B, generator)
-            second_weights = full_second.expand(B, -1)
-        angles[index] = _map_mean_differences(x, first_weights, second_weights, lambda v: angle_deg(v, full))
-    return angles, full
+        counts = proportional_split(size, n_first, n_pool - n_first) if resample_second else (size, 0)
+        weights = torch.cat([_draw_weights(n_first, counts[0], B, generator),
+                             -_draw_weights(n_pool - n_first, counts[1], B, generator)], dim=1)  # [B, n_pool]
+        dots = weights @ projections.T  # [B, n_layers]
+        norms = ((weights[None] @ pool_gram) * weights[None]).sum(-1).T.clamp_min(0).sqrt()  # [B, n_layers]
+        angles[index] = angle_from_cosine(dots / (norms * full_norm).clamp_min(1e-300))
+    return angles
+
+
+def _draw_weights(n_rows: int, size: int, draws: int, generator: torch.Generator) -> Tensor:
+    """``[draws, n_rows]`` float64: ``1/size`` on ``size`` rows drawn without replacement, else 0."""
+    if size == 0:
+        return torch.zeros(draws, n_rows, dtype=torch.float64)
+    order = torch.argsort(torch.rand(draws, n_rows, generator=generator, dtype=torch.float64), dim=1)
+    weights = torch.zeros(draws, n_rows, dtype=torch.float64)
+    return weights.scatter_(1, order[:, :size], 1.0 / size)
 
 
 def profile_fit(sizes: Sequence[int], instability: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -115,7 +129,8 @@ def profile_fit(sizes: Sequence[int], instability: np.ndarray) -> tuple[np.ndarr
 
     For fixed ``a`` the model is linear in ``(k, floor)``, and the non-negative least-squares
     solution is the unconstrained one when feasible, else the better of the two edges
-    (``k = 0`` or ``floor = 0``). ``a`` is the best point of ``A_GRID``. Used for bootstrap
+    (``k = 0`` or ``floor = 0``). ``a`` is searched on a grid of step ``A_MAX / 80``, then
+    refined on a grid of step ``A_MAX / 1600`` around the best point. Used for bootstrap
     replicates (thousands of fits at once) and as the start of :func:`fit_learning_curve`.
 
     Args:
@@ -128,29 +143,38 @@ def profile_fit(sizes: Sequence[int], instability: np.ndarray) -> tuple[np.ndarr
     n = np.asarray(sizes, dtype=np.float64)
     y = np.asarray(instability, dtype=np.float64)
     batch_shape, y = y.shape[:-1], y.reshape(-1, len(n))  # [M, S]
-    x = n[None, :] ** -A_GRID[:, None]  # [G, S]
-    x_mean, y_mean = x.mean(1), y.mean(1)  # [G], [M]
-    x_var = ((x - x_mean[:, None]) ** 2).mean(1)  # [G]
-    y_var = ((y - y_mean[:, None]) ** 2).mean(1)  # [M]
-    cov = (y - y_mean[:, None]) @ (x - x_mean[:, None]).T / len(n)  # [M, G]
-    safe_var = np.where(x_var > 1e-15, x_var, np.inf)
-    k_free = cov / safe_var
-    floor_free = y_mean[:, None] - k_free * x_mean[None, :]
-    sse_free = len(n) * (y_var[:, None] - cov * k_free)
-    sse_free = np.where((k_free >= 0) & (floor_free >= 0) & (x_var > 1e-15), sse_free, np.inf)
-    floor_only = np.maximum(y_mean, 0.0)[:, None] * np.ones_like(cov)  # k = 0
-    sse_floor_only = ((y - floor_only[:, :1]) ** 2).sum(1)[:, None] * np.ones_like(cov)
-    xy, xx, yy = y @ x.T, (x**2).sum(1), (y**2).sum(1)  # [M, G], [G], [M]
-    k_only = np.maximum(xy / xx, 0.0)  # floor = 0
-    sse_k_only = yy[:, None] - 2 * k_only * xy + k_only**2 * xx
-    sse = np.stack([sse_free, sse_floor_only, sse_k_only])  # [3, M, G]
-    choice = sse.argmin(0)  # [M, G]
-    k = np.choose(choice, [k_free, np.zeros_like(cov), k_only])
-    floor = np.choose(choice, [floor_free, floor_only, np.zeros_like(cov)])
-    best = np.take_along_axis(sse, choice[None], 0)[0].argmin(1)  # [M]
+    _, a, _ = _best_on_grid(n, y, np.linspace(0.0, A_MAX, 81))
+    fine = np.clip(a[:, None] + np.linspace(-A_MAX / 80, A_MAX / 80, 41)[None], 0.0, A_MAX)
+    k, a, floor = _best_on_grid(n, y, fine)
+    return k.reshape(batch_shape), a.reshape(batch_shape), floor.reshape(batch_shape)
+
+
+def _best_on_grid(n: np.ndarray, y: np.ndarray, a_grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The best ``(k, a, floor)`` per curve of ``y`` ``[M, S]`` over a grid of ``a``: ``[G]`` shared, or ``[M, G]``."""
+    size = len(n)
+    x = n ** -a_grid[..., None]  # [G, S] or [M, G, S]
+    xy = y @ x.T if a_grid.ndim == 1 else np.einsum("mgs,ms->mg", x, y)  # [M, G]
+    x_sum, xx = x.sum(-1), (x**2).sum(-1)  # [G] or [M, G]
+    y_sum, yy = y.sum(-1)[:, None], (y**2).sum(-1)[:, None]  # [M, 1]
+    x_var = xx / size - (x_sum / size) ** 2
+    cov = xy / size - x_sum * y_sum / size**2  # [M, G]
+    varies = np.broadcast_to(x_var > 1e-12, cov.shape)
+    k_free = np.where(varies, cov / np.where(varies, x_var, 1.0), 0.0)
+    floor_free = (y_sum - k_free * x_sum) / size
+    sse_free = yy - y_sum**2 / size - k_free * cov * size  # S·(var_y − cov²/var_x)
+    sse_free = np.where(varies & (k_free >= 0) & (floor_free >= 0), sse_free, np.inf)
+    floor_only = np.maximum(y_sum / size, 0.0)  # the k = 0 edge, [M, 1]
+    sse_floor_only = yy - 2 * floor_only * y_sum + size * floor_only**2
+    k_only = np.maximum(xy / xx, 0.0)  # the floor = 0 edge
+    sse_k_only = yy - 2 * k_only * xy + k_only**2 * xx
+    use_free = sse_free <= np.minimum(sse_floor_only, sse_k_only)
+    use_k_only = ~use_free & (sse_k_only < sse_floor_only)
+    k = np.where(use_free, k_free, np.where(use_k_only, k_only, 0.0))
+    floor = np.where(use_free, floor_free, np.where(use_k_only, 0.0, floor_only))
+    best = np.minimum(sse_free, np.minimum(sse_floor_only, sse_k_only)).argmin(1)
     rows = np.arange(len(y))
-    return (k[rows, best].reshape(batch_shape), A_GRID[best].reshape(batch_shape),
-            floor[rows, best].reshape(batch_shape))
+    a_best = a_grid[best] if a_grid.ndim == 1 else a_grid[rows, best]
+    return k[rows, best], a_best, floor[rows, best]
 
 
 def fit_learning_curve(sizes: Sequence[int], instability: Sequence[float]) -> dict[str, float]:

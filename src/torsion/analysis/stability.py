@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from torsion.analysis.learning_curve import A_MAX, MIN_FIT_SIZES, learning_curve_entry, pool_sizes, subsample_angles
+from torsion.analysis.learning_curve import (A_MAX, MIN_FIT_SIZES, centred_gram, learning_curve_entry, pool_sizes,
+                                             subsample_angles)
 from torsion.capture import load_activations
 from torsion.conventions import COMPONENTS, LAYER_INDEXING
 from torsion.errors import TorsionError
@@ -63,23 +64,33 @@ def eta_squared(values: Tensor, groups: Sequence[str]) -> Tensor:
     return torch.where(total > 0, between / total.clamp_min(1e-300), 0.0).reshape(values.shape[1:])
 
 
-def first_pc_scores(x: Tensor) -> Tensor:
-    """Scores on the first principal component of ``x`` ``[n, n_layers, d_model]``, per layer: ``[n, n_layers]``.
+def first_pc_scores(gram: Tensor) -> Tensor:
+    """Scores on the first principal component of rows, per layer, from their Gram matrix.
 
-    The top eigenvector of the centred rows' ``n × n`` Gram matrix, per layer (the scores up
-    to a scale, which η² ignores).
+    Args:
+        gram: ``[n_layers, n, n]`` inner products of the rows (any origin: they are centred here).
+
+    Returns:
+        ``[n, n_layers]``: the top eigenvector of the centred Gram matrix per layer (the PC
+        scores up to a scale, which η² ignores). numpy's ``eigh`` on one BLAS thread, scoped
+        to the call: these matrices are small, and threads only stall on a shared CPU.
     """
-    centred = (x.double() - x.double().mean(0)).transpose(0, 1)  # [n_layers, n, d_model]
-    _, eigenvectors = torch.linalg.eigh(centred @ centred.transpose(-1, -2))
-    return eigenvectors[..., -1].T  # [n, n_layers]
+    from threadpoolctl import threadpool_limits
+
+    n = gram.shape[-1]
+    centring = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    centred = centring @ gram.double() @ centring
+    with threadpool_limits(1):
+        _, eigenvectors = np.linalg.eigh(centred.numpy())
+    return torch.from_numpy(eigenvectors[..., -1].T.copy())
 
 
-def bin_contamination(x: Tensor, bin_rows: Sequence[int], categories: Sequence[str], *, seed: int,
+def bin_contamination(gram: Tensor, bin_rows: Sequence[int], categories: Sequence[str], *, seed: int,
                       draws: int = SPREAD_DRAWS) -> dict[str, list[float | None]]:
     """The bin-contamination diagnostic, per layer.
 
     - ``spread_deg``: mean angle of the bin's rows to the bin's centroid, both about the mean of
-      all rows of ``x`` (the train mean);
+      all rows (the train mean);
     - ``spread_random_deg``: the same for ``draws`` random row sets of the bin's size drawn from
       all rows (``argsort(torch.rand(..., dtype=float64))`` from ``Generator().manual_seed(seed)``);
       a bin no tighter than random rows does not cluster;
@@ -87,26 +98,27 @@ def bin_contamination(x: Tensor, bin_rows: Sequence[int], categories: Sequence[s
       bin holds one category).
 
     Args:
-        x: ``[n_prompts, n_layers, d_model]``, every train row (the origin is their mean).
+        gram: ``[n_layers, n_prompts, n_prompts]`` from :func:`~torsion.analysis.learning_curve.centred_gram`
+            over every train row.
         categories: ``[n_prompts]``.
     """
-    about = x.double() - x.double().mean(0)  # [n, n_layers, d_model]
     rows = torch.as_tensor(list(bin_rows), dtype=torch.long)
+    n_prompts = gram.shape[-1]
     generator = torch.Generator().manual_seed(seed)
-    order = torch.argsort(torch.rand(draws, len(x), generator=generator, dtype=torch.float64), dim=1)
-    members = torch.zeros(draws + 1, len(x), dtype=torch.float64)
+    order = torch.argsort(torch.rand(draws, n_prompts, generator=generator, dtype=torch.float64), dim=1)
+    members = torch.zeros(draws + 1, n_prompts, dtype=torch.float64)
     members[0, rows] = 1.0
     members[1:].scatter_(1, order[:, : len(rows)], 1.0)  # [1 + draws, n]
-    centroids = torch.einsum("pn,nld->pld", members, about) / len(rows)
-    dots = torch.einsum("nld,pld->pnl", about, centroids)
-    norms = torch.linalg.vector_norm(about, dim=-1)[None] * torch.linalg.vector_norm(centroids, dim=-1)[:, None]
-    angles = angle_from_cosine(dots / norms.clamp_min(1e-300))  # [1 + draws, n, n_layers]
-    spread = (angles * members[..., None]).sum(1) / len(rows)  # [1 + draws, n_layers]
+    dots = members[None] @ gram  # [n_layers, 1 + draws, n]: each row's dot with each set's (summed) centroid
+    centroid_norms = (dots * members[None]).sum(-1).clamp_min(0).sqrt()  # [n_layers, 1 + draws]
+    row_norms = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()  # [n_layers, n]
+    cosines = dots / (centroid_norms[..., None] * row_norms[:, None, :]).clamp_min(1e-300)
+    spread = (angle_from_cosine(cosines) * members[None]).sum(-1) / len(rows)  # [n_layers, 1 + draws]
     bin_categories = [categories[i] for i in bin_rows]
-    eta2: list[float | None] = [None] * x.shape[1]
+    eta2: list[float | None] = [None] * gram.shape[0]
     if len(set(bin_categories)) > 1:
-        eta2 = eta_squared(first_pc_scores(x[rows]), bin_categories).tolist()
-    return {"spread_deg": spread[0].tolist(), "spread_random_deg": spread[1:].mean(0).tolist(),
+        eta2 = eta_squared(first_pc_scores(gram[:, rows][:, :, rows]), bin_categories).tolist()
+    return {"spread_deg": spread[:, 0].tolist(), "spread_random_deg": spread[:, 1:].mean(1).tolist(),
             "eta2_category": eta2}
 
 
@@ -175,16 +187,17 @@ def analyze_stability(activations: Mapping[str, Tensor], scores: Sequence[float 
     entries: list[dict[str, Any]] = []
     for component in (c for c in COMPONENTS if c in activations):
         x = activations[component]
+        gram = centred_gram(x)  # [n_layers, n_prompts, n_prompts]
         for kind, name, first, second, anchor in pools:
             is_knot = second is None
             n_pool = len(first) + (0 if is_knot else len(second))
             sizes = pool_sizes(n_pool, m=m, n_sizes=n_sizes)
             entry_seed = _entry_seed(seed, kind, name, component)
-            angles, _ = subsample_angles(x, first, range(n_prompts) if is_knot else second, sizes, B=B,
-                                         seed=entry_seed, resample_second=not is_knot)
+            angles = subsample_angles(gram, first, second or [], sizes, B=B, seed=entry_seed,
+                                      resample_second=not is_knot)
             per_block = learning_curve_entry(sizes, angles.numpy(), n_replicates=n_replicates, seed=entry_seed,
                                              threshold_deg=threshold_deg)
-            extra = bin_contamination(x, first, categories, seed=entry_seed) if is_knot else {}
+            extra = bin_contamination(gram, first, categories, seed=entry_seed) if is_knot else {}
             for block, curve in enumerate(per_block):
                 entry = {"kind": kind, "name": name, "block": block, "component": component, "n_pool": n_pool,
                          **curve}
