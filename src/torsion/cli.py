@@ -253,26 +253,39 @@ def build_parser() -> argparse.ArgumentParser:
         "per-category vectors. arditi: ablate the refusal direction on held-out harmful prompts and add "
         "it on neutral ones. asymmetry (after `torsion optimize` with both objectives): the write-up's "
         "refuse/comply asymmetry table, and dense (every block) against flat top-k steering at matched KL. "
+        "motion: an alpha sweep of the flat method on held-out prompts, with the orthogonal fraction of the "
+        "decoding-time shift against the steered and readout axes (also analysis/motion.safetensors). hedge: "
+        "the hedge's position t and bow on the refuse-to-comply segment, with its on-line null. stability: "
+        "learning curves k/n^a + floor of every MD vector and behaviour-bin knot. "
         "Each writes analysis/<name>.json.")
     analyze.add_argument("name", choices=["rotation", "propagation", "random-control", "categories", "arditi",
-                                          "asymmetry"])
+                                          "asymmetry", "motion", "hedge", "stability"])
     analyze.add_argument("run_dir", type=run_directory, help="a directory made by `torsion run`")
     _add_model_options(analyze)
     analyze.add_argument("--layers", type=block_index, nargs="+", default=None,
-                         help="source layers (propagation), steered layers (random-control), averaged layers "
-                         "(categories); default: 4 evenly spaced blocks in the back half")
+                         help="source layers (propagation), steered layers (random-control, motion, hedge), averaged "
+                         "layers (categories); default: 4 evenly spaced blocks in the back half")
     analyze.add_argument("--component", default="resid", choices=["resid", "attn", "mlp"])
     analyze.add_argument("--alpha", type=finite_float, nargs="+", default=None,
                          help="steering strength on the run's MD vector (default -1 for propagation, 1 otherwise); "
-                         "arditi takes several (a dose-response of the addition)")
+                         "arditi takes several (a dose-response of the addition); motion and hedge take a sweep "
+                         "(default -1 -2 -3 -4)")
     analyze.add_argument("--n-prompts", type=positive_int, default=None,
-                         help="prompts used by the causal analyses (default 16 propagation, 32 random-control and "
-                         "asymmetry, 48 arditi)")
-    analyze.add_argument("--n-random", type=positive_int, default=50, help="random directions (random-control)")
-    analyze.add_argument("--bootstrap", type=positive_int, default=1000, help="prompt-bootstrap resamples (rotation)")
+                         help="prompts used by the causal analyses (default 16 propagation, motion and hedge, 32 "
+                         "random-control and asymmetry, 48 arditi)")
+    analyze.add_argument("--n-random", type=positive_int, default=50,
+                         help="random directions (random-control; hedge's causal test)")
+    analyze.add_argument("--bootstrap", type=positive_int, default=1000,
+                         help="prompt-bootstrap resamples (rotation, motion, hedge)")
     analyze.add_argument("--permutations", type=positive_int, default=200,
-                         help="shuffled-label permutations (rotation)")
+                         help="shuffled-label permutations (rotation); null draws (hedge)")
     analyze.add_argument("--split-halves", type=positive_int, default=50, help="split-half repetitions (rotation)")
+    analyze.add_argument("--readout-blocks", type=block_index, nargs="+", default=None,
+                         help="motion, hedge: blocks read while decoding (default: first steered block + 1 "
+                         "to the last)")
+    analyze.add_argument("--k", type=positive_int, default=8, help="motion, hedge: generated tokens averaged (default 8)")
+    analyze.add_argument("--subsamples", type=positive_int, default=200,
+                         help="stability: subsamples per pool size (default 200)")
     analyze.add_argument("--scope", default="global", type=nonempty_text,
                          help="asymmetry: which searches, global (default) or a category name")
     analyze.add_argument("--seed", type=seed_int, default=None, help="default: the run's seed (manifest.json)")

@@ -222,9 +222,19 @@ def analyze(args: argparse.Namespace) -> int:
         from torsion.analysis.categories import run_categories
 
         result = run_categories(run_dir, component=args.component, layers=args.layers)
+    elif args.name == "stability":
+        from torsion.analysis.stability import run_stability
+
+        result = run_stability(run_dir, B=args.subsamples, seed=seed or 0)
     else:
         from torsion.models import load_model
 
+        if args.name in ("motion", "hedge"):  # bad K or blocks fail before a model is loaded
+            from torsion.analysis.motion_run import require_vectors
+            from torsion.decoding_capture import check_readout
+
+            check_readout(args.readout_blocks, k=args.k, steered_blocks=args.layers or ())
+            require_vectors(run_dir)
         if args.name == "asymmetry":  # both searches must exist before a model is loaded
             from torsion.optimize import load_result
 
@@ -253,6 +263,13 @@ def analyze(args: argparse.Namespace) -> int:
 
             result = run_asymmetry(run_dir, lm, scope=args.scope, n_neutral=_or_default(args.n_prompts, 32),
                                    log=lambda message: print(message, file=sys.stderr))
+        elif args.name in ("motion", "hedge"):
+            from torsion.analysis.motion_run import run_hedge, run_motion
+
+            options = {"alphas": args.alpha, "layers": args.layers, "readout_blocks": args.readout_blocks,
+                       "k": args.k, "n_prompts": args.n_prompts or 16, "seed": seed or 0, "B": args.bootstrap}
+            result = (run_motion(run_dir, lm, **options) if args.name == "motion"
+                      else run_hedge(run_dir, lm, P=args.permutations, **options))
         else:
             from torsion.analysis.arditi import run_arditi
 

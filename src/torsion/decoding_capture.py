@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,13 +42,17 @@ from torsion.tensorfile import RowWriter
 DEFAULT_K = 8
 
 
-def check_readout(readout_blocks: Sequence[int], *, k: int, n_layers: int, steered_blocks: Sequence[int] = ()) -> None:
-    """One-line errors for ``K < 1``, blocks out of range, or a readout block before the first steered block."""
+def check_readout(readout_blocks: Sequence[int] | None, *, k: int, n_layers: int | None = None,
+                  steered_blocks: Sequence[int] = ()) -> None:
+    """One-line errors for ``K < 1``, no or out-of-range readout blocks, or a readout block before the
+    first steered block. ``None`` blocks (a default still to be chosen) and ``n_layers`` skip their checks."""
     if k < 1:
         raise TorsionError(f"K={k}: the generated position averages the first K generated tokens; use K >= 1")
+    if readout_blocks is None:
+        return
     if not readout_blocks:
         raise TorsionError("no readout block given; pass at least one block index")
-    bad = [b for b in readout_blocks if not 0 <= b < n_layers]
+    bad = [b for b in readout_blocks if n_layers is not None and not 0 <= b < n_layers]
     if bad:
         raise TorsionError(f"readout block(s) {bad} out of range; the model has blocks 0..{n_layers - 1}")
     if steered_blocks and min(readout_blocks) < min(steered_blocks):
@@ -164,7 +169,11 @@ def capture_generation_to_file(lm: LoadedModel, prompts: Sequence[str], path: Pa
     meta = {"layer_indexing": LAYER_INDEXING, "component": "resid", "positions": "last,generated",
             "readout_blocks": ",".join(map(str, readout_blocks)), "k": str(k), "model_id": lm.model_id,
             "max_new_tokens": str(settings.max_new_tokens), "dtype": "float32", **(metadata or {})}
+    meta["prompts_sha256"] = hashlib.sha256("\x00".join(prompts).encode()).hexdigest()
     shapes = {"last/resid": shape, "generated/resid": shape, "generated_count": (n, 1)}
+    if path.is_file() and _metadata(path) != meta:  # made with other prompts or settings: redo
+        path.unlink()
+        responses_path.unlink(missing_ok=True)
     if not path.is_file():
         with RowWriter(path, shapes, meta) as writer:
             done = {row["row"]: row["response"] for row in read_jsonl(responses_path)}
@@ -182,6 +191,13 @@ def capture_generation_to_file(lm: LoadedModel, prompts: Sequence[str], path: Pa
     tensors = _load(path)
     done = {row["row"]: row["response"] for row in read_jsonl(responses_path)}
     return tensors, [done[i] for i in range(n)]
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
 
 
 def _load(path: Path) -> dict[str, Tensor]:

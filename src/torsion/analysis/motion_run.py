@@ -1,0 +1,200 @@
+"""``torsion analyze motion`` and ``torsion analyze hedge`` on a run directory.
+
+Both read one α sweep of the flat method (``α · v_l`` on the run's MD vectors at the steered
+blocks) on held-out harmful prompts, with decoding-time capture at the readout blocks
+(:mod:`torsion.decoding_capture`). The sweep's captures are files under ``RUN_DIR/motion/``
+(``unsteered.safetensors``, ``alpha_<α>.safetensors`` and their responses), so a killed sweep
+resumes and the second command reuses the first one's generations.
+
+Example::
+
+    result = run_motion("runs/quick", lm, alphas=[-1, -2, -4], n_prompts=32)
+    result["alphas"]["-2.0"]["blocks"]["18"]["generated"]["orthogonal_fraction_steered_axis"]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from torsion.analysis.hedge import LABEL_GROUPS, MIN_GROUP, hedge_geometry_test
+from torsion.analysis.motion import compliance_destination, motion_stats
+from torsion.analysis.propagation import run_vector, split_prompts
+from torsion.behaviour import class_rates
+from torsion.conventions import LAYER_INDEXING
+from torsion.decoding_capture import DEFAULT_K, capture_generation_to_file, check_readout
+from torsion.errors import TorsionError
+from torsion.generate import GenerationSettings
+from torsion.judge import get_judge
+from torsion.judge.base import is_complied
+from torsion.models import LoadedModel
+from torsion.steer import add_steering
+from torsion.store import RunDir, atomic_write_bytes, atomic_write_json
+from torsion.vectors import load_vectors
+
+SCHEMA_VERSION = 1
+DEFAULT_ALPHAS = (-1.0, -2.0, -3.0, -4.0)  # the comply search's range (-4 … 0) on the MD vectors
+POSITIONS = ("last", "generated")
+
+
+def require_vectors(run_dir: Path) -> None:
+    """A one-line error unless the run has its vectors (the sweep steers with ``md/resid``)."""
+    path = RunDir(run_dir).vectors_path
+    if not path.is_file():
+        raise TorsionError(f"{path} does not exist; finish the run's vectors stage (`torsion run` on "
+                           "the same directory) before the motion or hedge analysis")
+
+
+def sweep(run_dir: Path, lm: LoadedModel, *, alphas: Sequence[float] | None = None,
+          layers: Sequence[int] | None = None, readout_blocks: Sequence[int] | None = None, k: int = DEFAULT_K,
+          n_prompts: int = 16, positions: str = "all", max_new_tokens: int = 24, batch_size: int = 8,
+          seed: int = 0) -> dict[str, Any]:
+    """Generate the unsteered run and each ``α`` with decoding-time capture; judge every response.
+
+    Defaults: ``alphas`` :data:`DEFAULT_ALPHAS`; ``layers`` the flat method's top-4 blocks by
+    train-split AUC (:func:`torsion.selection.select_layers`); readout blocks every block from
+    the first steered block + 1 to the last. Prompts: a seeded sample of the holdout split.
+
+    Returns the settings, the axes ``[n_layers, d_model]`` (the run's ``md/resid``), and per arm
+    (``"unsteered"`` and each ``α``) its tensors, responses, labels and steering record.
+    """
+    from torsion.selection import select_layers
+
+    run = RunDir(run_dir)
+    require_vectors(run.root)
+    axes = run_vector(load_vectors(run.vectors_path, d_model=lm.d_model), "md/resid")  # [n_layers, d_model]
+    steered = sorted(int(b) for b in (layers or select_layers(run.root, key="md/resid", k=4)["layers"]))
+    readout = sorted(int(b) for b in readout_blocks) if readout_blocks else list(range(steered[0] + 1, lm.n_layers))
+    readout = readout or [lm.n_layers - 1]
+    check_readout(readout, k=k, n_layers=lm.n_layers, steered_blocks=steered)
+    alphas = [float(a) for a in (alphas or DEFAULT_ALPHAS)]
+    if 0.0 in alphas:
+        raise TorsionError("alpha 0 is the unsteered arm, which the sweep always runs; drop 0 from --alpha")
+    prompts = split_prompts(run, "holdout", n_prompts, seed)
+    settings = GenerationSettings(max_new_tokens=max(max_new_tokens, k + 1), batch_size=batch_size)
+    judge = get_judge("rules")
+    tag = {"readout_blocks": ",".join(map(str, readout)), "steered_blocks": ",".join(map(str, steered)),
+           "positions_steered": positions, "n_prompts": str(len(prompts)), "seed": str(seed)}
+    arms: dict[str, Any] = {}
+    for alpha in [None, *alphas]:
+        name = "unsteered" if alpha is None else str(alpha)
+        steer = None if alpha is None else (
+            lambda alpha=alpha: add_steering(lm, axes, layers=steered, alpha=alpha, positions=positions))
+        path = run.root / "motion" / ("unsteered.safetensors" if alpha is None else f"alpha_{alpha:g}.safetensors")
+        tensors, responses = capture_generation_to_file(
+            lm, prompts, path, readout_blocks=readout, k=k, settings=settings, steer=steer, steered_blocks=steered,
+            metadata={**tag, "alpha": name})
+        labels = [v.label for v in judge.judge(prompts, responses)]
+        record = None
+        if steer is not None:
+            with steer() as applied:
+                record = applied.conventions()
+        arms[name] = {"tensors": tensors, "responses": responses, "labels": labels, "steering": record}
+    return {"prompts": prompts, "alphas": alphas, "steered_blocks": steered, "readout_blocks": readout, "k": k,
+            "axes": axes, "arms": arms, "judge": judge.name, "settings": settings, "positions": positions,
+            "seed": seed}
+
+
+def _states(arm: dict[str, Any], position: str) -> Tensor:
+    """``[n_prompts, n_readout, d_model]`` at ``last`` or ``generated``."""
+    return arm["tensors"][f"{position}/resid"]
+
+
+def _conventions(data: dict[str, Any]) -> dict[str, Any]:
+    return {"layer_indexing": LAYER_INDEXING, "component": "resid", "positions": list(POSITIONS),
+            "generated": f"mean resid over the first K = {data['k']} generated tokens, each read when fed back",
+            "vector": "md/resid", "steered_axis": f"block {data['steered_blocks'][0]} (the first steered block)",
+            "split": "holdout", "steering_positions": data["positions"], "judge": data["judge"],
+            "max_new_tokens": data["settings"].max_new_tokens, "interval": "basic bootstrap 95%, clipped to range"}
+
+
+def run_motion(run_dir: Path, lm: LoadedModel, *, B: int = 1000, **sweep_options: Any) -> dict[str, Any]:
+    """Orthogonal motion per ``α``, readout block and position: ``analysis/motion.json`` and ``motion.safetensors``.
+
+    ``motion.safetensors`` holds ``u/<alpha>/<block>`` (generated position), ``u_last/<alpha>/<block>``
+    (last position) and ``axis/<block>`` (the readout block's MD vector), each ``[d_model]``.
+    """
+    from safetensors.torch import save
+
+    run = RunDir(run_dir)
+    data = sweep(run.root, lm, **sweep_options)
+    base = data["arms"]["unsteered"]
+    axes, first = data["axes"], data["steered_blocks"][0]
+    tensors: dict[str, Tensor] = {f"axis/{b}": axes[b].float().contiguous() for b in data["readout_blocks"]}
+    result_alphas: dict[str, Any] = {}
+    for alpha in data["alphas"]:
+        arm = data["arms"][str(alpha)]
+        complied = torch.tensor([is_complied(_score(label)) for label in arm["labels"]])
+        blocks: dict[str, Any] = {}
+        for index, block in enumerate(data["readout_blocks"]):
+            entry: dict[str, Any] = {}
+            for position in POSITIONS:
+                steered, unsteered = _states(arm, position)[:, index], _states(base, position)[:, index]
+                valid = ~(steered.isnan().any(-1) | unsteered.isnan().any(-1))  # rows that produced tokens
+                if int(valid.sum()) < 2:
+                    entry[position] = {"n_prompts": int(valid.sum()), "note": "fewer than 2 prompts produced tokens"}
+                    continue
+                stats = motion_stats(steered[valid], unsteered[valid], axes[first], axes[block], B=B,
+                                     seed=data["seed"])
+                u = stats.pop("u")
+                tensors[f"{'u' if position == 'generated' else 'u_last'}/{alpha:g}/{block}"] = u.contiguous()
+                chosen = complied & valid
+                stats["compliance_destination_deg"] = (
+                    compliance_destination(steered[chosen], unsteered[valid], axes[block]) if chosen.any() else None)
+                stats["n_complied"] = int(chosen.sum())
+                entry[position] = stats
+            blocks[str(block)] = entry
+        result_alphas[f"{alpha:g}"] = {"steering": arm["steering"], "rates": _rates(data, arm), "blocks": blocks}
+    result = {"schema_version": SCHEMA_VERSION, "analysis": "motion", "conventions": _conventions(data),
+              "seed": data["seed"], "B": B, "k": data["k"], "n_prompts": len(data["prompts"]),
+              "steered_blocks": data["steered_blocks"], "readout_blocks": data["readout_blocks"],
+              "unsteered_rates": _rates(data, base), "alphas": result_alphas}
+    atomic_write_bytes(run.root / "analysis" / "motion.safetensors",
+                       save(tensors, metadata={"layer_indexing": LAYER_INDEXING, "component": "resid"}))
+    atomic_write_json(run.analysis_path("motion"), result)
+    return result
+
+
+def run_hedge(run_dir: Path, lm: LoadedModel, *, B: int = 1000, P: int = 1000, m: int = MIN_GROUP,
+              **sweep_options: Any) -> dict[str, Any]:
+    """Hedge geometry of the steered decoding-time states, pooled over the sweep: ``analysis/hedge.json``.
+
+    Groups come from the judge's label of each steered response (``LABEL_GROUPS``); the states
+    are the ``generated`` position at each readout block (rows that produced no token are left
+    out). The causal hedge test (steering along ``h − a``) is not run yet; ``causal_test`` says so.
+    """
+    run = RunDir(run_dir)
+    data = sweep(run.root, lm, **sweep_options)
+    arms = [data["arms"][str(alpha)] for alpha in data["alphas"]]
+    labels = [LABEL_GROUPS.get(label, "other") for arm in arms for label in arm["labels"]]
+    per_alpha = {f"{alpha:g}": {g: sum(LABEL_GROUPS.get(x) == g for x in data["arms"][str(alpha)]["labels"])
+                                for g in ("refused", "strong_comply", "hedge")} for alpha in data["alphas"]}
+    blocks: dict[str, Any] = {}
+    for index, block in enumerate(data["readout_blocks"]):
+        states = torch.cat([_states(arm, "generated")[:, index] for arm in arms])  # [n_alphas * n_prompts, d]
+        valid = ~states.isnan().any(-1)
+        groups = [g if ok else "no_tokens" for g, ok in zip(labels, valid.tolist())]
+        blocks[str(block)] = hedge_geometry_test(torch.nan_to_num(states), groups, B=B, P=P, m=m, seed=data["seed"])
+    result = {"schema_version": SCHEMA_VERSION, "analysis": "hedge", "conventions": _conventions(data),
+              "groups": {"a": "refused (strong or weak refuse)", "b": "strong_comply", "h": "hedge (weak_comply)"},
+              "pooled_over_alphas": [f"{a:g}" for a in data["alphas"]], "counts_per_alpha": per_alpha,
+              "seed": data["seed"], "B": B, "P": P, "m": m, "steered_blocks": data["steered_blocks"],
+              "blocks": blocks,
+              "causal_test": {"run": False, "note": "not implemented yet: steering along (h - a) against "
+                                                    "norm-matched random directions"}}
+    atomic_write_json(run.analysis_path("hedge"), result)
+    return result
+
+
+def _score(label: str) -> float | None:
+    from torsion.judge.base import LABEL_SCORES
+
+    return LABEL_SCORES.get(label)
+
+
+def _rates(data: dict[str, Any], arm: dict[str, Any]) -> dict[str, Any]:
+    rates = class_rates(data["prompts"], arm["responses"], arm["labels"])
+    return {name: rates[name] for name in ("refused", "complied", "strong_comply", "weak_comply", "degenerate")}

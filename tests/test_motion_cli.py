@@ -1,0 +1,64 @@
+"""`torsion analyze motion | hedge | stability` end to end on a tiny run, and their bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from torsion.analysis.motion import orthogonal_fraction
+from torsion.cli import main
+
+
+def test_motion_and_hedge_run_end_to_end_and_the_fraction_recomputes_from_the_file(tiny_run, capsys):
+    common = ["--layers", "1", "--readout-blocks", "1", "3", "--k", "2", "--n-prompts", "6", "--bootstrap", "50"]
+    assert main(["analyze", "motion", str(tiny_run), "--alpha", "-2", "-4", *common]) == 0
+    motion = json.loads((tiny_run / "analysis" / "motion.json").read_text())
+    tensors = load_file(str(tiny_run / "analysis" / "motion.safetensors"))
+    assert motion["steered_blocks"] == [1] and motion["readout_blocks"] == [1, 3]
+    stats = motion["alphas"]["-2"]["blocks"]["3"]["generated"]
+    recomputed = orthogonal_fraction(tensors["u/-2/3"], tensors["axis/1"])
+    assert float(recomputed) == pytest.approx(stats["orthogonal_fraction_steered_axis"]["estimate"], abs=1e-5)
+    assert stats["u_norm"]["estimate"] == pytest.approx(float(tensors["u/-2/3"].norm()), rel=1e-5)
+    assert motion["alphas"]["-4"]["steering"]["alpha"] == [-4.0]
+    before = sorted(p.stat().st_mtime_ns for p in (tiny_run / "motion").glob("*.safetensors"))
+
+    assert main(["analyze", "hedge", str(tiny_run), "--alpha", "-2", "-4", *common, "--permutations", "50"]) == 0
+    hedge = json.loads((tiny_run / "analysis" / "hedge.json").read_text())
+    after = sorted(p.stat().st_mtime_ns for p in (tiny_run / "motion").glob("*.safetensors"))
+    assert before == after
+    block = hedge["blocks"]["3"]
+    assert sum(block["counts"].values()) <= 12 and hedge["causal_test"]["run"] is False
+    assert block["geometry"] is None or "bow" in block
+
+
+def test_stability_command_writes_its_file(tiny_run):
+    assert main(["analyze", "stability", str(tiny_run), "--subsamples", "20"]) == 0
+    result = json.loads((tiny_run / "analysis" / "stability.json").read_text())
+    entry = result["entries"][0]
+    for field in ("kind", "name", "block", "component", "n_pool", "sizes", "instability_deg", "k", "a",
+                  "floor_deg", "floor_ci", "structural"):
+        assert field in entry
+    assert {e["kind"] for e in result["entries"]} >= {"global", "bin"}
+    assert all("eta2_category" in e for e in result["entries"] if e["kind"] == "bin")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["analyze", "motion", "{run}", "--k", "0"], "K=0"),
+    (["analyze", "hedge", "{run}", "--layers", "2", "--readout-blocks", "1"], "before the first steered block"),
+])
+def test_bad_motion_input_is_one_line(tiny_run, capsys, args, message):
+    code = main([a.replace("{run}", str(tiny_run)) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_a_run_without_capture_is_one_line(tmp_path, tiny_run, capsys):
+    (tiny_run / "activations.safetensors").unlink()
+    assert main(["analyze", "stability", str(tiny_run)]) == 2
+    assert "activations.safetensors does not exist" in capsys.readouterr().err
+    (tiny_run / "vectors.safetensors").unlink()
+    assert main(["analyze", "motion", str(tiny_run), "--layers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "vectors.safetensors does not exist" in err and err.count("\n") == 1
