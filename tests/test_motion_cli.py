@@ -62,3 +62,14 @@ def test_a_run_without_capture_is_one_line(tmp_path, tiny_run, capsys):
     assert main(["analyze", "motion", str(tiny_run), "--layers", "1"]) == 2
     err = capsys.readouterr().err
     assert "vectors.safetensors does not exist" in err and err.count("\n") == 1
+
+
+def test_report_has_the_three_sections(tiny_run):
+    common = ["--layers", "1", "--readout-blocks", "2", "3", "--k", "2", "--n-prompts", "6", "--bootstrap", "30"]
+    assert main(["analyze", "motion", str(tiny_run), "--alpha", "-2", *common]) == 0
+    assert main(["analyze", "hedge", str(tiny_run), "--alpha", "-2", *common, "--permutations", "30"]) == 0
+    assert main(["analyze", "stability", str(tiny_run), "--subsamples", "10"]) == 0
+    page = (tiny_run / "report.html").read_text()
+    assert page.index("<h2>Orthogonal motion") < page.index("<h2>Hedge geometry") < page.index("<h2>Learning-curve")
+    for name in ("motion", "hedge", "stability"):
+        assert (tiny_run / "analysis" / f"{name}.png").is_file()

@@ -149,7 +149,7 @@ def run_motion(run_dir: Path, lm: LoadedModel, *, B: int = 1000, **sweep_options
             blocks[str(block)] = entry
         result_alphas[f"{alpha:g}"] = {"steering": arm["steering"], "rates": _rates(data, arm), "blocks": blocks}
     result = {"schema_version": SCHEMA_VERSION, "analysis": "motion", "conventions": _conventions(data),
-              "seed": data["seed"], "B": B, "k": data["k"], "n_prompts": len(data["prompts"]),
+              "seed": data["seed"], "B": B, "k": data["k"], "n_prompts": len(data["prompts"]), "d_model": lm.d_model,
               "steered_blocks": data["steered_blocks"], "readout_blocks": data["readout_blocks"],
               "unsteered_rates": _rates(data, base), "alphas": result_alphas}
     atomic_write_bytes(run.root / "analysis" / "motion.safetensors",
