@@ -73,3 +73,31 @@ def test_report_has_the_three_sections(tiny_run):
     assert page.index("<h2>Orthogonal motion") < page.index("<h2>Hedge geometry") < page.index("<h2>Learning-curve")
     for name in ("motion", "hedge", "stability"):
         assert (tiny_run / "analysis" / f"{name}.png").is_file()
+
+
+def test_causal_hedge_bookkeeping_by_hand():
+    from torsion.analysis.hedge_causal import consistency, rate_changes
+
+    base, steered = ["strong_refuse", "strong_comply", "judge_error"], ["strong_comply", "strong_comply", "weak_comply"]
+    changes = rate_changes(base, steered)
+    # judged rows: 2 before (1 refuse, 1 comply), 3 after (2 strong, 1 weak comply)
+    assert changes["strong_comply"] == pytest.approx(2 / 3 - 1 / 2) and changes["strong_refuse"] == pytest.approx(-0.5)
+    assert changes["weak_comply"] == pytest.approx(1 / 3)
+    assert consistency(base, steered) == {"n": 2, "up": 0, "down": 1, "same": 1, "share": 0.5,
+                                          "direction": "toward compliance"}
+
+
+def test_hedge_runs_the_causal_test_when_there_is_geometry(tiny_run, monkeypatch):
+    from tiny_run import OracleJudge
+
+    from torsion.analysis import motion_run
+    from torsion.models import load_model
+
+    monkeypatch.setattr(motion_run, "get_judge", lambda name: OracleJudge())
+    lm = load_model(str(json.loads((tiny_run / "manifest.json").read_text())["model"]["spec"]))
+    result = motion_run.run_hedge(tiny_run, lm, B=20, P=20, m=2, n_random=2, alphas=[-2, -4], layers=[1],
+                                  readout_blocks=[3], k=2, n_prompts=8)
+    assert result["blocks"]["3"]["geometry"] == "ok"
+    causal = result["causal_test"]
+    assert causal["run"] is True and causal["block"] == 3 and causal["random"]["n"] == 2
+    assert len(causal["hedge_direction"]["labels"]) == 8

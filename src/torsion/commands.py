@@ -269,7 +269,7 @@ def analyze(args: argparse.Namespace) -> int:
             options = {"alphas": args.alpha, "layers": args.layers, "readout_blocks": args.readout_blocks,
                        "k": args.k, "n_prompts": args.n_prompts or 16, "seed": seed or 0, "B": args.bootstrap}
             result = (run_motion(run_dir, lm, **options) if args.name == "motion"
-                      else run_hedge(run_dir, lm, P=args.permutations, **options))
+                      else run_hedge(run_dir, lm, P=args.permutations, n_random=args.n_random, **options))
         else:
             from torsion.analysis.arditi import run_arditi
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -159,12 +160,14 @@ def run_motion(run_dir: Path, lm: LoadedModel, *, B: int = 1000, **sweep_options
 
 
 def run_hedge(run_dir: Path, lm: LoadedModel, *, B: int = 1000, P: int = 1000, m: int = MIN_GROUP,
-              **sweep_options: Any) -> dict[str, Any]:
+              n_random: int = 10, **sweep_options: Any) -> dict[str, Any]:
     """Hedge geometry of the steered decoding-time states, pooled over the sweep: ``analysis/hedge.json``.
 
     Groups come from the judge's label of each steered response (``LABEL_GROUPS``); the states
     are the ``generated`` position at each readout block (rows that produced no token are left
-    out). The causal hedge test (steering along ``h − a``) is not run yet; ``causal_test`` says so.
+    out). The causal test (:func:`torsion.analysis.hedge_causal.causal_hedge_test`) steers along
+    ``h − a`` at the last readout block with geometry, at the mean applied norm of the α that
+    produced the most hedges, against ``n_random`` random directions (``n_random = 0`` skips it).
     """
     run = RunDir(run_dir)
     data = sweep(run.root, lm, **sweep_options)
@@ -173,20 +176,42 @@ def run_hedge(run_dir: Path, lm: LoadedModel, *, B: int = 1000, P: int = 1000, m
     per_alpha = {f"{alpha:g}": {g: sum(LABEL_GROUPS.get(x) == g for x in data["arms"][str(alpha)]["labels"])
                                 for g in ("refused", "strong_comply", "hedge")} for alpha in data["alphas"]}
     blocks: dict[str, Any] = {}
+    hedge_direction: tuple[int, Tensor] | None = None
     for index, block in enumerate(data["readout_blocks"]):
         states = torch.cat([_states(arm, "generated")[:, index] for arm in arms])  # [n_alphas * n_prompts, d]
         valid = ~states.isnan().any(-1)
         groups = [g if ok else "no_tokens" for g, ok in zip(labels, valid.tolist())]
         blocks[str(block)] = hedge_geometry_test(torch.nan_to_num(states), groups, B=B, P=P, m=m, seed=data["seed"])
+        if blocks[str(block)]["geometry"] == "ok":
+            chosen = torch.tensor([g == "hedge" for g in groups]), torch.tensor([g == "refused" for g in groups])
+            hedge_direction = (block, states[chosen[0]].double().mean(0) - states[chosen[1]].double().mean(0))
     result = {"schema_version": SCHEMA_VERSION, "analysis": "hedge", "conventions": _conventions(data),
               "groups": {"a": "refused (strong or weak refuse)", "b": "strong_comply", "h": "hedge (weak_comply)"},
               "pooled_over_alphas": [f"{a:g}" for a in data["alphas"]], "counts_per_alpha": per_alpha,
               "seed": data["seed"], "B": B, "P": P, "m": m, "steered_blocks": data["steered_blocks"],
               "blocks": blocks,
-              "causal_test": {"run": False, "note": "not implemented yet: steering along (h - a) against "
-                                                    "norm-matched random directions"}}
+              "causal_test": _causal(lm, data, hedge_direction, per_alpha, n_random)}
     atomic_write_json(run.analysis_path("hedge"), result)
     return result
+
+
+def _causal(lm: LoadedModel, data: dict[str, Any], hedge_direction: tuple[int, Tensor] | None,
+            per_alpha: dict[str, dict[str, int]], n_random: int) -> dict[str, Any]:
+    """The causal hedge test's result, or why it did not run."""
+    from torsion.analysis.hedge_causal import causal_hedge_test
+
+    if hedge_direction is None:
+        return {"run": False, "note": "no readout block has hedge geometry (a group below m), so there is no h - a"}
+    if n_random < 1:
+        return {"run": False, "note": "skipped (n_random = 0)"}
+    alpha = max(data["alphas"], key=lambda a: per_alpha[f"{a:g}"]["hedge"])
+    applied_norm = float(np.mean(data["arms"][str(alpha)]["steering"]["applied_norm"]))
+    block, direction = hedge_direction
+    result = causal_hedge_test(lm, data["prompts"], data["arms"]["unsteered"]["labels"], direction, block=block,
+                               applied_norm=applied_norm, n_random=n_random, settings=data["settings"],
+                               positions=data["positions"], seed=data["seed"])
+    return {"run": True, "norm_from_alpha": f"{alpha:g}", "note": "applied norm = mean ||alpha v_l|| of that alpha",
+            **result}
 
 
 def _score(label: str) -> float | None:
