@@ -41,7 +41,8 @@ def _teacher_forced(lm, inputs, out, block, stop_ids):
         hidden = lm.model(input_ids=out, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                           output_hidden_states=True).hidden_states[block + 1]  # block b = hidden_states[b + 1]
     for row, count in enumerate(counts):
-        means.append(hidden[row, prompt_len:prompt_len + count].mean(0) if count else torch.full((hidden.shape[-1],), float("nan")))
+        nan = torch.full((hidden.shape[-1],), float("nan"))
+        means.append(hidden[row, prompt_len:prompt_len + count].mean(0) if count else nan)
     return torch.stack(means), torch.tensor(counts, dtype=torch.float32), hidden[:, prompt_len - 1]
 
 
@@ -81,8 +82,9 @@ def test_steered_generation_is_unchanged_by_capture(tmp_path):
     steer = lambda: add_steering(lm, vectors, layers=[1], alpha=4.0)  # noqa: E731
     with steer():
         _, plain = _generate(lm, PROMPTS)
-    tensors, responses = capture_generation_to_file(lm, PROMPTS, tmp_path / "steered.safetensors", readout_blocks=[2, 3],
-                                                    k=K, settings=settings, steer=steer, steered_blocks=[1])
+    tensors, responses = capture_generation_to_file(lm, PROMPTS, tmp_path / "steered.safetensors",
+                                                    readout_blocks=[2, 3], k=K, settings=settings, steer=steer,
+                                                    steered_blocks=[1])
     prompt_len = encode(lm, PROMPTS)["input_ids"].shape[1]
     decoded = [t.strip() for t in lm.tokenizer.batch_decode(plain[:, prompt_len:], skip_special_tokens=True)]
     assert responses == decoded

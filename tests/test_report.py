@@ -91,7 +91,7 @@ def _full_run(tmp_path):
     _jsonl(run / "responses.jsonl", responses)
     (run / "analysis" / "rotation.json").write_text(json.dumps(_rotation()))  # NaN is written as NaN
     (run / "analysis" / "learning_curve.json").write_text(json.dumps({"analysis": "learning_curve", "schema_version": 1}))
-    (run / "analysis" / "hedge_v2.json").write_text(json.dumps({"analysis": "hedge"}))
+    (run / "analysis" / "future_v2.json").write_text(json.dumps({"analysis": "future_analysis"}))
     (run / "analysis" / "broken.json").write_text("{not json")
     return run
 
@@ -158,8 +158,8 @@ def test_full_report_numbers_escaping_and_figures(tmp_path):
 
     # other analyses, in order, with links; unreadable files are named, not fatal
     other = html[html.index("<h2>Other analyses</h2>"):]
-    assert '<a href="analysis/learning_curve.json">' in other and '<a href="analysis/hedge_v2.json">' in other
-    assert "hedge:" in other and "broken.json is not valid JSON" in other
+    assert '<a href="analysis/learning_curve.json">' in other and '<a href="analysis/future_v2.json">' in other
+    assert "future_analysis:" in other and "broken.json is not valid JSON" in other
     assert html.index("<h2>Behaviour</h2>") < html.index("<h2>Axis rotation</h2>") < html.index("Other analyses")
     assert "layer l = decoder block l; angles from the signed cosine" in html
     assert "Not in this run yet" in html and "activations.safetensors (the capture stage has not run)" in html

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from torsion.analysis.learning_curve import (centred_gram, fit_learning_curve, pool_sizes, profile_fit, proportional_split,
-                                             subsample_angles)
+from torsion.analysis.learning_curve import (centred_gram, fit_learning_curve, pool_sizes, profile_fit,
+                                             proportional_split, subsample_angles)
 from torsion.analysis.stability import analyze_stability, bin_contamination, eta_squared, first_pc_scores
 from torsion.errors import TorsionError
 from torsion.geometry import angle_deg

@@ -106,7 +106,7 @@ class DecodingRecorder:
         return hook
 
     def take(self) -> dict[str, Tensor]:
-        """``last`` and ``generated`` ``[batch, n_readout, d_model]`` float32, ``generated_count`` ``[batch]``; then reset."""
+        """``last``, ``generated`` ``[batch, n_readout, d_model]`` float32 and ``generated_count`` ``[batch]``; resets."""
         if self.last[0] is None:
             raise TorsionError("no forward pass was recorded; call generate inside the decoding_capture block")
         last = torch.stack(self.last, dim=1)

@@ -124,6 +124,7 @@ def _null_bows(x: Tensor, rows: dict[str, Tensor], centroids: dict[str, Tensor],
     residuals[b_rows] -= b
     pool = torch.cat([a_rows, b_rows])
     picks = pool[torch.randint(0, len(pool), (P, n_h), generator=generator)]
-    pick_counts = torch.zeros(P, len(x), dtype=torch.float64).scatter_add_(1, picks, torch.ones(P, n_h, dtype=torch.float64))
+    ones = torch.ones(P, n_h, dtype=torch.float64)
+    pick_counts = torch.zeros(P, len(x), dtype=torch.float64).scatter_add_(1, picks, ones)  # [P, n_prompts]
     pseudo_hedge = a + t * (b - a) + pick_counts @ residuals / n_h  # [P, d]
     return position_and_bow(a_boot, b_boot, pseudo_hedge)[1].numpy()

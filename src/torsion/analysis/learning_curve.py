@@ -56,7 +56,7 @@ def proportional_split(n: int, n_first: int, n_second: int) -> tuple[int, int]:
 
 
 def centred_gram(x: Tensor) -> Tensor:
-    """Inner products of the rows about their mean, per layer: ``[n_prompts, n_layers, d_model]`` → ``[n_layers, n, n]``.
+    """Inner products of the rows about their mean, per layer: ``[n, n_layers, d_model]`` → ``[n_layers, n, n]``.
 
     float64. Every estimate of this module is a weighted sum of these centred rows (a
     two-class vector's weights sum to zero, so the origin cancels; a knot is taken about the

@@ -33,7 +33,7 @@ def unit(v: Tensor) -> Tensor:
 
 
 def orthogonal_fraction(u: Tensor, axis: Tensor) -> Tensor:
-    """``‖u − (u·v̂)v̂‖ / ‖u‖`` with ``v̂ = axis / ‖axis‖``; ``[..., d]`` → ``[...]`` float64 (0 for ``u = 0``).
+    """``‖u − (u·v̂)v̂‖ / ‖u‖``, ``v̂ = axis / ‖axis‖``: ``[..., d]`` → ``[...]`` float64 (0 for ``u = 0``).
 
     1 when ``u`` is perpendicular to the axis, 0 when parallel (either sign).
     """

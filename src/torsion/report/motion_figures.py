@@ -151,12 +151,12 @@ def hedge_section(result: dict[str, Any], run_dir: Path) -> str:
     causal = result.get("causal_test", {})
     if causal.get("run"):
         hedge, random = causal["hedge_direction"], causal["random"]
+        changes, weak = hedge["rate_change"], random["rate_change"]["weak_comply"]
         causal = {"note": f"steering along h − a at block {causal['block']} (‖Δ‖ = {causal['applied_norm']:.2f}) "
-                          f"moves weak_comply by {hedge['rate_change']['weak_comply']:+.2f} and strong_comply by "
-                          f"{hedge['rate_change']['strong_comply']:+.2f} (consistency {hedge['consistency']['share']}); "
-                          f"{random['n']} random directions: weak_comply {random['rate_change']['weak_comply']['mean']:+.2f} "
-                          f"(range {random['rate_change']['weak_comply']['min']:+.2f}…"
-                          f"{random['rate_change']['weak_comply']['max']:+.2f})"}
+                          f"moves weak_comply by {changes['weak_comply']:+.2f} and strong_comply by "
+                          f"{changes['strong_comply']:+.2f} (consistency {hedge['consistency']['share']}); "
+                          f"{random['n']} random directions: weak_comply {weak['mean']:+.2f} "
+                          f"(range {weak['min']:+.2f}…{weak['max']:+.2f})"}
     return ("<h2>Hedge geometry</h2>"
             f"<p>Steered decoding-time states pooled over α = {escape(', '.join(result['pooled_over_alphas']))}, "
             "grouped by the judge's label: a = refused, b = strong comply, h = hedge (weak comply). "
