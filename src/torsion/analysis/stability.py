@@ -215,6 +215,9 @@ def analyze_stability(activations: Mapping[str, Tensor], scores: Sequence[float 
             "model": "instability(n) = k / n^a + floor, k, floor >= 0, 0 <= a <= a_max",
             "fit": "scipy.optimize.least_squares (trf, bounds) from the profile (grid over a) solution; "
                    "the full-pool size (instability 0 by construction) is left out of the fit",
+            "caveat": "subsamples are drawn without replacement from the pool itself, so instability shrinks "
+                      "toward 0 as n approaches N (by about sqrt(1 - n/N) for noise); the largest sizes pull the "
+                      "fitted floor down, so a floor here is a lower bound",
             "floor_ci": "2.5/97.5 percentiles of floors refitted on replicate curves (the B draws resampled "
                         "with replacement at every size): subsampling noise, not pool sampling",
             "structural": "floor_ci[0] > threshold_deg",
