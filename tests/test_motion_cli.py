@@ -45,7 +45,7 @@ def test_stability_command_writes_its_file(tiny_run):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["analyze", "motion", "{run}", "--k", "0"], "K=0"),
+    (["analyze", "motion", "{run}", "--k", "0"], "--k: '0' is not a whole number >= 1"),
     (["analyze", "hedge", "{run}", "--layers", "2", "--readout-blocks", "1"], "before the first steered block"),
 ])
 def test_bad_motion_input_is_one_line(tiny_run, capsys, args, message):
@@ -57,11 +57,11 @@ def test_bad_motion_input_is_one_line(tiny_run, capsys, args, message):
 def test_a_run_without_capture_is_one_line(tmp_path, tiny_run, capsys):
     (tiny_run / "activations.safetensors").unlink()
     assert main(["analyze", "stability", str(tiny_run)]) == 2
-    assert "activations.safetensors does not exist" in capsys.readouterr().err
+    assert "no activations.safetensors" in capsys.readouterr().err
     (tiny_run / "vectors.safetensors").unlink()
     assert main(["analyze", "motion", str(tiny_run), "--layers", "1"]) == 2
     err = capsys.readouterr().err
-    assert "vectors.safetensors does not exist" in err and err.count("\n") == 1
+    assert "no vectors.safetensors" in err and err.count("\n") == 1
 
 
 def test_report_has_the_three_sections(tiny_run):

@@ -160,6 +160,9 @@ _ANALYSIS_INPUTS = {
     "categories": ("prompts", "responses", "activations", "vectors"),
     "arditi": ("prompts", "responses", "activations", "vectors"),
     "asymmetry": ("prompts", "responses", "vectors"),
+    "motion": ("prompts", "responses", "vectors"),
+    "hedge": ("prompts", "responses", "vectors"),
+    "stability": ("prompts", "responses", "activations"),
 }
 
 
@@ -184,7 +187,7 @@ def _check_run_for(name: str, run_dir: Path, layers: list[int] | None, component
     read_prompts_jsonl(run.prompts_path)  # a damaged row fails here, with its line, before any work
     if "responses" in _ANALYSIS_INPUTS[name]:
         run.responses()
-    if name in ("propagation", "random-control", "arditi"):
+    if name in ("propagation", "random-control", "arditi", "motion", "hedge"):
         keys = vector_keys(run.vectors_path)
         fitted = ", ".join(key.removeprefix("md/") for key in keys if key.startswith("md/") and key.count("/") == 1)
         for key in sorted({f"md/{component}", "md/resid"} if name == "propagation" else {f"md/{component}"}):
@@ -225,16 +228,14 @@ def analyze(args: argparse.Namespace) -> int:
     elif args.name == "stability":
         from torsion.analysis.stability import run_stability
 
-        result = run_stability(run_dir, B=args.subsamples, seed=seed or 0)
+        result = run_stability(run_dir, B=args.subsamples, seed=seed)
     else:
         from torsion.models import load_model
 
-        if args.name in ("motion", "hedge"):  # bad K or blocks fail before a model is loaded
-            from torsion.analysis.motion_run import require_vectors
+        if args.name in ("motion", "hedge"):  # a readout block before the steered ones fails before a model loads
             from torsion.decoding_capture import check_readout
 
             check_readout(args.readout_blocks, k=args.k, steered_blocks=args.layers or ())
-            require_vectors(run_dir)
         if args.name == "asymmetry":  # both searches must exist before a model is loaded
             from torsion.optimize import load_result
 
@@ -267,7 +268,7 @@ def analyze(args: argparse.Namespace) -> int:
             from torsion.analysis.motion_run import run_hedge, run_motion
 
             options = {"alphas": args.alpha, "layers": args.layers, "readout_blocks": args.readout_blocks,
-                       "k": args.k, "n_prompts": args.n_prompts or 16, "seed": seed or 0, "B": args.bootstrap}
+                       "k": args.k, "n_prompts": _or_default(args.n_prompts, 16), "seed": seed, "B": args.bootstrap}
             result = (run_motion(run_dir, lm, **options) if args.name == "motion"
                       else run_hedge(run_dir, lm, P=args.permutations, n_random=args.n_random, **options))
         else:

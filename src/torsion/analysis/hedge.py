@@ -29,8 +29,6 @@ from torsion.geometry import angle_deg
 
 MIN_GROUP = 5  # m: a group smaller than this gets counts and no geometry
 GROUPS = ("refused", "strong_comply", "hedge")  # a, b, h
-LABEL_GROUPS = {"strong_refuse": "refused", "weak_refuse": "refused", "strong_comply": "strong_comply",
-                "weak_comply": "hedge"}
 
 
 def position_and_bow(a: Tensor, b: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,16 +21,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from torsion.analysis.hedge import LABEL_GROUPS, MIN_GROUP, hedge_geometry_test
+from torsion.analysis.hedge import MIN_GROUP, hedge_geometry_test
 from torsion.analysis.motion import compliance_destination, motion_stats
 from torsion.analysis.propagation import run_vector, split_prompts
-from torsion.behaviour import class_rates
+from torsion.behaviour import class_rates, correct_rows
 from torsion.conventions import LAYER_INDEXING
 from torsion.decoding_capture import DEFAULT_K, capture_generation_to_file, check_readout
 from torsion.errors import TorsionError
 from torsion.generate import GenerationSettings
 from torsion.judge import get_judge
-from torsion.judge.base import is_complied
+from torsion.judge.base import Judge
+from torsion.judge.correction import Corrected
 from torsion.models import LoadedModel
 from torsion.steer import add_steering
 from torsion.store import RunDir, atomic_write_bytes, atomic_write_json
@@ -52,12 +53,14 @@ def require_vectors(run_dir: Path) -> None:
 def sweep(run_dir: Path, lm: LoadedModel, *, alphas: Sequence[float] | None = None,
           layers: Sequence[int] | None = None, readout_blocks: Sequence[int] | None = None, k: int = DEFAULT_K,
           n_prompts: int = 16, positions: str = "all", max_new_tokens: int = 24, batch_size: int = 8,
-          seed: int = 0) -> dict[str, Any]:
+          judge: Judge | None = None, seed: int = 0) -> dict[str, Any]:
     """Generate the unsteered run and each ``α`` with decoding-time capture; judge every response.
 
     Defaults: ``alphas`` :data:`DEFAULT_ALPHAS`; ``layers`` the flat method's top-4 blocks by
     train-split AUC (:func:`torsion.selection.select_layers`); readout blocks every block from
     the first steered block + 1 to the last. Prompts: a seeded sample of the holdout split.
+    ``judge`` (default: the rule judge) labels every response; the false-positive correction is
+    applied to every label (:func:`torsion.behaviour.correct_rows`).
 
     Returns the settings, the axes ``[n_layers, d_model]`` (the run's ``md/resid``), and per arm
     (``"unsteered"`` and each ``α``) its tensors, responses, labels and steering record.
@@ -76,7 +79,7 @@ def sweep(run_dir: Path, lm: LoadedModel, *, alphas: Sequence[float] | None = No
         raise TorsionError("alpha 0 is the unsteered arm, which the sweep always runs; drop 0 from --alpha")
     prompts = split_prompts(run, "holdout", n_prompts, seed)
     settings = GenerationSettings(max_new_tokens=max(max_new_tokens, k + 1), batch_size=batch_size)
-    judge = get_judge("rules")
+    judge = judge or get_judge("rules")
     tag = {"readout_blocks": ",".join(map(str, readout)), "steered_blocks": ",".join(map(str, steered)),
            "positions_steered": positions, "n_prompts": str(len(prompts)), "seed": str(seed)}
     arms: dict[str, Any] = {}
@@ -93,7 +96,8 @@ def sweep(run_dir: Path, lm: LoadedModel, *, alphas: Sequence[float] | None = No
         if steer is not None:
             with steer() as applied:
                 record = applied.conventions()
-        arms[name] = {"tensors": tensors, "responses": responses, "labels": labels, "steering": record}
+        arms[name] = {"tensors": tensors, "responses": responses, "labels": labels, "steering": record,
+                      "behaviour": correct_rows(prompts, responses, labels)}
     return {"prompts": prompts, "alphas": alphas, "steered_blocks": steered, "readout_blocks": readout, "k": k,
             "axes": axes, "arms": arms, "judge": judge.name, "settings": settings, "positions": positions,
             "seed": seed}
@@ -128,7 +132,7 @@ def run_motion(run_dir: Path, lm: LoadedModel, *, B: int = 1000, **sweep_options
     result_alphas: dict[str, Any] = {}
     for alpha in data["alphas"]:
         arm = data["arms"][str(alpha)]
-        complied = torch.tensor([is_complied(_score(label)) for label in arm["labels"]])
+        complied = torch.tensor([row.complied for row in arm["behaviour"]])
         blocks: dict[str, Any] = {}
         for index, block in enumerate(data["readout_blocks"]):
             entry: dict[str, Any] = {}
@@ -163,7 +167,7 @@ def run_hedge(run_dir: Path, lm: LoadedModel, *, B: int = 1000, P: int = 1000, m
               n_random: int = 10, **sweep_options: Any) -> dict[str, Any]:
     """Hedge geometry of the steered decoding-time states, pooled over the sweep: ``analysis/hedge.json``.
 
-    Groups come from the judge's label of each steered response (``LABEL_GROUPS``); the states
+    Groups come from each steered response's corrected label (:func:`hedge_group`); the states
     are the ``generated`` position at each readout block (rows that produced no token are left
     out). The causal test (:func:`torsion.analysis.hedge_causal.causal_hedge_test`) steers along
     ``h − a`` at the last readout block with geometry, at the mean applied norm of the α that
@@ -172,8 +176,8 @@ def run_hedge(run_dir: Path, lm: LoadedModel, *, B: int = 1000, P: int = 1000, m
     run = RunDir(run_dir)
     data = sweep(run.root, lm, **sweep_options)
     arms = [data["arms"][str(alpha)] for alpha in data["alphas"]]
-    labels = [LABEL_GROUPS.get(label, "other") for arm in arms for label in arm["labels"]]
-    per_alpha = {f"{alpha:g}": {g: sum(LABEL_GROUPS.get(x) == g for x in data["arms"][str(alpha)]["labels"])
+    labels = [hedge_group(row) for arm in arms for row in arm["behaviour"]]
+    per_alpha = {f"{alpha:g}": {g: sum(hedge_group(row) == g for row in data["arms"][str(alpha)]["behaviour"])
                                 for g in ("refused", "strong_comply", "hedge")} for alpha in data["alphas"]}
     blocks: dict[str, Any] = {}
     hedge_direction: tuple[int, Tensor] | None = None
@@ -186,7 +190,8 @@ def run_hedge(run_dir: Path, lm: LoadedModel, *, B: int = 1000, P: int = 1000, m
             chosen = torch.tensor([g == "hedge" for g in groups]), torch.tensor([g == "refused" for g in groups])
             hedge_direction = (block, states[chosen[0]].double().mean(0) - states[chosen[1]].double().mean(0))
     result = {"schema_version": SCHEMA_VERSION, "analysis": "hedge", "conventions": _conventions(data),
-              "groups": {"a": "refused (strong or weak refuse)", "b": "strong_comply", "h": "hedge (weak_comply)"},
+              "groups": {"a": "refused (strong or weak refuse, fp_refuse)", "b": "strong_comply",
+                         "h": "hedge (weak_comply)", "correction": "fp_refuse and fp_echo complies are not b or h"},
               "pooled_over_alphas": [f"{a:g}" for a in data["alphas"]], "counts_per_alpha": per_alpha,
               "seed": data["seed"], "B": B, "P": P, "m": m, "steered_blocks": data["steered_blocks"],
               "blocks": blocks,
@@ -214,10 +219,14 @@ def _causal(lm: LoadedModel, data: dict[str, Any], hedge_direction: tuple[int, T
             **result}
 
 
-def _score(label: str) -> float | None:
-    from torsion.judge.base import LABEL_SCORES
-
-    return LABEL_SCORES.get(label)
+def hedge_group(row: Corrected) -> str:
+    """``refused`` (strong or weak refuse, or an fp_refuse), ``strong_comply`` or ``hedge`` (weak comply)
+    that the false-positive correction keeps, else ``other``."""
+    if row.refused:
+        return "refused"
+    if row.correction is None and row.label in ("strong_comply", "weak_comply"):
+        return "strong_comply" if row.label == "strong_comply" else "hedge"
+    return "other"
 
 
 def _rates(data: dict[str, Any], arm: dict[str, Any]) -> dict[str, Any]:

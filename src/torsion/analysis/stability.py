@@ -37,6 +37,7 @@ from torsion.conventions import COMPONENTS, LAYER_INDEXING
 from torsion.errors import TorsionError
 from torsion.geometry import angle_from_cosine, random_angle_reference
 from torsion.judge.base import is_complied, is_refused
+from torsion.manifold.knots import behaviour_labels
 from torsion.runs import fit_rows, labelled_prompts
 from torsion.store import RunDir, atomic_write_json
 
@@ -256,12 +257,13 @@ def run_stability(run_dir: Path, *, B: int = 200, m: int = MIN_POOL, threshold_d
         raise TorsionError(f"{run.activations_path} does not exist; finish the run's capture stage "
                            "(`torsion run` on the same directory) before `torsion analyze stability`")
     prompts, responses = labelled_prompts(run)
-    rows = fit_rows(prompts, responses)
+    rows = fit_rows(prompts, responses)  # train split, refused or complied after correction and review
+    labels, scores = behaviour_labels([prompts[i] for i in rows], [responses[i] for i in rows])
     activations, meta = load_activations(run.activations_path)
-    result = analyze_stability({c: activations[c][rows] for c in COMPONENTS if c in activations},
-                               [responses[i]["score"] for i in rows], [responses[i]["label"] for i in rows],
+    result = analyze_stability({c: activations[c][rows] for c in COMPONENTS if c in activations}, scores, labels,
                                [prompts[i].category for i in rows], B=B, m=m, threshold_deg=threshold_deg,
                                n_replicates=n_replicates, seed=seed)
-    result["conventions"].update(position=meta.get("primary_position", "last"), split="train")
+    result["conventions"].update(position=meta.get("primary_position", "last"), split="train",
+                                 labels="corrected (fp_refuse joins weak_refuse; review wins), as the knots read them")
     atomic_write_json(run.analysis_path("stability"), result)
     return result
