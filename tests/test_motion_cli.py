@@ -101,3 +101,12 @@ def test_hedge_runs_the_causal_test_when_there_is_geometry(tiny_run, monkeypatch
     causal = result["causal_test"]
     assert causal["run"] is True and causal["block"] == 3 and causal["random"]["n"] == 2
     assert len(causal["hedge_direction"]["labels"]) == 8
+
+
+def test_stability_figure_without_a_curve(tmp_path):
+    from torsion.report.motion_figures import stability_figure
+
+    entry = {"kind": "global", "name": "md", "block": 0, "component": "resid", "sizes": [5], "instability_deg": [0.0],
+             "k": None, "a": None, "floor_deg": None}
+    path = stability_figure({"entries": [entry], "threshold_deg": 15.0}, tmp_path / "s.png")
+    assert path.read_bytes().startswith(b"\x89PNG")

@@ -187,7 +187,10 @@ def stability_figure(result: dict[str, Any], path: Path, *, component: str = "re
             ax.plot(sizes, fitted, "-", color=line.get_color(), lw=1)
             ax.axhline(entry["floor_deg"], color=line.get_color(), lw=0.6, ls=":")
     ax.axhline(result["threshold_deg"], color="black", ls="--", lw=0.8, label="structural threshold")
-    ax.set_xscale("log")
+    if any(len(entry["sizes"]) > 1 for entry in shown):
+        ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, "no pool large enough for a curve", ha="center", transform=ax.transAxes)
     ax.set_xlabel("pool size n")
     ax.set_ylabel("instability (deg)")
     ax.legend(fontsize=6.5)
