@@ -1,27 +1,31 @@
-"""The OpenAI-compatible server on a tiny random Llama, over real loopback HTTP."""
+"""The steering server on a tiny random Llama, through the real ``openai`` client over loopback HTTP."""
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
-from typing import Any, Iterator
+from contextlib import nullcontext
+from typing import Any
 
+import httpx
+import openai
 import pytest
 import torch
+from openai import OpenAI
 
-from torsion.errors import TorsionError
-from torsion.metrics import next_token_logprobs
 from torsion.models import chat_prompt
-from torsion.serve import ChatServer, make_server, run_server
+from torsion.serve import ServerThread, build_state
+from torsion.serve.condition import Condition
+from torsion.serve.engine import model_lock
+from torsion.serve.server import api_key_from_env
+from torsion.steer import ablate_direction, dense_steering, generate_steered
 
 from tiny import tiny_lm
-from torsion.steer import generate_steered
 
 PROMPT = "tell me a story about the dragon"
-
+OTHER = "how do i bake bread please"
+TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
@@ -29,107 +33,250 @@ def lm():
     return tiny_lm("llama")
 
 
-@contextmanager
-def running(server: ChatServer) -> Iterator[ChatServer]:
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+@pytest.fixture(scope="module")
+def axis(lm):
+    return torch.randn(lm.n_layers, lm.d_model, generator=torch.Generator().manual_seed(1))
 
 
-def call(url: str, body: bytes | dict | None = None) -> tuple[int, Any]:
-    """(status, decoded JSON) of a GET (no body) or POST."""
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+@pytest.fixture(scope="module")
+def server(lm, axis):
+    state = build_state(lm, max_applied_norm=100.0, max_body_bytes=4096)
+    state.vectors.add("axis", axis, source="test", meta={"method": "md"})
+    with ServerThread(state) as running:
+        yield running
 
 
-def chat(url: str, **fields: Any) -> tuple[int, Any]:
-    return call(f"{url}/chat/completions", {"messages": [{"role": "system", "content": "ignored"},
-                                                         {"role": "user", "content": PROMPT}], **fields})
+def client(server: ServerThread, key: str = "none") -> OpenAI:
+    return OpenAI(base_url=server.url, api_key=key, timeout=TIMEOUT, max_retries=0)
 
 
-def test_greedy_completion_has_openai_shape_and_first_token_logprobs(lm):
-    with running(make_server(lm)) as server:
-        assert server.server_address[0] == "127.0.0.1"
-        status, reply = chat(server.url, model="any", temperature=0, max_tokens=6, n=2, logprobs=True,
-                             top_logprobs=3)
-    assert status == 200
-    assert reply["object"] == "chat.completion" and reply["model"] == "tiny-llama"
-    first, second = reply["choices"]
-    assert first["message"]["role"] == "assistant" and first["message"]["content"]
-    assert first["message"]["content"] == second["message"]["content"] and second["index"] == 1
-    prompt_tokens = len(lm.tokenizer(chat_prompt(lm.tokenizer, PROMPT), add_special_tokens=False)["input_ids"])
-    completion = len(first["message"]["content"].split()) * 2  # word-level tokenizer, two choices
-    assert reply["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                              "total_tokens": prompt_tokens + completion}
-    values, ids = next_token_logprobs(lm, [PROMPT])[0].topk(3)
-    entry = first["logprobs"]["content"][0]
-    assert [t["token"] for t in entry["top_logprobs"]] == [lm.tokenizer.decode([int(i)]) for i in ids]
-    assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx(values.tolist(), abs=1e-6)
-    assert entry["token"] == entry["top_logprobs"][0]["token"] == first["message"]["content"].split()[0]
-    assert entry["bytes"] == list(entry["token"].encode())
+def ask(server: ServerThread, content: str | list = PROMPT, **fields: Any):
+    messages = [{"role": "user", "content": content}] if isinstance(content, str) else content
+    extra = {k: fields.pop(k) for k in ("steering", "condition") if k in fields}
+    return client(server).chat.completions.create(model="any", messages=messages, temperature=fields.pop("temperature", 0),
+                                                  max_tokens=fields.pop("max_tokens", 6), extra_body=extra, **fields)
 
 
-def test_sampled_choices_follow_the_seed(lm):
-    with running(make_server(lm)) as server:
-        replies = [chat(server.url, temperature=1.0, n=3, max_tokens=5, seed=7)[1] for _ in range(2)]
-        other = chat(server.url, temperature=1.0, n=3, max_tokens=5, seed=8)[1]
-    contents = [[c["message"]["content"] for c in reply["choices"]] for reply in replies + [other]]
-    assert len(contents[0]) == 3 and contents[0] == contents[1]
-    assert contents[2] != contents[0]
+def prompt_ids(lm, messages: str | list) -> list[int]:
+    return lm.tokenizer(chat_prompt(lm.tokenizer, messages), add_special_tokens=False)["input_ids"]
 
 
-def test_steering_changes_the_output_exactly_as_generate_steered(lm):
-    vector = torch.randn(lm.n_layers, lm.d_model, generator=torch.Generator().manual_seed(1))
-    steering = {"vector": vector, "layers": [1], "alpha": 40.0}
-    with running(make_server(lm)) as plain, running(make_server(lm, steering=steering)) as steered:
-        base = chat(plain.url, temperature=0, max_tokens=8)[1]
-        moved = chat(steered.url, temperature=0, max_tokens=8)[1]
-        health = call(steered.url.removesuffix("/v1") + "/health")[1]
-        base_again = chat(plain.url, temperature=0, max_tokens=8)[1]
-    expected = generate_steered(lm, [PROMPT], vectors=vector, layers=[1], alpha=40.0, max_new_tokens=8)
-    assert moved["choices"][0]["message"]["content"] == expected[0]["response"]
-    assert moved["choices"][0]["message"]["content"] != base["choices"][0]["message"]["content"]
-    assert base_again["choices"][0]["message"]["content"] == base["choices"][0]["message"]["content"]
-    assert health["steering"]["layers"] == [1] and health["steering"]["alpha"] == [40.0]
-    assert health["steering"]["applied_norm"] == pytest.approx([40.0 * vector[1].norm().item()], rel=1e-6)
+def reference(lm, messages: str | list, max_new: int, steering=None) -> tuple[str, int]:
+    """Hugging Face greedy generate of the templated conversation: (text, generated token count)."""
+    ids = torch.tensor([prompt_ids(lm, messages)])
+    with model_lock(lm), torch.inference_mode(), steering or nullcontext():
+        out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                do_sample=False, pad_token_id=0)
+    new = out[0, ids.shape[1]:]
+    return lm.tokenizer.decode(new, skip_special_tokens=True), len(new)
 
 
-def test_bad_requests_get_openai_error_bodies_and_the_server_keeps_serving(lm):
-    with running(make_server(lm)) as server:
-        root = server.url.removesuffix("/v1")
-        status, body = call(f"{server.url}/chat/completions", b"{not json")
-        assert status == 400 and body["error"]["type"] == "invalid_request_error"
-        assert "not valid JSON" in body["error"]["message"]
-        for fields, message in [({"messages": []}, "no user message"),
-                                ({"messages": [{"role": "user", "content": "hi"}], "stream": True}, "stream"),
-                                ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n must be"),
-                                ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
-                                 "needs logprobs")]:
-            status, body = call(f"{server.url}/chat/completions", fields)
-            assert status == 400 and message in body["error"]["message"]
-        assert call(f"{root}/v1/nothing")[0] == 404
-        assert call(f"{server.url}/models")[1]["data"][0]["id"] == "tiny-llama"
-        health = call(f"{root}/health")[1]
-        assert health["status"] == "ok" and health["steering"] is None
-        assert chat(server.url, temperature=0, max_tokens=2)[0] == 200
-        assert server.requests_served == 9
+def steered(lm, prompts: list[str], **options: Any) -> list[dict]:
+    """generate_steered under the model lock: the engine may still be removing a finished batch's hooks."""
+    with model_lock(lm):
+        return generate_steered(lm, prompts, **options)
 
 
-def test_bad_steering_fails_before_binding(lm):
-    vector = torch.ones(lm.n_layers, lm.d_model)
-    with pytest.raises(TorsionError, match="out of range"):
-        make_server(lm, steering={"vector": vector, "layers": [7], "alpha": 1.0})
-    with pytest.raises(TorsionError, match="missing \\['alpha'\\]"):
-        make_server(lm, steering={"vector": vector, "layers": [0]})
-    with pytest.raises(TorsionError, match="--vector, --layers and --alpha together"):
-        run_server("embedded:smollm2-135m", vector_path="v.safetensors")
+def post(server: ServerThread, path: str, body: bytes | dict, headers: dict | None = None) -> httpx.Response:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(server.url.removesuffix("/v1") + path, content=data, timeout=TIMEOUT,
+                      headers={"Content-Type": "application/json", **(headers or {})})
+
+
+def test_plain_completion_equals_greedy_generate_and_counts_token_ids(lm, server):
+    reply = ask(server, max_tokens=6, logprobs=True, top_logprobs=2)
+    text, n_new = reference(lm, PROMPT, 6)
+    choice = reply.choices[0]
+    assert choice.message.content == text and reply.model == "tiny-llama"
+    assert reply.usage.prompt_tokens == len(prompt_ids(lm, PROMPT))
+    assert reply.usage.completion_tokens == n_new
+    assert choice.finish_reason == ("length" if n_new == 6 else "stop")
+    assert choice.model_extra["steering"] is None
+    first = choice.logprobs.content[0]
+    with model_lock(lm), torch.inference_mode():
+        logits = lm.model(torch.tensor([prompt_ids(lm, PROMPT)])).logits[0, -1].log_softmax(-1)
+    values, ids = logits.topk(2)
+    assert first.token == lm.tokenizer.decode([int(ids[0])])
+    assert [t.logprob for t in first.top_logprobs] == pytest.approx(values.tolist(), abs=1e-5)
+    assert len(choice.logprobs.content) == n_new
+    completion = client(server).completions.create(model="any", prompt="tell me", max_tokens=3, temperature=0)
+    ids_ = lm.tokenizer("tell me")["input_ids"]
+    with model_lock(lm):
+        out = lm.model.generate(input_ids=torch.tensor([ids_]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert completion.choices[0].text == lm.tokenizer.decode(out[0, len(ids_):], skip_special_tokens=True)
+    assert client(server).models.list().data[0].id == "tiny-llama"
+
+
+def test_stream_is_openai_chunks_ending_done_and_joins_to_the_plain_reply(server):
+    plain = ask(server, max_tokens=8).choices[0].message.content
+    chunks = list(ask(server, max_tokens=8, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain
+    assert chunks[-1].usage.completion_tokens >= len(plain.split()) and chunks[-2].choices[0].finish_reason
+    with httpx.stream("POST", server.url + "/chat/completions", timeout=TIMEOUT, json={
+            "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 3, "stream": True}) as raw:
+        lines = [line for line in raw.iter_lines() if line]
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+
+
+def test_whole_conversation_goes_through_the_chat_template_with_stop_sequences(lm, server):
+    conversation = [{"role": "system", "content": "explain why"}, {"role": "user", "content": "hello"},
+                    {"role": "assistant", "content": "cat dog"}, {"role": "user", "content": PROMPT}]
+    reply = ask(server, conversation, max_tokens=8)
+    text, _ = reference(lm, conversation, 8)
+    assert reply.choices[0].message.content == text
+    assert reply.usage.prompt_tokens == len(prompt_ids(lm, conversation)) > len(prompt_ids(lm, PROMPT))
+    assert text != reference(lm, PROMPT, 8)[0]  # the earlier turns matter
+    words = text.split()
+    cut = ask(server, conversation, max_tokens=8, stop=[words[2]])
+    assert cut.choices[0].message.content == text[:text.index(words[2])]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_per_request_steering_equals_the_library_hooks(lm, server, axis):
+    base = ask(server, max_tokens=8).choices[0].message.content
+    flat = ask(server, max_tokens=8, steering={"vector": "axis", "layers": [1], "strength": 8.0}).choices[0]
+    expected = steered(lm, [PROMPT], vectors=axis, layers=[1], alpha=8.0, max_new_tokens=8)[0]
+    assert flat.message.content.strip() == expected["response"] and flat.message.content != base
+    meta = flat.model_extra["steering"]
+    assert meta["method"] == "flat" and meta["layers"] == [1] and meta["strength"] == 8.0
+    assert meta["applied_norm"] == pytest.approx([8.0 * axis[1].double().norm().item()], rel=1e-9)
+    dense = ask(server, max_tokens=8, steering={"method": "dense", "vector": "axis", "strength": 3.0,
+                                                "scale": "applied_norm"}).choices[0]
+    assert dense.message.content == reference(lm, PROMPT, 8, dense_steering(lm, axis, applied_norm=3.0))[0]
+    assert dense.model_extra["steering"]["applied_norm"] == pytest.approx([3.0] * lm.n_layers)
+    ablated = ask(server, max_tokens=8, steering={"method": "ablation", "vector": "axis"}).choices[0]
+    assert ablated.message.content == reference(lm, PROMPT, 8, ablate_direction(lm, axis))[0]
+    assert ask(server, max_tokens=8).choices[0].message.content == base  # hooks are gone
+
+
+def test_register_a_vector_list_it_and_steer_with_it(lm, server):
+    direction = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(5))
+    reply = post(server, "/v1/steering", {"name": "posted", "vector": direction.tolist(), "meta": {"by": "test"}})
+    assert reply.status_code == 201 and reply.json()["shape"] == [lm.n_layers, lm.d_model]
+    listed = {v["name"]: v for v in httpx.get(server.url + "/steering", timeout=TIMEOUT).json()["data"]}
+    assert listed["posted"]["meta"] == {"by": "test"} and listed["posted"]["source"] == "POST /v1/steering"
+    assert listed["axis"]["meta"] == {"method": "md"}
+    reply = ask(server, max_tokens=6, steering={"vector": "posted", "layers": [0, 2], "strength": 5.0})
+    vectors = direction.expand(lm.n_layers, -1)
+    expected = steered(lm, [PROMPT], vectors=vectors, layers=[0, 2], alpha=5.0, max_new_tokens=6)[0]
+    assert reply.choices[0].message.content.strip() == expected["response"]
+    assert post(server, "/v1/steering", {"name": "posted", "vector": direction.tolist()}).status_code == 409
+    assert post(server, "/v1/steering", {"name": "short", "vector": [1.0, 2.0]}).status_code == 400
+
+
+@pytest.mark.parametrize("steering, status, words", [
+    ({"method": "spin", "vector": "axis", "strength": 1.0}, 400, "steering.method"),
+    ({"vector": "axis", "layers": [7], "strength": 1.0}, 400, "out of range"),
+    ({"vector": "axis", "layers": [1], "strength": 1.0, "alpah": 1}, 400, "unknown field 'alpah'"),
+    ({"vector": "nope", "layers": [1], "strength": 1.0}, 404, "unknown vector 'nope'"),
+    ({"vector": "axis", "layers": [1], "strength": 1e6}, 400, "over the server's limit 100"),
+    ({"vector": "axis", "layers": [1]}, 400, "strength is missing"),
+])
+def test_bad_steering_is_a_one_line_4xx_and_the_next_request_succeeds(server, steering, status, words):
+    with pytest.raises(openai.APIStatusError) as caught:
+        ask(server, steering=steering)
+    assert caught.value.status_code == status
+    message = caught.value.body["message"]
+    assert words in message and "\n" not in message
+    assert ask(server, max_tokens=2).choices[0].finish_reason in ("stop", "length")
+
+
+def test_bad_bodies_get_the_right_status(server):
+    assert post(server, "/v1/chat/completions", b"{not json").status_code == 400
+    assert "not valid JSON" in post(server, "/v1/chat/completions", b"{not json").json()["error"]["message"]
+    big = {"messages": [{"role": "user", "content": "hi " * 3000}]}
+    assert post(server, "/v1/chat/completions", big).status_code == 413
+    assert post(server, "/v1/chat/completions", {"messages": []}).status_code == 400
+    assert post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                 "max_tokens": 500}).status_code == 400  # past the context
+    assert httpx.get(server.url + "/nothing", timeout=TIMEOUT).status_code == 404
+    assert ask(server, max_tokens=2).choices[0].message.content is not None
+
+
+def test_batched_rows_equal_each_request_alone(lm, axis):
+    state = build_state(lm, max_batch_size=16, batch_window_ms=400)
+    state.vectors.add("axis", axis, source="test")
+    requests = [
+        (PROMPT, None, {}),
+        (OTHER, {"vector": "axis", "layers": [1], "strength": 8.0}, {}),
+        (PROMPT, {"vector": "axis", "layers": [1], "strength": -6.0, "positions": "all"}, {}),
+        ("hello", {"method": "dense", "vector": "axis", "strength": 0.5}, {}),
+        (PROMPT, {"method": "ablation", "vector": "axis", "strength": 1.0}, {}),
+        (OTHER, None, {"temperature": 1.0, "seed": 3, "n": 2}),
+        ("what is the capital of france", {"vector": "axis", "layers": [0, 2], "strength": 4.0,
+                                           "component": "mlp"}, {"stop": ["dragon"]}),
+    ]
+
+    def one(server, prompt, steering, extra):
+        fields = {"steering": steering} if steering else {}
+        reply = ask(server, prompt, max_tokens=10, **{"temperature": 0, **extra, **fields})
+        return [(c.message.content, c.finish_reason, c.model_extra["steering"]) for c in reply.choices]
+
+    with ServerThread(state) as server:
+        alone = [one(server, *request) for request in requests]
+        assert state.engine.stats["largest_batch"] == 2  # the n=2 sampled request
+        together: list[Any] = [None] * len(requests)
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, one(server, *requests[i])))
+                   for i in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        assert state.engine.stats["largest_batch"] == len(requests) + 1  # one batch of every row
+    assert together == alone
+    assert len({choices[0][0] for choices in alone}) > 4  # the steerings differ
+
+
+def test_conditional_steering_fires_by_projection(lm, axis):
+    layer = 1
+    captured = {}
+    handle = lm.layout.blocks[layer].register_forward_hook(lambda m, i, o: captured.update(h=o[0] if isinstance(o, tuple) else o))
+    xs = []
+    for prompt in (PROMPT, OTHER):
+        with torch.inference_mode():
+            lm.model(torch.tensor([prompt_ids(lm, prompt)]))
+        xs.append(captured["h"][0, -1].double())
+    handle.remove()
+    direction = axis[0] / axis[0].norm()
+    first, second = (float(x @ direction.double()) for x in xs)
+    threshold = (first + second) / 2
+    gate = Condition("gate", direction, layer, threshold, "a")
+    state = build_state(lm)
+    state.vectors.add("axis", axis, source="test")
+    state.conditions["gate"] = gate
+    steering = {"vector": "axis", "layers": [1], "strength": 8.0, "condition": "gate"}
+    with ServerThread(state) as server:
+        replies = {p: ask(server, p, max_tokens=8, steering=steering).choices[0] for p in (PROMPT, OTHER)}
+        top_level = ask(server, PROMPT, max_tokens=8, steering={k: v for k, v in steering.items() if k != "condition"},
+                        condition="gate").choices[0]
+    for prompt, projection in ((PROMPT, first), (OTHER, second)):
+        meta = replies[prompt].model_extra["steering"]
+        assert meta["condition"] == "gate" and meta["condition_fired"] is (projection > threshold)
+        expected = steered(lm, [prompt], vectors=axis, layers=[1], alpha=8.0, max_new_tokens=8)[0]["response"]
+        plain = reference(lm, prompt, 8)[0]
+        assert replies[prompt].message.content.strip() == (expected if projection > threshold else plain.strip())
+        assert meta["applied_norm"] == ([pytest.approx(8.0 * axis[1].norm().item())] if projection > threshold
+                                        else [0.0])
+    assert top_level.model_extra["steering"] == replies[PROMPT].model_extra["steering"]
+
+
+def test_api_key_is_required_checked_and_never_logged(lm, caplog, monkeypatch):
+    with pytest.raises(Exception, match="needs an API key"):
+        api_key_from_env(None, "0.0.0.0")
+    monkeypatch.setenv("TORSION_TEST_KEY", "sk-secret-7f3a9")
+    key = api_key_from_env("TORSION_TEST_KEY", "0.0.0.0")
+    state = build_state(lm, api_key=key)
+    caplog.set_level(logging.DEBUG)
+    with ServerThread(state, log_level="debug") as server:
+        for bad in ("none", "sk-secret-7f3a"):
+            with pytest.raises(openai.AuthenticationError) as caught:
+                client(server, bad).models.list()
+            assert "API key" in caught.value.body["message"]
+        assert httpx.get(server.url.removesuffix("/v1") + "/health", timeout=TIMEOUT).status_code == 401
+        reply = client(server, key).chat.completions.create(model="any", max_tokens=2, temperature=0,
+                                                             messages=[{"role": "user", "content": PROMPT}])
+        assert reply.choices[0].message.content is not None
+    assert caplog.records and not any(key in record.getMessage() for record in caplog.records)
+    assert key not in repr(state)

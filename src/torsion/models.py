@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -209,14 +210,19 @@ def load_model(spec: str = f"embedded:{assets.DEFAULT_MODEL}", *, dtype: str = "
     return LoadedModel(model, tokenizer, find_layout(model), spec, model_id, weights_sha)
 
 
-def chat_prompt(tokenizer, prompt: str) -> str:
-    """Apply the chat template with the generation prompt and thinking disabled."""
-    messages = [{"role": "user", "content": prompt}]
+def chat_prompt(tokenizer, prompt: str | Sequence[Mapping[str, str]]) -> str:
+    """Apply the chat template with the generation prompt and thinking disabled.
+
+    ``prompt`` is one user message, or a whole conversation: ``[{"role", "content"}, ...]``
+    with system, user and assistant turns. Without a chat template the messages' contents are
+    joined by blank lines.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
         )
-    return prompt
+    return "\n\n".join(m["content"] for m in messages)
 
 
 def post_instruction_length(tokenizer) -> int:
