@@ -25,7 +25,7 @@ from torsion.judge import LLMJudge, get_judge, judge_rows
 from torsion.judge import llm
 from torsion.judge.base import LABEL_SCORES, LABELS, Verdict
 from torsion.judge.llm import Sample, aggregate, parse_label, rubric_prompt, token_label
-from torsion.serve import make_server
+from torsion.serve import ServerThread, build_state
 from torsion.store import read_jsonl
 
 from tiny import CHAT_TEMPLATE, SPECIAL, WORDS, tiny_lm
@@ -103,7 +103,7 @@ def cached_rows(path) -> int:
 def test_round_trip_through_torsion_serve_on_a_random_tiny_model(tmp_path):
     lm = tiny_lm("llama")
     lm.model.config.max_position_embeddings = 1024  # the rubric is longer than the tiny default (128)
-    with running(make_server(lm)) as server:
+    with ServerThread(build_state(lm)) as server:
         judge = LLMJudge(base_url=server.url, model="tiny", cache_path=tmp_path / "cache.sqlite", retries=0)
         verdicts = judge.judge(PROMPTS, RESPONSES)
         first_hits = server.requests_served
@@ -144,7 +144,7 @@ def label_lm():
 def test_cache_hits_skip_the_network_and_the_key_is_stored_nowhere(tmp_path, label_lm, monkeypatch):
     monkeypatch.setenv("TORSION_JUDGE_TEST_KEY", SECRET)
     cache = tmp_path / "cache.sqlite"
-    with running(make_server(label_lm)) as server:
+    with ServerThread(build_state(label_lm)) as server:
         options = {"base_url": server.url, "model": "tiny", "api_key_env": "TORSION_JUDGE_TEST_KEY",
                    "cache_path": cache}
         judge = get_judge("llm", **options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -9,6 +10,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import torch
@@ -280,3 +282,69 @@ def test_api_key_is_required_checked_and_never_logged(lm, caplog, monkeypatch):
         assert reply.choices[0].message.content is not None
     assert caplog.records and not any(key in record.getMessage() for record in caplog.records)
     assert key not in repr(state)
+
+
+def test_best_threshold_by_hand():
+    from torsion.serve.condition import best_threshold
+
+    assert best_threshold(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == (1.5, 1.0)
+    # candidates -1, 0.5, 1.5, 2.5 score 0.5, 0.75, 0.5, 0.75: the smallest best wins
+    assert best_threshold(np.array([1.0, 3.0]), np.array([0.0, 2.0])) == (0.5, 0.75)
+
+
+@pytest.fixture()
+def condition_run(tmp_path):
+    """A run directory with prompts and resid activations where category a sits +3 along e_0 at block 2."""
+    from safetensors.torch import save_file
+
+    from torsion.data.records import make_prompt, write_prompts_jsonl
+
+    rng = torch.Generator().manual_seed(0)
+    prompts = [dataclasses.replace(make_prompt(f"prompt {i}", "ab"[i % 2], "test"),
+                                   split="train" if i < 30 else "holdout") for i in range(40)]
+    resid = torch.randn(40, 3, 8, generator=rng)
+    resid[0::2, 2, 0] += 3.0
+    write_prompts_jsonl(tmp_path / "prompts.jsonl", prompts)
+    save_file({"resid": resid}, str(tmp_path / "activations.safetensors"), metadata={"primary_position": "last"})
+    (tmp_path / "manifest.json").write_text(json.dumps({"model": {"model_id": "tiny-llama"}}))
+    return tmp_path, prompts, resid
+
+
+def test_condition_fit_is_the_train_mean_difference_and_the_best_balanced_threshold(condition_run, capsys):
+    from torsion.cli import main
+    from torsion.serve.condition import balanced_accuracy, fit_condition, load_condition
+    from torsion.store import RunDir
+
+    root, prompts, resid = condition_run
+    fitted = fit_condition(RunDir(root), "a")
+    assert fitted.layer == 2 and fitted.meta["model_id"] == "tiny-llama"
+    x = resid[:30, 2].double().numpy()
+    inside, outside = x[0:30:2], x[1:30:2]
+    diff = inside.mean(0) - outside.mean(0)
+    assert fitted.direction.numpy() == pytest.approx(diff / np.linalg.norm(diff), abs=1e-6)
+    projections_in, projections_out = inside @ fitted.direction.double().numpy(), outside @ fitted.direction.double().numpy()
+    brute = max(balanced_accuracy(projections_in, projections_out, t) for t in np.concatenate([projections_in, projections_out]))
+    assert fitted.meta["train_balanced_accuracy"] == pytest.approx(brute)
+    assert balanced_accuracy(projections_in, projections_out, fitted.threshold) == pytest.approx(brute)
+    assert fitted.meta["heldout_balanced_accuracy"] is not None
+    assert main(["condition", "fit", str(root), "--category", "a", "--layer", "1"]) == 0
+    assert "block 1" in capsys.readouterr().out
+    loaded = load_condition(root / "condition-a.safetensors")
+    assert loaded.layer == 1 and loaded.category == "a" and loaded.name == "a"
+    assert main(["condition", "fit", str(root), "--category", "zzz"]) == 2
+    assert "category 'zzz' has 0 train rows" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["serve", "--model", "nowhere", "--host", "0.0.0.0"], "needs an API key"),
+    (["serve", "--model", "nowhere", "--api-key-env", "TORSION_UNSET_KEY_1"], "TORSION_UNSET_KEY_1 is unset"),
+    (["serve", "--vector", "novalue"], "is not NAME=FILE:KEY"),
+    (["serve", "--vector", "v=absent.safetensors:md/resid"], "does not exist"),
+    (["serve", "--steering", "[1]"], "is not a JSON object"),
+    (["serve", "--batch-window-ms", "-1"], "argument --batch-window-ms"),
+])
+def test_serve_arguments_fail_in_one_line_before_loading(args, message, capsys):
+    from torsion.cli import main
+
+    assert main(args) == 2
+    assert message in capsys.readouterr().err

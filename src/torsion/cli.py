@@ -96,6 +96,42 @@ def run_directory(text: str) -> Path:
     return path
 
 
+def _named(text: str, what: str) -> tuple[str, str]:
+    name, sep, rest = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_./-]{1,64}", name) or not rest:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}; pass {what}")
+    return name, rest
+
+
+def named_vector(text: str) -> tuple[str, Path, str | None]:
+    """``NAME=FILE:KEY`` (or ``NAME=FILE``) of ``--vector``."""
+    name, rest = _named(text, "NAME=FILE:KEY")
+    path, _, key = rest.rpartition(":") if not Path(rest).expanduser().is_file() and ":" in rest else (rest, "", "")
+    return name, existing_file(path), key or None
+
+
+def named_condition(text: str) -> tuple[str, Path]:
+    name, path = _named(text, "NAME=FILE")
+    return name, existing_file(path)
+
+
+def json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text[:60]!r} is not a JSON object; pass e.g. "
+                                         "'{\"vector\": \"refusal\", \"layers\": [10], \"strength\": -4}'")
+    return value
+
+
+env_name = _checked(str, lambda t: re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", t) is not None,
+                    "an environment variable name")
+
+
 def _add_model_options(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
     parser.add_argument("--model", default=default_model,
                         help="embedded:qwen2.5-coder-0.5b (default), embedded:smollm2-135m, a Hugging Face id, "
@@ -386,19 +422,46 @@ def build_parser() -> argparse.ArgumentParser:
     judge.set_defaults(func=commands.judge)
 
     serve = subcommands.add_parser(
-        "serve", help="serve a model (optionally steered) on an OpenAI-compatible /v1/chat/completions",
-        description="Any evaluation harness that speaks the OpenAI chat API can talk to the model, steered "
-        "or not. Binds 127.0.0.1 by default.")
+        "serve", help="an OpenAI-compatible server with per-request steering, batching and streaming",
+        description="Serves /v1/chat/completions, /v1/completions (stream: true as server-sent events), "
+        "/v1/models, /health, and GET/POST /v1/steering. A request steers itself with the extension field "
+        "steering = {method: flat|dense|ablation|none, vector: NAME, layers, strength, scale, component, "
+        "positions, condition}; without it the --steering default applies. Requests arriving within "
+        "--batch-window-ms are generated as one batch, each row with its own steering. Binds 127.0.0.1 by "
+        "default; any other address needs --api-key-env.")
     _add_model_options(serve, "embedded:qwen2.5-coder-0.5b")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=port_int, default=8000)
-    serve.add_argument("--vector", default=None, type=existing_file, help="a vectors.safetensors file to steer with")
-    serve.add_argument("--key", default=None, help="which vector in the file, e.g. md/resid")
-    serve.add_argument("--layers", type=block_index, nargs="+", default=None, help="blocks to steer")
-    serve.add_argument("--alpha", type=finite_float, nargs="+", default=None, help="one alpha, or one per layer")
-    serve.add_argument("--component", default="resid", choices=["resid", "attn", "mlp"])
-    serve.add_argument("--positions", default="last", choices=["last", "all"])
+    serve.add_argument("--vector", type=named_vector, action="append", default=[], metavar="NAME=FILE:KEY",
+                       help="register a vector for requests to name, e.g. refusal=runs/q/vectors.safetensors:md/resid "
+                       "(KEY may be left out when the file holds one vector); repeatable")
+    serve.add_argument("--condition", type=named_condition, action="append", default=[], metavar="NAME=FILE",
+                       help="load a condition file from `torsion condition fit`; repeatable")
+    serve.add_argument("--steering", type=json_object, default=None, metavar="JSON",
+                       help="the default steering for requests without a steering field (default none)")
+    serve.add_argument("--max-batch-size", type=positive_int, default=8, help="rows per batch (default 8)")
+    serve.add_argument("--batch-window-ms", type=nonneg_float, default=20.0,
+                       help="how long the first request of a batch waits for others (default 20)")
+    serve.add_argument("--max-applied-norm", type=positive_float, default=None,
+                       help="refuse additive steering whose ||alpha v_l|| exceeds this at any block (default no limit)")
+    serve.add_argument("--api-key-env", default=None, type=env_name, metavar="NAME",
+                       help="environment variable holding the API key every request must send as a Bearer "
+                       "token; required off loopback; the key is never logged")
     serve.set_defaults(func=commands.serve)
+
+    condition = subcommands.add_parser(
+        "condition", help="fit a CAST condition (direction and threshold) on a run's train rows",
+        description="`torsion condition fit RUN_DIR --category C` writes a condition file: the direction c = "
+        "mean(resid of C's train rows) - mean(the other train rows), normalised, at one block (default: the "
+        "block with the best train balanced accuracy), and the threshold tau maximising balanced accuracy of "
+        "x.c > tau on train rows. `torsion serve --condition NAME=FILE` gates steering with it.")
+    condition.add_argument("action", choices=["fit"])
+    condition.add_argument("run_dir", type=run_directory, help="a directory made by `torsion run`")
+    condition.add_argument("--category", required=True, type=nonempty_text, help="the category to steer")
+    condition.add_argument("--layer", type=block_index, default=None, help="the block (default: best on train)")
+    condition.add_argument("--out", type=output_path, default=None,
+                           help="condition file (default RUN_DIR/condition-<category>.safetensors)")
+    condition.set_defaults(func=commands.condition)
 
     review = subcommands.add_parser(
         "review", help="a local web page for the human check of every surviving comply",

@@ -415,9 +415,25 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
 def serve(args: argparse.Namespace) -> int:
     from torsion.serve import run_server
 
-    run_server(args.model, args.host, args.port, vector_path=args.vector, layers=args.layers, alpha=args.alpha,
-               component=args.component, key=args.key, positions=args.positions, dtype=args.dtype,
-               device=args.device, log=lambda message: print(message, file=sys.stderr))
+    run_server(args.model, args.host, args.port, vectors=args.vector, conditions=args.condition,
+               default_steering=args.steering, max_batch_size=args.max_batch_size,
+               batch_window_ms=args.batch_window_ms, max_applied_norm=args.max_applied_norm,
+               api_key_env=args.api_key_env, dtype=args.dtype, device=args.device,
+               log=lambda message: print(message, file=sys.stderr))
+    return 0
+
+
+def condition(args: argparse.Namespace) -> int:
+    from torsion.serve.condition import fit_condition, save_condition
+    from torsion.store import RunDir
+
+    fitted = fit_condition(RunDir(args.run_dir), args.category, layer=args.layer)
+    out = args.out or args.run_dir / f"condition-{args.category}.safetensors"
+    save_condition(fitted, out)
+    held = fitted.meta["heldout_balanced_accuracy"]
+    print(f"{out}: block {fitted.layer}, threshold {fitted.threshold:.6g}, balanced accuracy "
+          f"{fitted.meta['train_balanced_accuracy']:.3f} train, "
+          f"{'n/a' if held is None else format(held, '.3f')} held-out")
     return 0
 
 

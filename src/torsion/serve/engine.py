@@ -181,7 +181,7 @@ class Engine:
         config = lm.model.generation_config
         eos = config.eos_token_id if config.eos_token_id is not None else lm.tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        self.stats = {"batches": 0, "rows": 0, "largest_batch": 0}
+        self.stats = {"requests": 0, "batches": 0, "rows": 0, "largest_batch": 0}
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -197,6 +197,7 @@ class Engine:
             self._thread = None
 
     def submit(self, job: Job) -> None:
+        self.stats["requests"] += 1
         self._queue.put(job)
 
     def _loop(self) -> None:

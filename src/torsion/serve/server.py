@@ -98,6 +98,11 @@ class ServerThread:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/v1"
 
+    @property
+    def requests_served(self) -> int:
+        """Generation requests accepted so far."""
+        return self.state.engine.stats["requests"]
+
     def __enter__(self) -> ServerThread:
         self.state.engine.start()
         self._thread.start()
