@@ -169,7 +169,10 @@ def test_register_a_vector_list_it_and_steer_with_it(lm, server):
 
 
 @pytest.mark.parametrize("steering, status, words", [
-    ({"method": "spin", "vector": "axis", "strength": 1.0}, 400, "steering.method"),
+    ({"method": "spin", "vector": "axis", "strength": 1.0}, 400, "unknown steering method 'spin'"),
+    ({"method": "flat", "vector": "axis", "layers": "1", "strength": 1.0}, 400, "must be a list of block"),
+    ({"method": "flat", "vector": "axis", "layers": [1, 1], "strength": 1.0}, 400, "repeats a block"),
+    ({"method": "ace", "vector": "axis", "layers": [1], "strength": 1.0}, 400, "needs means"),
     ({"vector": "axis", "layers": [7], "strength": 1.0}, 400, "out of range"),
     ({"vector": "axis", "layers": [1], "strength": 1.0, "alpah": 1}, 400, "unknown field 'alpah'"),
     ({"vector": "nope", "layers": [1], "strength": 1.0}, 404, "unknown vector 'nope'"),

@@ -425,8 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="an OpenAI-compatible server with per-request steering, batching and streaming",
         description="Serves /v1/chat/completions, /v1/completions (stream: true as server-sent events), "
         "/v1/models, /health, and GET/POST /v1/steering. A request steers itself with the extension field "
-        "steering = {method: flat|dense|ablation|none, vector: NAME, layers, strength, scale, component, "
-        "positions, condition}; without it the --steering default applies. Requests arriving within "
+        "steering = {method (flat, dense, ablation, weighted-ablation, ace, spline-a, spline-b or none), "
+        "vector: NAME, layers, strength, scale, component, positions, beta, params, condition}; without it the --steering default applies. Requests arriving within "
         "--batch-window-ms are generated as one batch, each row with its own steering. Binds 127.0.0.1 by "
         "default; any other address needs --api-key-env.")
     _add_model_options(serve, "embedded:qwen2.5-coder-0.5b")
@@ -435,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--vector", type=named_vector, action="append", default=[], metavar="NAME=FILE:KEY",
                        help="register a vector for requests to name, e.g. refusal=runs/q/vectors.safetensors:md/resid "
                        "(KEY may be left out when the file holds one vector); repeatable")
+    serve.add_argument("--method-file", type=named_condition, action="append", default=[], metavar="NAME=FILE",
+                       help="register a saved steering method (e.g. ace, spline-a, spline-b; a spline's recorded "
+                       "coherent t range bounds requests); repeatable")
     serve.add_argument("--condition", type=named_condition, action="append", default=[], metavar="NAME=FILE",
                        help="load a condition file from `torsion condition fit`; repeatable")
     serve.add_argument("--steering", type=json_object, default=None, metavar="JSON",

@@ -415,7 +415,8 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
 def serve(args: argparse.Namespace) -> int:
     from torsion.serve import run_server
 
-    run_server(args.model, args.host, args.port, vectors=args.vector, conditions=args.condition,
+    run_server(args.model, args.host, args.port, vectors=args.vector, method_files=args.method_file,
+               conditions=args.condition,
                default_steering=args.steering, max_batch_size=args.max_batch_size,
                batch_window_ms=args.batch_window_ms, max_applied_norm=args.max_applied_norm,
                api_key_env=args.api_key_env, dtype=args.dtype, device=args.device,

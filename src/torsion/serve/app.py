@@ -29,7 +29,7 @@ from torsion.models import LoadedModel, chat_prompt
 from torsion.serve import protocol
 from torsion.serve.condition import Condition
 from torsion.serve.engine import Engine, Job
-from torsion.serve.steering import METHODS, RequestError, RowSteering, VectorRegistry, resolve_steering
+from torsion.serve.steering import PER_ROW, RequestError, RowSteering, VectorRegistry, resolve_steering, served_methods
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -109,8 +109,8 @@ def _job(state: ServeState, body: Mapping[str, Any], chat: bool) -> tuple[Job, p
     return job, sampling, events
 
 
-def _metadata(job: Job, fired: bool | None) -> dict[str, Any] | None:
-    return None if job.steering is None else job.steering.metadata(fired)
+def _metadata(job: Job, fired: bool | None, record: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    return None if job.steering is None else job.steering.metadata(fired, record)
 
 
 async def _complete(state: ServeState, job: Job, events: asyncio.Queue, chat: bool) -> JSONResponse:
@@ -118,19 +118,21 @@ async def _complete(state: ServeState, job: Job, events: asyncio.Queue, chat: bo
     finish: dict[int, str] = {}
     tokens: dict[int, int] = {}
     logprobs: dict[int, list] = {i: [] for i in range(job.n)}
-    fired = None
+    fired = record = None
     while len(finish) < job.n:
         event = await events.get()
         if event["type"] == "error":
             return _error(500, f"generation failed: {event['message']}", "server_error")
         if event["type"] == "steering":
             fired = event["fired"]
+        elif event["type"] == "record":
+            record = event["record"]
         elif event["type"] == "delta" and event["logprobs"]:
             logprobs[event["choice"]] += event["logprobs"]
         elif event["type"] == "done":
             choice = event["choice"]
             texts[choice], finish[choice], tokens[choice] = event["text"], event["finish_reason"], event["tokens"]
-    meta = _metadata(job, fired)
+    meta = _metadata(job, fired, record)
     choices = []
     for i in range(job.n):
         choice: dict[str, Any] = {"index": i}
@@ -161,7 +163,7 @@ async def _stream(state: ServeState, job: Job, sampling: protocol.Sampling, even
         if chat:
             for i in range(job.n):
                 yield f"data: {json.dumps({**head, 'choices': [{'index': i, 'delta': {'role': 'assistant', 'content': ''}, 'logprobs': None, 'finish_reason': None}]})}\n\n"
-        done, fired, total = 0, None, 0
+        done, fired, record, total = 0, None, None, 0
         while done < job.n:
             event = await events.get()
             if event["type"] == "error":
@@ -169,12 +171,14 @@ async def _stream(state: ServeState, job: Job, sampling: protocol.Sampling, even
                 break
             if event["type"] == "steering":
                 fired = event["fired"]
+            elif event["type"] == "record":
+                record = event["record"]
             elif event["type"] == "delta":
                 if event["text"]:
                     yield chunk(event["choice"], event["text"])
             elif event["type"] == "done":
                 done, total = done + 1, total + event["tokens"]
-                yield chunk(event["choice"], None, event["finish_reason"], {"steering": _metadata(job, fired)})
+                yield chunk(event["choice"], None, event["finish_reason"], {"steering": _metadata(job, fired, record)})
         else:
             if sampling.include_usage:
                 usage = protocol.usage(len(job.prompt_ids), total)
@@ -225,7 +229,7 @@ def create_app(state: ServeState) -> FastAPI:
         conditions = [{"name": c.name, "category": c.category, "layer": c.layer, "threshold": c.threshold,
                        "position": c.position, "meta": c.meta} for c in state.conditions.values()]
         return {"object": "list", "data": state.vectors.listing(), "conditions": conditions,
-                "methods": list(METHODS), "limits": {"max_applied_norm": state.max_applied_norm}}
+                "methods": served_methods(), "per_row_methods": list(PER_ROW), "limits": {"max_applied_norm": state.max_applied_norm}}
 
     @app.post("/v1/steering", status_code=201)
     async def register(request: Request) -> dict[str, Any]:

@@ -10,6 +10,10 @@ a stop sequence, ``max_tokens``, or a closed stream) is answered at once and dro
 the batch and its cache; requests arriving meanwhile wait for the next batch (no rows join a
 running batch: static batching). Greedy rows give the tokens they give alone.
 
+Methods that cannot be applied row by row (ACE, splines: ``RowSteering.hooked``) run their
+own hooks over a sub-batch of the rows with the same method and strength, after the per-row
+batch.
+
 Conditional rows (CAST) are decided first by one unsteered prefill of their prompts: a row
 whose condition does not fire runs unsteered.
 """
@@ -49,7 +53,8 @@ def model_lock(lm: LoadedModel) -> threading.Lock:
 class Job:
     """One request's generation. ``emit`` receives its events, from the engine thread:
 
-    ``{"type": "steering", "fired": bool | None}`` first, then per choice ``{"type": "delta",
+    ``{"type": "steering", "fired": bool | None}`` first, ``{"type": "record", "record"}`` (a
+    hooked method's :meth:`MethodRecord.conventions`) when its sub-batch starts, then per choice ``{"type": "delta",
     "choice", "text", "logprobs"}`` and ``{"type": "done", "choice", "finish_reason", "tokens",
     "text"}``, or one ``{"type": "error", "message"}``. Greedy (``temperature == 0``) choices
     are copies of one row.
@@ -95,8 +100,9 @@ class _RowHooks:
             if steering is None:
                 continue
             if steering.units is not None:
-                units, weights = ablate.setdefault(steering.vector, (steering.units, torch.zeros(batch)))
-                weights[row] = steering.strength
+                units, weights = ablate.setdefault(steering.unit_key,
+                                                   (steering.units, torch.zeros(batch, lm.n_layers)))
+                weights[row] = torch.tensor(steering.weights)
                 continue
             slot = 1 if steering.positions == "all" else 0
             for layer, delta in steering.offsets.items():
@@ -121,11 +127,12 @@ class _RowHooks:
         for (component, layer), pair in self.adds.items():
             hook = self._add_hook(pair)
             handles.append(layout.component_module(component, layer).register_forward_hook(hook, prepend=True))
-        for name in self.ablate:
+        for name, (_units, weights) in self.ablate.items():
             writes = [(layout.embed, 0)] + [(module, layer) for layer in range(self.lm.n_layers)
                                             for module in (layout.attn[layer], layout.mlp[layer])]
             for module, layer in writes:
-                handles.append(module.register_forward_hook(self._ablate_hook(name, layer), prepend=True))
+                if weights[:, layer].any():  # a block no row ablates gets no hook, as in ablate_direction
+                    handles.append(module.register_forward_hook(self._ablate_hook(name, layer), prepend=True))
         return handles
 
     @staticmethod
@@ -149,7 +156,7 @@ class _RowHooks:
             units, weights = self.ablate[name]
             hidden = output_tensor(output)
             u = units[layer].to(hidden)
-            removed = (weights.to(hidden)[:, None] * (hidden @ u))[..., None] * u  # [batch, seq, d_model]
+            removed = ((hidden @ u) * weights[:, layer].to(hidden)[:, None])[..., None] * u  # [batch, seq, d_model]
             ablated = hidden - removed
             return (ablated, *output[1:]) if isinstance(output, tuple) else ablated
         return hook
@@ -272,18 +279,31 @@ class Engine:
                 rows.append(_Row(job, list(range(job.n)), steering, None))
             else:
                 rows += [_Row(job, [choice], steering, generator) for choice in range(job.n)]
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(rows)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
-        hooks = _RowHooks(self.lm, [row.steering for row in rows])
-        handles = hooks.install()
-        try:
-            self._decode(rows, hooks)
-        finally:
-            for handle in handles:
-                handle.remove()
+        groups: dict[Any, list[_Row]] = {}
+        for row in rows:  # rows of a hooked method share its hooks: one sub-batch per method and strength
+            hooked = None if row.steering is None else row.steering.hooked
+            groups.setdefault(None if hooked is None else (id(hooked), row.steering.strength), []).append(row)
+        for key, group in groups.items():
+            self.stats["batches"] += 1
+            self.stats["rows"] += len(group)
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(group))
+            if key is None:
+                hooks = _RowHooks(self.lm, [row.steering for row in group])
+                handles = hooks.install()
+                try:
+                    self._decode(group, hooks)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+            else:
+                steering = group[0].steering
+                with steering.hooked.apply(self.lm, steering.strength) as record:
+                    conventions = record.conventions()
+                    for job in {id(row.job): row.job for row in group}.values():
+                        job.emit({"type": "record", "record": conventions})
+                    self._decode(group, None)
 
-    def _decode(self, rows: list[_Row], hooks: _RowHooks) -> None:
+    def _decode(self, rows: list[_Row], hooks: _RowHooks | None) -> None:
         ids, mask = _left_pad(self.lm, [row.job.prompt_ids for row in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = None
@@ -303,7 +323,8 @@ class Engine:
                     break
                 index = torch.tensor(keep, device=ids.device)
                 cache.batch_select_indices(index)
-                hooks.keep(index)
+                if hooks is not None:
+                    hooks.keep(index)
                 mask = mask[index]
                 rows = [rows[i] for i in keep]
                 tokens = [tokens[i] for i in keep]

@@ -48,10 +48,11 @@ def api_key_from_env(name: str | None, host: str) -> str | None:
 
 
 def build_state(lm: LoadedModel, *, vectors: Sequence[tuple[str, str | Path, str | None]] = (),
-                conditions: Sequence[tuple[str, str | Path]] = (), default_steering: Mapping[str, Any] | None = None,
+                method_files: Sequence[tuple[str, str | Path]] = (), conditions: Sequence[tuple[str, str | Path]] = (), default_steering: Mapping[str, Any] | None = None,
                 max_batch_size: int = 8, batch_window_ms: float = 20.0, max_applied_norm: float | None = None,
                 api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> ServeState:
-    """Load the named vectors (``NAME, FILE, KEY``) and conditions (``NAME, FILE``); check the default steering."""
+    """Load the named vectors (``NAME, FILE, KEY``), method files and conditions (``NAME, FILE``); check the default."""
+    from torsion.steering import load_method
     from torsion.vector_file import load_vector
 
     registry = VectorRegistry(lm)
@@ -60,6 +61,8 @@ def build_state(lm: LoadedModel, *, vectors: Sequence[tuple[str, str | Path, str
         for name, path, key in vectors:
             vector = load_vector(path, key, d_model=lm.d_model)
             registry.add(name, vector.directions, source=f"{path}:{key}" if key else str(path), meta=vector.meta)
+        for name, path in method_files:
+            registry.add_method(name, load_method(path, lm=lm), source=str(path))
         for name, path in conditions:
             condition = load_condition(path, name=name)
             check_condition(condition, lm)
@@ -122,14 +125,15 @@ class ServerThread:
 
 
 def run_server(model_spec: str, host: str = "127.0.0.1", port: int = 8000, *,
-               vectors: Sequence[tuple[str, Path, str | None]] = (), conditions: Sequence[tuple[str, Path]] = (),
+               vectors: Sequence[tuple[str, Path, str | None]] = (), method_files: Sequence[tuple[str, Path]] = (),
+               conditions: Sequence[tuple[str, Path]] = (),
                default_steering: Mapping[str, Any] | None = None, max_batch_size: int = 8,
                batch_window_ms: float = 20.0, max_applied_norm: float | None = None, api_key_env: str | None = None,
                dtype: str = "float32", device: str = "cpu", log: Callable[[str], None] = print) -> None:
     """Load ``model_spec`` and serve until interrupted (Ctrl-C); ``log`` gets the base URL."""
     api_key = api_key_from_env(api_key_env, host)  # before the model loads: a missing key fails fast
     lm = load_model(model_spec, dtype=dtype, device=device)
-    state = build_state(lm, vectors=vectors, conditions=conditions, default_steering=default_steering,
+    state = build_state(lm, vectors=vectors, method_files=method_files, conditions=conditions, default_steering=default_steering,
                         max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
                         max_applied_norm=max_applied_norm, api_key=api_key)
     with ServerThread(state, host, port, log_level="info") as server:

@@ -1,20 +1,23 @@
-"""Per-request steering for the server: named vectors, the request's ``steering`` spec, limits.
+"""Per-request steering for the server: named vectors and methods, the request's ``steering`` spec, limits.
 
-A request's ``steering`` object names a method, a registered vector, blocks and a strength::
+A request's ``steering`` object names a method of the steering-method registry
+(:func:`torsion.steering.get_method`), a registered entry, and one strength::
 
     {"method": "flat", "vector": "refusal", "layers": [10, 12], "strength": -4.0}
     {"method": "dense", "vector": "refusal", "strength": 2.0, "scale": "applied_norm"}
-    {"method": "ablation", "vector": "refusal", "strength": 1.0}
+    {"method": "ablation", "vector": "refusal"}                      # strength 1 = full ablation
+    {"method": "weighted-ablation", "vector": "refusal", "strength": 1.0,
+     "params": {"peak_position": 12, "width": 6}}
+    {"vector": "spline", "strength": 0.8}        # a method file registered with --method-file
     {"method": "flat", "vector": "refusal", "layers": [10], "strength": 4.0, "condition": "cyber"}
 
-The method names and their strengths are those of the steering-method registry
-(``torsion.steering.get_method``: ``flat`` α on chosen blocks, ``dense`` α or an equal
-applied norm on every block, ``ablation`` the removed share β, 1 = full ablation). That
-package is not on this branch's base yet, so this module is the small adapter with the same
-names: each spec resolves to a :class:`RowSteering` whose per-block offsets (additive
-methods) or unit directions (ablation) the batch engine applies row by row, exactly as
-:func:`torsion.steer.add_steering`, :func:`~torsion.steer.dense_steering` and
-:func:`~torsion.steer.ablate_direction` do for a whole batch.
+A vector entry (``--vector`` or ``POST /v1/steering``) builds ``flat``, ``dense``, ``ablation``,
+``weighted-ablation`` or ``ace`` (ace's ``means`` come in ``params``); a method-file entry
+(``--method-file``: any saved method, e.g. ``ace``, ``spline-a``, ``spline-b``) is used as
+saved, with the request's strength; a spline's strength ``t`` must lie in its recorded
+coherent range. The additive and ablation methods resolve to per-row offsets and unit
+directions the batch engine applies row by row, exactly as the methods' own hooks do; every
+other method runs its own hooks over a sub-batch of rows with the same method and strength.
 """
 
 from __future__ import annotations
@@ -30,14 +33,19 @@ from torch import Tensor
 
 from torsion.conventions import LAYER_INDEXING
 from torsion.models import LoadedModel
+from torsion.errors import TorsionError
 from torsion.serve.condition import Condition
 from torsion.steer import unit_directions
+from torsion.steering import SteeringMethod, get_method, method_names
+from torsion.steering.registry import method_class
 
-METHODS = ("flat", "dense", "ablation")
+PER_ROW = ("flat", "dense", "ablation", "weighted-ablation")  # applied row by row in one forward
+ABLATIONS = ("ablation", "weighted-ablation")
+SPEC_KEYS = ("method", "vector", "layers", "strength", "scale", "component", "positions", "beta", "params",
+             "condition")
+NAME_LIMIT = 64
 COMPONENTS = ("resid", "attn", "mlp")
 POSITIONS = ("last", "all")
-SPEC_KEYS = ("method", "vector", "layers", "strength", "scale", "component", "positions", "condition")
-NAME_LIMIT = 64
 
 
 class RequestError(ValueError):
@@ -50,35 +58,52 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class NamedVector:
-    """A registered steering vector: ``directions`` ``[n_layers, d_model]`` float32, with provenance."""
+    """A registered entry: ``directions`` ``[n_layers, d_model]`` float32, or a saved ``method``; with provenance."""
 
     name: str
-    directions: Tensor
+    directions: Tensor | None
     source: str
     meta: dict[str, Any]
     registered_at: float
+    method: SteeringMethod | None = None
 
     def listing(self) -> dict[str, Any]:
-        norms = torch.linalg.vector_norm(self.directions.double(), dim=1)
-        return {"name": self.name, "shape": list(self.directions.shape), "source": self.source,
-                "registered_at": int(self.registered_at), "norms": [round(float(n), 6) for n in norms],
-                "meta": self.meta}
+        entry: dict[str, Any] = {"name": self.name, "kind": "vector" if self.method is None else "method",
+                                 "source": self.source, "registered_at": int(self.registered_at), "meta": self.meta}
+        if self.method is not None:
+            entry.update(method=self.method.name, params=self.method.params())
+        else:
+            norms = torch.linalg.vector_norm(self.directions.double(), dim=1)
+            entry.update(shape=list(self.directions.shape), norms=[round(float(n), 6) for n in norms])
+        return entry
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not name or len(name) > NAME_LIMIT or not name.replace("-", "").replace(
+            "_", "").replace(".", "").replace("/", "").isalnum():
+        raise RequestError(f"name {str(name)[:NAME_LIMIT]!r} is not valid; use up to {NAME_LIMIT} letters, digits, "
+                           "'-', '_', '.', '/'", param="name")
 
 
 class VectorRegistry:
-    """Named vectors for one model (thread-safe); names are registered once."""
+    """Named vectors and method files for one model (thread-safe); names are registered once."""
 
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
         self._vectors: dict[str, NamedVector] = {}
         self._lock = threading.Lock()
 
+    def _insert(self, entry: NamedVector) -> NamedVector:
+        with self._lock:
+            if entry.name in self._vectors:
+                raise RequestError(f"{entry.name!r} is already registered; pick another name", status=409,
+                                   param="name")
+            self._vectors[entry.name] = entry
+        return entry
+
     def add(self, name: str, directions: Any, *, source: str, meta: Mapping[str, Any] | None = None) -> NamedVector:
         """Register ``directions`` (``[d_model]`` for every block, or ``[n_layers, d_model]``)."""
-        if not isinstance(name, str) or not name or len(name) > NAME_LIMIT or not name.replace("-", "").replace(
-                "_", "").replace(".", "").replace("/", "").isalnum():
-            raise RequestError(f"vector name {str(name)[:NAME_LIMIT]!r} is not valid; use up to {NAME_LIMIT} "
-                               "letters, digits, '-', '_', '.', '/'", param="name")
+        _check_name(name)
         try:
             tensor = torch.as_tensor(getattr(directions, "directions", directions), dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError):
@@ -92,13 +117,13 @@ class VectorRegistry:
                                f"[{lm.n_layers}, {lm.d_model}]", param="vector")
         if not torch.isfinite(tensor).all():
             raise RequestError("vector has non-finite values; send finite numbers", param="vector")
-        entry = NamedVector(name, tensor.detach().cpu(), source, dict(meta or {}), time.time())
-        with self._lock:
-            if name in self._vectors:
-                raise RequestError(f"vector {name!r} is already registered; pick another name", status=409,
-                                   param="name")
-            self._vectors[name] = entry
-        return entry
+        return self._insert(NamedVector(name, tensor.detach().cpu(), source, dict(meta or {}), time.time()))
+
+    def add_method(self, name: str, method: SteeringMethod, *, source: str) -> NamedVector:
+        """Register a saved steering method (validated against the model)."""
+        _check_name(name)
+        method.validate(self.lm)
+        return self._insert(NamedVector(name, None, source, dict(method.meta), time.time(), method))
 
     def get(self, name: Any) -> NamedVector:
         with self._lock:
@@ -119,9 +144,9 @@ class RowSteering:
     """One request's resolved steering.
 
     Additive methods: ``offsets`` maps block ``l`` to ``α_l v_l`` (``[d_model]`` float64) added
-    at ``component`` on ``positions``. Ablation: ``units`` (``[n_layers, d_model]`` float32,
-    ``v̂_l``) and the removed share ``strength``. ``key`` identifies the ablation direction for
-    grouping rows into one hook.
+    at ``component`` on ``positions``. Ablations: ``units`` (``[n_layers, d_model]`` float32,
+    ``v̂_l``) and the removed share per block, ``weights``. Any other method: ``hooked``, the
+    method object, applied with its own hooks to a sub-batch (``applied_norms`` None until run).
     """
 
     method: str
@@ -130,48 +155,105 @@ class RowSteering:
     strength: float
     component: str
     positions: str
-    applied_norms: tuple[float, ...]
+    applied_norms: tuple[float, ...] | None
     offsets: dict[int, Tensor] = field(default_factory=dict)
     units: Tensor | None = None
+    unit_key: str = ""
+    weights: tuple[float, ...] = ()
+    hooked: SteeringMethod | None = None
     condition: Condition | None = None
 
-    def metadata(self, fired: bool | None) -> dict[str, Any]:
-        """What a response records: method, blocks, strength, applied norm, whether the condition fired."""
+    def metadata(self, fired: bool | None, record: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What a response records: method, blocks, strength, applied norm, whether the condition fired.
+
+        ``record`` is the method's :meth:`MethodRecord.conventions` for a hooked method.
+        """
         applied = fired is not False
-        return {"method": self.method, "vector": self.vector, "layers": list(self.layers),
+        norms = list(self.applied_norms) if self.applied_norms is not None else \
+            (record or {}).get("applied_norm")
+        layers = list(self.layers) if self.hooked is None else (record or {}).get("layers", list(self.layers))
+        return {"method": self.method, "vector": self.vector, "layers": layers,
                 "strength": self.strength, "component": self.component, "positions": self.positions,
-                "applied_norm": list(self.applied_norms) if applied else [0.0] * len(self.layers),
-                "applied": applied, "layer_indexing": LAYER_INDEXING,
+                "applied_norm": norms if applied else [0.0] * len(layers), "applied": applied,
+                "layer_indexing": LAYER_INDEXING,
                 "condition": None if self.condition is None else self.condition.name, "condition_fired": fired}
 
 
-def _number(spec: Mapping[str, Any], name: str) -> float:
-    value = spec.get(name)
+def _number(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(f"steering.{name} must be a finite number, got {value!r}", param=f"steering.{name}")
+        raise RequestError(f"steering.{name} must be a finite number, got {str(value)[:40]!r}",
+                           param=f"steering.{name}")
     return float(value)
 
 
-def _layers(lm: LoadedModel, value: Any) -> tuple[int, ...]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                         for v in value):
-        raise RequestError("steering.layers must be a non-empty list of block indices", param="steering.layers")
-    bad = [v for v in value if not 0 <= v < lm.n_layers]
-    if bad:
-        raise RequestError(f"steering.layers has block {bad[0]}, out of range; this model has blocks "
-                           f"0..{lm.n_layers - 1}", param="steering.layers")
-    if len(set(value)) != len(value):
-        raise RequestError(f"steering.layers {value} repeats a block; list each block once", param="steering.layers")
-    return tuple(value)
+def _build(name: str, entry: NamedVector, spec: Mapping[str, Any], lm: LoadedModel) -> SteeringMethod:
+    """The registry method ``name`` over a vector entry, from the spec's parameters."""
+    params = dict(spec.get("params") or {})
+    if not isinstance(spec.get("params", {}), dict):
+        raise RequestError("steering.params must be an object of method parameters", param="steering.params")
+    layers = spec.get("layers", [0])
+    if not isinstance(layers, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
+        raise RequestError("steering.layers must be a list of block indices", param="steering.layers")
+    for key in ("layers", "scale", "component", "positions", "beta"):
+        if key in spec:
+            params[key] = spec[key]
+    if "means" in params:
+        params["means"] = torch.as_tensor(params["means"], dtype=torch.float32)
+    tensor_field = "directions" if name in ABLATIONS else "vectors"
+    params[tensor_field] = entry.directions
+    meta = {"vector": entry.name, "source": entry.source}
+    method = get_method(name, meta=meta, **params)
+    method.validate(lm)
+    return method
 
 
-def _choice(spec: Mapping[str, Any], name: str, choices: tuple[str, ...], default: str) -> str:
-    value = spec.get(name, default)
-    if value not in choices:
-        raise RequestError(f"steering.{name} {value!r} is not one of {', '.join(choices)}", param=f"steering.{name}")
-    return value
+def _row(method: SteeringMethod, vector: str, strength: float, lm: LoadedModel, condition: Condition | None,
+         max_applied_norm: float | None) -> RowSteering:
+    """Compile ``method`` at ``strength`` to per-row offsets or units, or keep it hooked."""
+    name = method.name
+    if name in ABLATIONS:
+        weights = tuple(float(w) for w in method.block_weights(lm, strength))
+        index = getattr(method, "direction_index", None)
+        return RowSteering(name, vector, tuple(range(lm.n_layers)), strength, "attn+mlp", "all",
+                           (0.0,) * lm.n_layers, units=unit_directions(lm, method.unit_source()),
+                           unit_key=f"{vector}@{index}", weights=weights, condition=condition)
+    if name in ("flat", "dense"):
+        if method.component not in COMPONENTS or method.positions not in POSITIONS:
+            raise RequestError(f"steering component {method.component!r} or positions {method.positions!r} is not "
+                               f"served; choose component {', '.join(COMPONENTS)} and positions {', '.join(POSITIONS)}",
+                               param="steering")
+        if len(set(method.steered_layers)) != len(method.steered_layers):
+            raise RequestError(f"steering.layers {list(method.steered_layers)} repeats a block; list each once",
+                               param="steering.layers")
+        directions = method.vectors.double()
+        if name == "flat":
+            layers, alphas = method.layers, [strength] * len(method.layers)
+        else:
+            layers = tuple(range(lm.n_layers))
+            if method.scale == "alpha":
+                alphas = [strength] * len(layers)
+            else:  # dense_steering's rule: α_l = applied_norm / ‖v_l‖, 0 where v_l = 0; the sign flips the vectors
+                norms = torch.linalg.vector_norm(directions, dim=1)
+                alphas = [math.copysign(abs(strength) / float(n), strength) if n > 0 else 0.0 for n in norms]
+        deltas = directions[list(layers)] * torch.tensor(alphas, dtype=torch.float64)[:, None]
+        applied = tuple(torch.linalg.vector_norm(deltas, dim=1).tolist())
+        if max_applied_norm is not None and max(applied) > max_applied_norm:
+            worst = max(range(len(layers)), key=lambda i: applied[i])
+            raise RequestError(f"steering strength {strength:g} gives applied norm {applied[worst]:.4g} at block "
+                               f"{layers[worst]}, over the server's limit {max_applied_norm:g}; lower |strength|",
+                               param="steering.strength")
+        return RowSteering(name, vector, tuple(layers), strength, method.component, method.positions, applied,
+                           offsets=dict(zip(layers, deltas)), condition=condition)
+    t_range = getattr(method, "t_range", None)
+    if t_range is not None and not getattr(method, "allow_extrapolation", False) and \
+            not t_range[0] <= strength <= t_range[1]:
+        raise RequestError(f"{name} t={strength:g} is outside the recorded coherent range [{t_range[0]:g}, "
+                           f"{t_range[1]:g}]; pass a t inside it", param="steering.strength")
+    if max_applied_norm is not None and name == "ace" and method.beta * abs(strength) > max_applied_norm:
+        raise RequestError(f"ace strength {strength:g} gives applied norm {method.beta * abs(strength):.4g}, over "
+                           f"the server's limit {max_applied_norm:g}; lower |strength|", param="steering.strength")
+    return RowSteering(name, vector, tuple(method.steered_layers), strength, getattr(method, "component", "resid"),
+                       getattr(method, "positions", "last"), None, hooked=method, condition=condition)
 
 
 def resolve_steering(spec: Any, lm: LoadedModel, vectors: VectorRegistry, conditions: Mapping[str, Condition],
@@ -179,7 +261,8 @@ def resolve_steering(spec: Any, lm: LoadedModel, vectors: VectorRegistry, condit
     """Check a request's ``steering`` object and resolve it; ``None`` or ``{"method": "none"}`` is no steering.
 
     Raises :class:`RequestError` (400, or 404 for an unknown vector or condition) naming the
-    bad field. ``max_applied_norm`` bounds ``‖α_l v_l‖`` at every block for additive methods.
+    bad field. ``max_applied_norm`` bounds ``‖α_l v_l‖`` at every block (flat, dense) and
+    ``β|α|`` (ace); a spline's ``t`` is bounded by its recorded coherent range.
     """
     if spec is None:
         return None
@@ -190,12 +273,8 @@ def resolve_steering(spec: Any, lm: LoadedModel, vectors: VectorRegistry, condit
     if unknown:
         raise RequestError(f"steering has unknown field {unknown[0]!r}; valid: {', '.join(SPEC_KEYS)}",
                            param=f"steering.{unknown[0]}")
-    method = spec.get("method", "flat")
-    if method == "none":
+    if spec.get("method") == "none":
         return None
-    if method not in METHODS:
-        raise RequestError(f"steering.method {str(method)[:40]!r} is not served; choose one of "
-                           f"{', '.join(METHODS)} or none", param="steering.method")
     if "vector" not in spec:
         raise RequestError("steering.vector is missing; name a registered vector (GET /v1/steering lists them)",
                            param="steering.vector")
@@ -207,48 +286,35 @@ def resolve_steering(spec: Any, lm: LoadedModel, vectors: VectorRegistry, condit
             raise RequestError(f"unknown condition {str(spec['condition'])[:NAME_LIMIT]!r}; loaded: "
                                f"{', '.join(sorted(conditions)) or 'none'} (start the server with --condition)",
                                status=404, param="steering.condition")
-    directions = entry.directions.double()
-    if method == "ablation":
-        for name in ("layers", "scale", "component", "positions"):
-            if name in spec:
-                raise RequestError(f"steering.{name} does not apply to ablation (every residual write of every "
-                                   "block); remove it", param=f"steering.{name}")
-        strength = _number(spec, "strength") if "strength" in spec else 1.0
-        units = unit_directions(lm, entry.directions)
-        layers = tuple(range(lm.n_layers))
-        return RowSteering(method, entry.name, layers, strength, "attn+mlp", "all", (0.0,) * len(layers),
-                           units=units, condition=condition)
-    if "strength" not in spec:
-        raise RequestError(f"steering.strength is missing; {method} needs a strength (alpha)",
-                           param="steering.strength")
-    strength = _number(spec, "strength")
-    component = _choice(spec, "component", COMPONENTS, "resid")
-    positions = _choice(spec, "positions", POSITIONS, "last")
-    if method == "flat":
-        if "scale" in spec:
-            raise RequestError("steering.scale applies to dense only; remove it", param="steering.scale")
-        if "layers" not in spec:
-            raise RequestError("steering.layers is missing; flat steering needs the blocks to steer",
-                               param="steering.layers")
-        layers = _layers(lm, spec["layers"])
-        alphas = [strength] * len(layers)
-    else:
-        if "layers" in spec:
-            raise RequestError("steering.layers does not apply to dense (every block); remove it",
-                               param="steering.layers")
-        scale = _choice(spec, "scale", ("alpha", "applied_norm"), "alpha")
-        layers = tuple(range(lm.n_layers))
-        if scale == "alpha":
-            alphas = [strength] * len(layers)
-        else:  # dense_steering's rule: α_l = applied_norm / ‖v_l‖, 0 where v_l = 0; the sign flips the vectors
-            norms = torch.linalg.vector_norm(directions, dim=1)
-            alphas = [math.copysign(abs(strength) / float(n), strength) if n > 0 else 0.0 for n in norms]
-    deltas = directions[list(layers)] * torch.tensor(alphas, dtype=torch.float64)[:, None]
-    applied = tuple(torch.linalg.vector_norm(deltas, dim=1).tolist())
-    if max_applied_norm is not None and max(applied) > max_applied_norm:
-        worst = max(range(len(layers)), key=lambda i: applied[i])
-        raise RequestError(f"steering strength {strength:g} gives applied norm {applied[worst]:.4g} at block "
-                           f"{layers[worst]}, over the server's limit {max_applied_norm:g}; lower |strength|",
-                           param="steering.strength")
-    return RowSteering(method, entry.name, layers, strength, component, positions, applied,
-                       offsets=dict(zip(layers, deltas)), condition=condition)
+    try:
+        if entry.method is not None:
+            extra = sorted(set(spec) - {"method", "vector", "strength", "condition"})
+            if extra:
+                raise RequestError(f"steering.{extra[0]} does not apply to the saved method {entry.name!r}; remove it",
+                                   param=f"steering.{extra[0]}")
+            method = entry.method
+            if "method" in spec and method_class(str(spec["method"])).name != method.name:
+                raise RequestError(f"{entry.name!r} is a saved {method.name} method, not {spec['method']}; drop "
+                                   "steering.method or fix it", param="steering.method")
+        else:
+            method = _build(method_class(str(spec.get("method", "flat"))).name, entry, spec, lm)
+        if "strength" in spec:
+            strength = _number(spec["strength"], "strength")
+        elif method.name in ABLATIONS:
+            strength = 1.0
+        else:
+            raise RequestError(f"steering.strength is missing; {method.name} needs one strength (alpha or t)",
+                               param="steering.strength")
+        return _row(method, entry.name, strength, lm, condition, max_applied_norm)
+    except RequestError:
+        raise
+    except TorsionError as error:  # the method's own checks: unknown method or parameter, shapes, blocks
+        raise RequestError(f"steering: {error}", param="steering") from None
+    except (TypeError, ValueError, RuntimeError) as error:  # a parameter of the wrong type
+        raise RequestError(f"steering has a parameter of the wrong type ({error}); see GET /v1/steering",
+                           param="steering") from None
+
+
+def served_methods() -> list[str]:
+    """Every method a request may name (per-row ones are batched with any other row)."""
+    return method_names()
