@@ -1,11 +1,12 @@
-"""Load test of ``torsion serve`` on loopback: 32 concurrent clients against the same 32 requests sent one at a time.
+"""Load test of ``torsion serve`` on loopback: 32 concurrent clients against the same requests one at a time.
 
 Target: concurrent (batched) serving has at least 2x the throughput of sequential serving of
 the same requests, in the same run, on the embedded Qwen model; every concurrent output
 equals the output the same request got alone. Requests: 32 distinct pairs of 16 prompts and
 4 steering settings (none, flat, dense at an equal applied norm, ablation; random unit
 directions), greedy, ``max_tokens`` 16, through the real ``openai`` client. Bounded: 65
-requests in all (one warm-up), each with a timeout. ``os.getloadavg()`` is recorded before and after, since the machine is shared.
+requests in all (one warm-up), each with a timeout. ``os.getloadavg()`` is recorded before
+and after, since the machine is shared.
 """
 
 from __future__ import annotations

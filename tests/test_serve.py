@@ -22,6 +22,7 @@ from torsion.serve.condition import Condition
 from torsion.serve.engine import model_lock
 from torsion.serve.server import api_key_from_env
 from torsion.steer import ablate_direction, dense_steering, generate_steered
+from torsion.steering import get_method
 
 from tiny import tiny_lm
 
@@ -41,8 +42,19 @@ def axis(lm):
 
 
 @pytest.fixture(scope="module")
-def server(lm, axis):
-    state = build_state(lm, max_applied_norm=100.0, max_body_bytes=4096)
+def spline(lm):
+    """A spline-a method on block 1 with a recorded coherent range [0.2, 0.8]."""
+    rng = torch.Generator().manual_seed(2)
+    basis = torch.linalg.qr(torch.randn(lm.d_model, 2, generator=rng))[0].T[None]  # [1, 2, d] orthonormal rows
+    knots = torch.tensor([[[-3.0, 1.0], [0.0, 0.0], [3.0, -1.0]]])
+    return get_method("spline-a", layers=[1], basis=basis, mean=torch.randn(1, lm.d_model, generator=rng),
+                      knots=knots, knots_t=torch.tensor([0.0, 0.5, 1.0]), t_range=(0.2, 0.8))
+
+
+@pytest.fixture(scope="module")
+def server(lm, axis, spline, tmp_path_factory):
+    path = spline.save(tmp_path_factory.mktemp("methods") / "spline.safetensors")
+    state = build_state(lm, max_applied_norm=100.0, max_body_bytes=4096, method_files=[("spline", path)])
     state.vectors.add("axis", axis, source="test", meta={"method": "md"})
     with ServerThread(state) as running:
         yield running
@@ -55,7 +67,8 @@ def client(server: ServerThread, key: str = "none") -> OpenAI:
 def ask(server: ServerThread, content: str | list = PROMPT, **fields: Any):
     messages = [{"role": "user", "content": content}] if isinstance(content, str) else content
     extra = {k: fields.pop(k) for k in ("steering", "condition") if k in fields}
-    return client(server).chat.completions.create(model="any", messages=messages, temperature=fields.pop("temperature", 0),
+    temperature = fields.pop("temperature", 0)
+    return client(server).chat.completions.create(model="any", messages=messages, temperature=temperature,
                                                   max_tokens=fields.pop("max_tokens", 6), extra_body=extra, **fields)
 
 
@@ -153,6 +166,27 @@ def test_per_request_steering_equals_the_library_hooks(lm, server, axis):
     assert ask(server, max_tokens=8).choices[0].message.content == base  # hooks are gone
 
 
+def test_registry_methods_equal_their_own_hooks(lm, server, axis, spline):
+    weighted = {"method": "weighted-ablation", "vector": "axis", "strength": 0.7,
+                "params": {"peak_position": 1, "width": 1.5, "floor": 0.2}}
+    reply = ask(server, max_tokens=8, steering=weighted).choices[0]
+    method = get_method("weighted-ablation", directions=axis, peak_position=1, width=1.5, floor=0.2)
+    assert reply.message.content == reference(lm, PROMPT, 8, method.apply(lm, 0.7))[0]
+    means = torch.randn(lm.n_layers, lm.d_model, generator=torch.Generator().manual_seed(4))
+    ace = {"method": "ace", "vector": "axis", "layers": [1, 2], "strength": 2.0, "params": {"means": means.tolist()}}
+    reply = ask(server, max_tokens=8, steering=ace).choices[0]
+    method = get_method("ace", vectors=axis, means=means, layers=[1, 2])
+    assert reply.message.content == reference(lm, PROMPT, 8, method.apply(lm, 2.0))[0]
+    assert reply.model_extra["steering"]["applied_norm"] == pytest.approx([2.0, 2.0])  # beta |alpha|
+    reply = ask(server, max_tokens=8, steering={"vector": "spline", "strength": 0.6}).choices[0]
+    assert reply.message.content == reference(lm, PROMPT, 8, spline.apply(lm, 0.6))[0]
+    assert reply.model_extra["steering"]["method"] == "spline-a"
+    listed = {v["name"]: v for v in httpx.get(server.url + "/steering", timeout=TIMEOUT).json()["data"]}
+    assert listed["spline"]["kind"] == "method" and listed["spline"]["params"]["t_range"] == [0.2, 0.8]
+    with pytest.raises(openai.BadRequestError, match="outside the recorded coherent range"):
+        ask(server, steering={"vector": "spline", "strength": 0.9})
+
+
 def test_register_a_vector_list_it_and_steer_with_it(lm, server):
     direction = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(5))
     reply = post(server, "/v1/steering", {"name": "posted", "vector": direction.tolist(), "meta": {"by": "test"}})
@@ -212,6 +246,9 @@ def test_batched_rows_equal_each_request_alone(lm, axis):
         (OTHER, None, {"temperature": 1.0, "seed": 3, "n": 2}),
         ("what is the capital of france", {"vector": "axis", "layers": [0, 2], "strength": 4.0,
                                            "component": "mlp"}, {"stop": ["dragon"]}),
+        (OTHER, {"method": "weighted-ablation", "vector": "axis", "strength": 0.5, "params": {"width": 2.0}}, {}),
+        (PROMPT, {"method": "ace", "vector": "axis", "layers": [1], "strength": 3.0,
+                  "params": {"means": axis.flip(0).tolist()}}, {}),
     ]
 
     def one(server, prompt, steering, extra):
@@ -229,15 +266,16 @@ def test_batched_rows_equal_each_request_alone(lm, axis):
             thread.start()
         for thread in threads:
             thread.join(TIMEOUT)
-        assert state.engine.stats["largest_batch"] == len(requests) + 1  # one batch of every row
+        assert state.engine.stats["largest_batch"] == len(requests)  # every per-row request's rows in one batch
     assert together == alone
-    assert len({choices[0][0] for choices in alone}) > 4  # the steerings differ
+    assert len({choices[0][0] for choices in alone}) > 5  # the steerings differ
 
 
 def test_conditional_steering_fires_by_projection(lm, axis):
     layer = 1
     captured = {}
-    handle = lm.layout.blocks[layer].register_forward_hook(lambda m, i, o: captured.update(h=o[0] if isinstance(o, tuple) else o))
+    handle = lm.layout.blocks[layer].register_forward_hook(
+        lambda _m, _i, out: captured.update(h=out[0] if isinstance(out, tuple) else out))
     xs = []
     for prompt in (PROMPT, OTHER):
         with torch.inference_mode():
@@ -325,8 +363,10 @@ def test_condition_fit_is_the_train_mean_difference_and_the_best_balanced_thresh
     inside, outside = x[0:30:2], x[1:30:2]
     diff = inside.mean(0) - outside.mean(0)
     assert fitted.direction.numpy() == pytest.approx(diff / np.linalg.norm(diff), abs=1e-6)
-    projections_in, projections_out = inside @ fitted.direction.double().numpy(), outside @ fitted.direction.double().numpy()
-    brute = max(balanced_accuracy(projections_in, projections_out, t) for t in np.concatenate([projections_in, projections_out]))
+    unit = fitted.direction.double().numpy()
+    projections_in, projections_out = inside @ unit, outside @ unit
+    brute = max(balanced_accuracy(projections_in, projections_out, t)
+                for t in np.concatenate([projections_in, projections_out]))
     assert fitted.meta["train_balanced_accuracy"] == pytest.approx(brute)
     assert balanced_accuracy(projections_in, projections_out, fitted.threshold) == pytest.approx(brute)
     assert fitted.meta["heldout_balanced_accuracy"] is not None

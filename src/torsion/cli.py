@@ -426,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serves /v1/chat/completions, /v1/completions (stream: true as server-sent events), "
         "/v1/models, /health, and GET/POST /v1/steering. A request steers itself with the extension field "
         "steering = {method (flat, dense, ablation, weighted-ablation, ace, spline-a, spline-b or none), "
-        "vector: NAME, layers, strength, scale, component, positions, beta, params, condition}; without it the --steering default applies. Requests arriving within "
+        "vector: NAME, layers, strength, scale, component, positions, beta, params, condition}; without it "
+        "the --steering default applies. Requests arriving within "
         "--batch-window-ms are generated as one batch, each row with its own steering. Binds 127.0.0.1 by "
         "default; any other address needs --api-key-env.")
     _add_model_options(serve, "embedded:qwen2.5-coder-0.5b")

@@ -15,6 +15,7 @@ compared in constant time and never logged or echoed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -84,7 +85,8 @@ def _steering_of(state: ServeState, body: Mapping[str, Any]) -> RowSteering | No
         if steering is None:
             raise RequestError("condition needs steering to gate; send steering too", param="condition")
         if not isinstance(name, str) or name not in state.conditions:
-            raise RequestError(f"unknown condition {str(name)[:64]!r}; loaded: {', '.join(sorted(state.conditions)) or 'none'}"
+            loaded = ", ".join(sorted(state.conditions)) or "none"
+            raise RequestError(f"unknown condition {str(name)[:64]!r}; loaded: {loaded}"
                                " (start the server with --condition)", status=404, param="condition")
         steering = dataclasses.replace(steering, condition=state.conditions[name])
     return steering
@@ -103,7 +105,12 @@ def _job(state: ServeState, body: Mapping[str, Any], chat: bool) -> tuple[Job, p
                            f"they exceed the model's {limit}; shorten one", param="max_tokens")
     steering = _steering_of(state, body)
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
-    job = Job(ids, sampling.max_tokens, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+
+    def emit(event: dict[str, Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop has closed: the server is stopping
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+    job = Job(ids, sampling.max_tokens, emit,
               temperature=sampling.temperature, top_p=sampling.top_p, n=sampling.n, seed=sampling.seed,
               stop=sampling.stop, top_logprobs=sampling.top_logprobs, steering=steering)
     return job, sampling, events
@@ -162,12 +169,15 @@ async def _stream(state: ServeState, job: Job, sampling: protocol.Sampling, even
     try:
         if chat:
             for i in range(job.n):
-                yield f"data: {json.dumps({**head, 'choices': [{'index': i, 'delta': {'role': 'assistant', 'content': ''}, 'logprobs': None, 'finish_reason': None}]})}\n\n"
+                opening = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                           "finish_reason": None}
+                yield f"data: {json.dumps({**head, 'choices': [opening]})}\n\n"
         done, fired, record, total = 0, None, None, 0
         while done < job.n:
             event = await events.get()
             if event["type"] == "error":
-                yield f"data: {json.dumps(protocol.error_body('generation failed: ' + event['message'], 'server_error'))}\n\n"
+                failure = protocol.error_body(f"generation failed: {event['message']}", "server_error")
+                yield f"data: {json.dumps(failure)}\n\n"
                 break
             if event["type"] == "steering":
                 fired = event["fired"]
@@ -229,7 +239,8 @@ def create_app(state: ServeState) -> FastAPI:
         conditions = [{"name": c.name, "category": c.category, "layer": c.layer, "threshold": c.threshold,
                        "position": c.position, "meta": c.meta} for c in state.conditions.values()]
         return {"object": "list", "data": state.vectors.listing(), "conditions": conditions,
-                "methods": served_methods(), "per_row_methods": list(PER_ROW), "limits": {"max_applied_norm": state.max_applied_norm}}
+                "methods": served_methods(), "per_row_methods": list(PER_ROW),
+                "limits": {"max_applied_norm": state.max_applied_norm}}
 
     @app.post("/v1/steering", status_code=201)
     async def register(request: Request) -> dict[str, Any]:

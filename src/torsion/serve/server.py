@@ -48,7 +48,8 @@ def api_key_from_env(name: str | None, host: str) -> str | None:
 
 
 def build_state(lm: LoadedModel, *, vectors: Sequence[tuple[str, str | Path, str | None]] = (),
-                method_files: Sequence[tuple[str, str | Path]] = (), conditions: Sequence[tuple[str, str | Path]] = (), default_steering: Mapping[str, Any] | None = None,
+                method_files: Sequence[tuple[str, str | Path]] = (), conditions: Sequence[tuple[str, str | Path]] = (),
+                default_steering: Mapping[str, Any] | None = None,
                 max_batch_size: int = 8, batch_window_ms: float = 20.0, max_applied_norm: float | None = None,
                 api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> ServeState:
     """Load the named vectors (``NAME, FILE, KEY``), method files and conditions (``NAME, FILE``); check the default."""
@@ -133,12 +134,14 @@ def run_server(model_spec: str, host: str = "127.0.0.1", port: int = 8000, *,
     """Load ``model_spec`` and serve until interrupted (Ctrl-C); ``log`` gets the base URL."""
     api_key = api_key_from_env(api_key_env, host)  # before the model loads: a missing key fails fast
     lm = load_model(model_spec, dtype=dtype, device=device)
-    state = build_state(lm, vectors=vectors, method_files=method_files, conditions=conditions, default_steering=default_steering,
+    state = build_state(lm, vectors=vectors, method_files=method_files, conditions=conditions,
+                        default_steering=default_steering,
                         max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
                         max_applied_norm=max_applied_norm, api_key=api_key)
     with ServerThread(state, host, port, log_level="info") as server:
         names = ", ".join(v["name"] for v in state.vectors.listing()) or "none"
-        note = "unsteered" if state.default_steering is None else f"default steering {state.default_steering.metadata(None)}"
+        default = state.default_steering
+        note = "unsteered" if default is None else f"default steering {default.metadata(None)}"
         log(f"torsion serve: {lm.model_id} at {server.url} (vectors: {names}; {note}; "
             f"{'API key required' if api_key else 'no API key'}); Ctrl-C stops")
         try:

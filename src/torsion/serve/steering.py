@@ -44,6 +44,7 @@ ABLATIONS = ("ablation", "weighted-ablation")
 SPEC_KEYS = ("method", "vector", "layers", "strength", "scale", "component", "positions", "beta", "params",
              "condition")
 NAME_LIMIT = 64
+MAX_ENTRIES = 256  # registered vectors and methods, so POST /v1/steering cannot grow memory without bound
 COMPONENTS = ("resid", "attn", "mlp")
 POSITIONS = ("last", "all")
 
@@ -95,6 +96,9 @@ class VectorRegistry:
 
     def _insert(self, entry: NamedVector) -> NamedVector:
         with self._lock:
+            if len(self._vectors) >= MAX_ENTRIES:
+                raise RequestError(f"the server holds {MAX_ENTRIES} vectors and methods, its limit; restart it "
+                                   "with the ones you need", status=409, param="name")
             if entry.name in self._vectors:
                 raise RequestError(f"{entry.name!r} is already registered; pick another name", status=409,
                                    param="name")
