@@ -99,6 +99,8 @@ def _job(state: ServeState, body: Mapping[str, Any], chat: bool) -> tuple[Job, p
                                  add_special_tokens=False)["input_ids"]
     else:
         ids = state.lm.tokenizer(protocol.completion_prompt(body))["input_ids"]
+    if not ids:
+        raise RequestError("the prompt encodes to no tokens; send some text", param="prompt")
     limit = state.context_limit
     if limit is not None and len(ids) + sampling.max_tokens > limit:
         raise RequestError(f"the prompt has {len(ids)} tokens and max_tokens is {sampling.max_tokens}; together "

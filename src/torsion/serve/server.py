@@ -88,7 +88,8 @@ class ServerThread:
 
     def __init__(self, state: ServeState, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning",
                  timeout: float = 30.0) -> None:
-        api_key_from_env(None, host) if state.api_key is None else None
+        if state.api_key is None:
+            api_key_from_env(None, host)  # refuses a non-loopback host without a key
         self.state, self.host, self.timeout = state, host, timeout
         self._socket = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.port = self._socket.getsockname()[1]
