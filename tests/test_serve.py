@@ -230,6 +230,9 @@ def test_bad_bodies_get_the_right_status(server):
     assert post(server, "/v1/chat/completions", {"messages": []}).status_code == 400
     assert post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                                  "max_tokens": 500}).status_code == 400  # past the context
+    unbounded = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                      "temperature": 0}).json()  # the default fits the context
+    assert unbounded["usage"]["total_tokens"] <= 128
     assert httpx.get(server.url + "/nothing", timeout=TIMEOUT).status_code == 404
     assert ask(server, max_tokens=2).choices[0].message.content is not None
 

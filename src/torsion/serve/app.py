@@ -102,6 +102,8 @@ def _job(state: ServeState, body: Mapping[str, Any], chat: bool) -> tuple[Job, p
     if not ids:
         raise RequestError("the prompt encodes to no tokens; send some text", param="prompt")
     limit = state.context_limit
+    if limit is not None and not sampling.max_tokens_given and len(ids) < limit:
+        sampling = dataclasses.replace(sampling, max_tokens=min(sampling.max_tokens, limit - len(ids)))
     if limit is not None and len(ids) + sampling.max_tokens > limit:
         raise RequestError(f"the prompt has {len(ids)} tokens and max_tokens is {sampling.max_tokens}; together "
                            f"they exceed the model's {limit}; shorten one", param="max_tokens")

@@ -37,6 +37,7 @@ class Sampling:
     top_logprobs: int | None = None
     stream: bool = False
     include_usage: bool = False
+    max_tokens_given: bool = True  # False: the default, which the server may shorten to fit the context
 
 
 def _number(body: Mapping[str, Any], name: str, default: Any, kind: type, low: float, high: float) -> Any:
@@ -85,7 +86,8 @@ def parse_sampling(body: Mapping[str, Any], *, chat: bool) -> Sampling:
         temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, float, 0.0, 1.0),
         n=_number(body, "n", 1, int, 1, MAX_N), seed=seed, stop=tuple(stop), top_logprobs=top_logprobs,
-        stream=_flag(body, "stream"), include_usage=bool(options.get("include_usage")))
+        stream=_flag(body, "stream"), include_usage=bool(options.get("include_usage")),
+        max_tokens_given=body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None)
 
 
 def _text(content: Any) -> str:
