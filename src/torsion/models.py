@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from torsion import assets
+from torsion.conventions import check_blocks
 from torsion.errors import TorsionError
 
 # Where each family keeps its blocks and which sub-module's output is added to the residual
@@ -58,10 +59,7 @@ class BlockLayout:
         return len(self.blocks)
 
     def component_module(self, component: str, layer: int) -> nn.Module:
-        if not 0 <= layer < self.n_layers:
-            raise TorsionError(
-                f"layer {layer} is out of range; this model has blocks 0..{self.n_layers - 1}"
-            )
+        check_blocks(layer, self.n_layers)
         if component == "resid":
             return self.blocks[layer]
         if component == "attn":
