@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from common import best_of, write_result
 
-from torsion.analysis.propagation import back_half_layers
+from torsion.analysis.common import back_half_layers
 from torsion.analysis.random_control import KL_DIRECTIONS, fast_kls, naive_kls, random_directions
 from torsion.data import load_source
 from torsion.models import load_model
