@@ -12,7 +12,10 @@ from tiny import tiny_lm
 import torsion.analysis.random_control as random_control_module
 from torsion.analysis.random_control import (naive_kls, random_control, random_directions, run_random_control,
                                              summarize_kls)
+from torsion.capture import encode
 from torsion.data import load_source, sample
+from torsion.metrics import next_token_logprobs
+from torsion.replay import last_token_inputs
 from torsion.errors import TorsionError
 from torsion.report.geometry_figures import random_control_figure
 from torsion.store import RunDir
@@ -160,6 +163,8 @@ def test_run_random_control_writes_json_and_figure(tmp_path):
     assert random_control_figure(saved, tmp_path / "rc.png").read_bytes().startswith(b"\x89PNG")
     assert saved["seed"] == 3 and saved["n_prompts"] == 3 and saved["conventions"]["vector"] == "md/resid"
     assert saved["schema_version"] == 1 and saved["analysis"] == "random_control"
+    assert saved["conventions"]["positions"] == "last"  # the default: the position the first-token KL reads
+    assert saved["fast_path"] and saved["fast_path_check"]["replayed_tokens"].startswith("the final prompt token")
     neutral = [p.prompt for p in sample(load_source("neutral"), 3, seed=3)]  # the shipped set, seeded sample
     expected = random_control(lm, neutral, axis_for(lm), layers=[2], n_random=N_RANDOM, seed=3, vector_name="md/resid")
     assert saved["layers"] == json.loads(json.dumps(expected["layers"]))
@@ -194,3 +199,28 @@ def test_the_steered_check_compares_with_the_full_steered_forward():
     check = result["fast_path_check"]
     assert result["fast_path"] is True and check["used"] is True
     assert 0 < check["steered_gap"] <= check["max_relative_gap"] <= 1e-4 and check["tolerance"] == 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("component", ["resid", "attn", "mlp"])
+@pytest.mark.parametrize("dtype, prompts", [(torch.float64, UNPADDED), (torch.float32, PROMPTS)])
+def test_last_position_replay_equals_the_full_forward_steering_the_last_position(family, component, dtype, prompts):
+    """One token replayed on the prefix's KV cache = a full forward with the step added at the last position."""
+    lm = tiny_lm(family, n_layers=N_LAYERS, seed=5)
+    lm.model.to(dtype)
+    steps = random_directions(lm.d_model, 3, 4.0, seed=7)
+    inputs, logits = last_token_inputs(lm, encode(lm, prompts), 1)
+    assert inputs.hidden(1).shape[:2] == (len(prompts), 1) and inputs.prefix_cache is not None
+    torch.testing.assert_close(torch.log_softmax(logits.float(), -1), next_token_logprobs(lm, prompts),
+                               atol=1e-5, rtol=0)
+    for layer in (1, 2, 3):
+        replayed = random_control_module._replay_logprobs(lm, inputs, layer, steps, component=component,
+                                                          positions="last")  # [3, batch, vocab]
+        again = random_control_module._replay_logprobs(lm, inputs, layer, steps[:1], component=component,
+                                                       positions="last")
+        torch.testing.assert_close(again[0], replayed[0], atol=1e-5, rtol=0)  # the prefix cache is not extended
+        for i, step in enumerate(steps):
+            full = next_token_logprobs(lm, prompts, steer=random_control_module._steering(
+                lm, layer, step, component=component, positions="last"))
+            assert (full - next_token_logprobs(lm, prompts)).abs().max() > 1e-3  # the step moved the distribution
+            torch.testing.assert_close(replayed[i], full, atol=1e-5, rtol=0)

@@ -5,10 +5,15 @@ is compared with ``N`` random directions of **the same applied norm** ``‖α v�
 the original code scaled the two arms differently). Both KL directions are reported, for
 ``+α`` and ``−α``; the ``−α`` arm negates the random directions too.
 
+Steering covers ``positions="last"`` (the default: only the final prompt token, the position
+whose next-token distribution the first-token KL reads) or ``positions="all"`` (every prompt
+token); the result records which.
+
 The naive path loops :func:`~torsion.metrics.first_token_kl` over the directions. The fast
 path runs each prompt batch's base forward once, keeps what every block from the steered one
 on received, and replays only those blocks for many directions at once (directions tiled along
-the batch axis), with the final norm and LM head at the last position only.
+the batch axis), with the final norm and LM head at the last position only. With ``last``
+only the final token is replayed, on the prefix's KV cache from the base pass.
 
 Example::
 
@@ -35,14 +40,18 @@ from torsion.data import load_source, sample
 from torsion.errors import TorsionError
 from torsion.metrics import SteerFactory, first_token_kl, kl_divergence, next_token_logprobs
 from torsion.models import LoadedModel
-from torsion.replay import (FAST_PATH_TOLERANCE, BlockInputs, fast_path_check, recording_block_inputs, relative_gap,
-                            run_blocks)
+from torsion.replay import (FAST_PATH_TOLERANCE, BlockInputs, fast_path_check, last_token_inputs,
+                            recording_block_inputs, relative_gap, replay_rows, run_blocks)
 from torsion.steer import add_steering
 from torsion.store import RunDir, atomic_write_json
 from torsion.vectors import load_vectors
 
 SCHEMA_VERSION = 1
 KL_DIRECTIONS = ("kl_base_to_steered", "kl_steered_to_base")
+REPLAYED_TOKENS = {"last": "the final prompt token, on the prefix's KV cache from the base pass",
+                   "all": "every prompt token"}
+STEERED_POSITIONS = {"last": "the final prompt token only (the position the first-token KL reads)",
+                     "all": "every prompt token"}
 
 
 def random_directions(d_model: int, n: int, applied_norm: float, *, seed: int) -> Tensor:
@@ -156,37 +165,51 @@ def _replay_logprobs(lm: LoadedModel, inputs: BlockInputs, layer: int, steps: Te
 @torch.inference_mode()
 def fast_kls(lm: LoadedModel, prompts: Sequence[str], steps: dict[int, Tensor], *, component: str = "resid",
              positions: str = "all", batch_size: int = 16,
-             max_rows: int = 256) -> tuple[dict[int, dict[str, Tensor]], dict[str, float]]:
+             max_rows: int | None = None) -> tuple[dict[int, dict[str, Tensor]], dict[str, float]]:
     """:func:`naive_kls` at several layers, from one base forward per prompt batch.
+
+    With ``positions="all"`` every prompt token is replayed from the steered block on. With
+    ``positions="last"`` nothing before the last token changes, so only that token is replayed,
+    on a KV cache of the prefix from the base pass (:func:`~torsion.replay.last_token_inputs`).
 
     Args:
         steps: layer -> ``[n_steps, d_model]``.
-        max_rows: most ``directions × prompts`` rows in one replay.
+        max_rows: most ``directions × prompts`` rows in one replay (default: what fits in a
+            quarter of the free memory, :func:`~torsion.replay.replay_rows`).
 
     Returns:
         layer -> ``{kl_base_to_steered: [n_steps], kl_steered_to_base: [n_steps]}`` (means over
         prompts), and the first batch's checks at the first layer: ``unsteered`` (a replay
         without steering against the base forward's log-probs) and ``steered`` (the replay of
-        the layer's first step against the full steered forward's). When a gap exceeds
-        ``FAST_PATH_TOLERANCE`` the replay is unsafe for this model and the KLs come back empty.
+        the layer's first step against the full steered forward's, without a cache). When a gap
+        exceeds ``FAST_PATH_TOLERANCE`` the replay is unsafe for this model and the KLs come
+        back empty.
     """
-    check_blocks(list(steps), lm.n_layers)
+    first = min(check_blocks(list(steps), lm.n_layers))
     per_batch: dict[int, dict[str, list[Tensor]]] = {layer: {name: [] for name in KL_DIRECTIONS} for layer in steps}
-    chunk = max(1, max_rows // min(batch_size, len(prompts)))
     gaps: dict[str, float] = {}
     bar = tqdm(total=math.ceil(len(prompts) / batch_size) * len(steps), desc="random control (layer x batch)",
                leave=False)
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start:start + batch_size])
-        with recording_block_inputs(lm, min(steps)) as inputs:
-            logits = lm.model(**encode(lm, batch), use_cache=False, logits_to_keep=1).logits
-        base = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()  # [batch, vocab]
+        encoded = encode(lm, batch)
+        n_tokens = encoded["input_ids"].shape[1]
+        if positions == "last" and n_tokens >= 2:
+            inputs, logits = last_token_inputs(lm, encoded, first)
+            replayed_tokens = 1
+        else:
+            with recording_block_inputs(lm, first) as inputs:
+                logits = lm.model(**encoded, use_cache=False, logits_to_keep=1).logits[:, -1]
+            replayed_tokens = n_tokens
+        base = torch.log_softmax(logits.float(), dim=-1).cpu()  # [batch, vocab]
         if start == 0:
-            gaps = _check_replay(lm, batch, inputs, base, min(steps), steps[min(steps)][0], component=component,
+            gaps = _check_replay(lm, batch, inputs, base, first, steps[first][0], component=component,
                                  positions=positions)
             if max(gaps.values()) > FAST_PATH_TOLERANCE:
                 bar.close()
                 return {}, gaps
+        rows = max_rows or replay_rows(lm, tokens=replayed_tokens, kv_tokens=n_tokens, n_blocks=lm.n_layers - first)
+        chunk = max(1, rows // len(batch))
         for layer, layer_steps in steps.items():
             pieces: dict[str, list[Tensor]] = {name: [] for name in KL_DIRECTIONS}
             for i in range(0, len(layer_steps), chunk):  # KL per chunk: [chunk, batch, vocab] is the peak
@@ -218,7 +241,7 @@ def _check_replay(lm: LoadedModel, batch: Sequence[str], inputs: BlockInputs, ba
 
 
 def random_control(lm: LoadedModel, prompts: Sequence[str], vectors: Tensor, *, layers: Sequence[int],
-                   alpha: float = 1.0, component: str = "resid", positions: str = "all", n_random: int = 50,
+                   alpha: float = 1.0, component: str = "resid", positions: str = "last", n_random: int = 50,
                    seed: int = 0, vector_name: str = "vector", batch_size: int = 16,
                    fast: bool = True) -> dict[str, Any]:
     """Steering KL of ``±α v_l`` against ``n_random`` norm-matched random directions at each layer.
@@ -226,6 +249,7 @@ def random_control(lm: LoadedModel, prompts: Sequence[str], vectors: Tensor, *, 
     Args:
         vectors: ``[n_layers, d_model]``; row ``l`` is ``v_l``.
         layers: the blocks to test, one at a time.
+        positions: ``last`` steers the final prompt token only, ``all`` every prompt token.
         fast: batch the directions on a replay of the blocks from ``l`` on. It falls back to the
             naive loop, and says so, if on the first batch an unsteered replay does not reproduce
             the base forward or the replay of ``+α v`` does not reproduce the full steered forward.
@@ -269,7 +293,8 @@ def random_control(lm: LoadedModel, prompts: Sequence[str], vectors: Tensor, *, 
     return {
         "schema_version": SCHEMA_VERSION, "analysis": "random_control",
         "conventions": {
-            "layer_indexing": LAYER_INDEXING, "component": component, "positions": positions, "vector": vector_name,
+            "layer_indexing": LAYER_INDEXING, "component": component, "positions": positions,
+            "steered_positions": STEERED_POSITIONS[positions], "vector": vector_name,
             "kl": "first token, neutral prompts", "kl_directions": list(KL_DIRECTIONS),
             "norm_matched": "random directions scaled to ||alpha v||",
             "random_directions": "Gaussian from a seeded torch.Generator, normalised, scaled to ||alpha v||; "
@@ -279,12 +304,13 @@ def random_control(lm: LoadedModel, prompts: Sequence[str], vectors: Tensor, *, 
         "layers": results, "n_random": n_random, "seed": seed, "alpha": alpha,
         "applied_norm": {str(layer): applied[layer] for layer in layers}, "n_prompts": len(prompts),
         "fast_path": used_fast,
-        "fast_path_check": fast_path_check(fast, used_fast, gaps, fallback="the naive loop"),
+        "fast_path_check": {**fast_path_check(fast, used_fast, gaps, fallback="the naive loop"),
+                            "replayed_tokens": REPLAYED_TOKENS[positions] if used_fast else None},
     }
 
 
 def run_random_control(run_dir: str | Path, lm: LoadedModel, *, layers: Sequence[int] | None = None,
-                       alpha: float = 1.0, component: str = "resid", method: str = "md", positions: str = "all",
+                       alpha: float = 1.0, component: str = "resid", method: str = "md", positions: str = "last",
                        n_random: int = 50, seed: int | None = None, n_prompts: int | None = 32,
                        batch_size: int = 16, fast: bool = True) -> dict[str, Any]:
     """Random control on a run directory: writes ``analysis/random_control.json`` (the report draws its figure).
