@@ -67,8 +67,10 @@ def random_control_section(result: dict[str, Any], run_dir: Path) -> str:
     return (
         "<h2>Random-direction control</h2>"
         f"<p>First-token KL on {result['n_prompts']} neutral prompts of steering with α·v against "
-        f"{result['n_random']} seeded Gaussian directions scaled to the same applied norm ‖α v‖. "
-        "Privilege = steering KL below every random KL.</p>"
+        f"{result['n_random']} seeded Gaussian directions scaled to the same applied norm ‖α v‖, steering "
+        f"{escape(str(result['conventions'].get('steered_positions', result['conventions'].get('positions'))))}. "
+        "Privilege = steering KL below every random KL. "
+        f"Fast path: {escape(str(result.get('fast_path_check', {}).get('note', 'n/a')))}.</p>"
         + table(["layer", "arm", "KL direction", "‖α v‖", "steering", "random min", "p5", "mean", "median",
                  "p95", "max", "percentile rank", "privilege"], rows, numeric_from=3)
         + _drawn(result, run_dir, random_control_figure,
