@@ -116,6 +116,8 @@ def run_blocks(lm: LoadedModel, inputs: BlockInputs, start: int, hidden: Tensor,
 
     Args:
         hidden: ``[repeat * batch, seq, d_model]``; row ``i * batch + b`` is copy ``i`` of prompt ``b``.
+            With ``inputs.prefix_cache`` (from :func:`last_token_inputs`) ``seq`` is 1 and each
+            call attends to its own tiled copy of the prefix's keys and values.
         repeat: how many copies of the recorded batch ``hidden`` holds.
 
     Returns:
