@@ -14,7 +14,7 @@ from torsion.analysis.random_control import (naive_kls, random_control, random_d
                                              summarize_kls)
 from torsion.capture import encode
 from torsion.data import load_source, sample
-from torsion.metrics import next_token_logprobs
+from torsion.metrics import kl_divergence, kl_divergences, next_token_logprobs
 from torsion.replay import last_token_inputs
 from torsion.errors import TorsionError
 from torsion.report.geometry_figures import random_control_figure
@@ -224,3 +224,17 @@ def test_last_position_replay_equals_the_full_forward_steering_the_last_position
                 lm, layer, step, component=component, positions="last"))
             assert (full - next_token_logprobs(lm, prompts)).abs().max() > 1e-3  # the step moved the distribution
             torch.testing.assert_close(replayed[i], full, atol=1e-5, rtol=0)
+
+
+def test_both_kl_directions_at_once_equal_two_kl_divergence_calls_bit_for_bit():
+    generator = torch.Generator().manual_seed(0)
+    base = torch.log_softmax(3 * torch.randn(4, 50, generator=generator), -1)  # [batch, vocab]
+    steered = torch.log_softmax(3 * torch.randn(6, 4, 50, generator=generator), -1)  # [steps, batch, vocab]
+    forward, backward = kl_divergences(base[None], steered)
+    assert torch.equal(forward, kl_divergence(base.expand_as(steered), steered))
+    assert torch.equal(backward, kl_divergence(steered, base.expand_as(steered)))
+    masked = base.clone()
+    masked[0, 0] = -torch.inf  # p = 0 for one token: its term is 0 one way, the other way KL is infinite
+    forward, backward = kl_divergences(masked, steered[0])
+    assert torch.equal(forward, kl_divergence(masked, steered[0])) and torch.isfinite(forward).all()
+    assert torch.equal(backward, kl_divergence(steered[0], masked)) and backward[0] == torch.inf

@@ -38,7 +38,7 @@ from torsion.capture import encode, output_tensor
 from torsion.conventions import LAYER_INDEXING, check_blocks
 from torsion.data import load_source, sample
 from torsion.errors import TorsionError
-from torsion.metrics import SteerFactory, first_token_kl, kl_divergence, next_token_logprobs
+from torsion.metrics import SteerFactory, first_token_kl, kl_divergences, next_token_logprobs
 from torsion.models import LoadedModel
 from torsion.replay import (FAST_PATH_TOLERANCE, BlockInputs, fast_path_check, last_token_inputs,
                             recording_block_inputs, relative_gap, replay_rows, run_blocks)
@@ -215,8 +215,9 @@ def fast_kls(lm: LoadedModel, prompts: Sequence[str], steps: dict[int, Tensor], 
             for i in range(0, len(layer_steps), chunk):  # KL per chunk: [chunk, batch, vocab] is the peak
                 steered = _replay_logprobs(lm, inputs, layer, layer_steps[i:i + chunk], component=component,
                                            positions=positions)
-                pieces["kl_base_to_steered"].append(kl_divergence(base.expand_as(steered), steered))
-                pieces["kl_steered_to_base"].append(kl_divergence(steered, base.expand_as(steered)))
+                base_to_steered, steered_to_base = kl_divergences(base[None], steered)  # base broadcasts
+                pieces["kl_base_to_steered"].append(base_to_steered)
+                pieces["kl_steered_to_base"].append(steered_to_base)
             for name in KL_DIRECTIONS:
                 per_batch[layer][name].append(torch.cat(pieces[name]))  # [n_steps, batch]
             bar.update()
