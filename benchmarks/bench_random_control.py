@@ -98,13 +98,15 @@ def main() -> None:
                  "fast_last": "the final prompt token replayed on the prefix's KV cache (positions='last')",
                  "naive_all": "first_token_kl per direction, steering every prompt token",
                  "naive_last": "first_token_kl per direction, steering the final prompt token"},
-        "seconds": {name: {key: round(value, 2) for key, value in measured.items()} for name, measured in times.items()},
+        "seconds": {name: {key: round(value, 2) for key, value in measured.items()}
+                    for name, measured in times.items()},
         "seconds_per_direction": {name: {key: round(value, 4) for key, value in measured.items()}
                                   for name, measured in per_direction.items()},
         "speedup_fast_last_over_fast_all": {key: round(times["fast_all"][key] / times["fast_last"][key], 2)
                                             for key in ("wall_s", "cpu_s")},
         "speedup_per_direction_fast_all_over_naive_all": {
-            key: round(per_direction["naive_all"][key] / per_direction["fast_all"][key], 2) for key in ("wall_s", "cpu_s")},
+            key: round(per_direction["naive_all"][key] / per_direction["fast_all"][key], 2)
+            for key in ("wall_s", "cpu_s")},
         "speedup_per_direction_fast_last_over_naive_last": {
             key: round(per_direction["naive_last"][key] / per_direction["fast_last"][key], 2)
             for key in ("wall_s", "cpu_s")},

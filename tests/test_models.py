@@ -59,7 +59,8 @@ def test_weights_hash_is_the_sha256_of_the_sorted_listing_of_weight_files(tmp_pa
     bins.mkdir()
     (bins / "pytorch_model.bin").write_bytes(b"weights")
     (bins / "training_args.bin").write_bytes(b"not weights")
-    assert weights_sha256(bins, cache_dir=tmp_path / "cache") == _sha(f"{_sha(b'weights')}  pytorch_model.bin\n".encode())
+    expected = _sha(f"{_sha(b'weights')}  pytorch_model.bin\n".encode())
+    assert weights_sha256(bins, cache_dir=tmp_path / "cache") == expected
     with pytest.raises(TorsionError, match="holds no .*weight files"):
         weights_sha256(tmp_path / "cache", cache_dir=tmp_path / "cache")
 
