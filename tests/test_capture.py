@@ -123,3 +123,32 @@ def test_layer_out_of_range():
     lm = tiny_lm("llama")
     with pytest.raises(TorsionError, match=r"layer 3 is out of range; this model has blocks 0..2"):
         lm.layout.component_module("resid", 3)
+
+
+def test_a_changed_prompt_list_of_the_same_length_does_not_resume_into_old_rows(tmp_path, monkeypatch):
+    import torsion.capture as capture
+
+    lm = tiny_lm("llama")
+    path = tmp_path / "activations.safetensors"
+    old, new = ["hello", "how do i bake bread", "tell me a story", "why sky blue"], [
+        "write poem cat", "what is capital of france", "tell me a story", "why sky blue"]
+    real_batch, calls = capture.capture_batch, []
+
+    def killed_after_one_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(capture, "capture_batch", killed_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        capture_to_file(lm, old, path, components=("resid",), positions=("last",), batch_size=2)
+    assert not path.exists() and path.with_name(path.name + ".partial").exists()  # rows 0-1 of `old` written
+    monkeypatch.setattr(capture, "capture_batch", real_batch)
+    capture_to_file(lm, new, path, components=("resid",), positions=("last",), batch_size=2)
+    tensors, meta = load_activations(path)
+    torch.testing.assert_close(tensors["resid"], capture_batch(lm, new, components=("resid",))["resid"]["last"],
+                               atol=1e-5, rtol=0)
+    assert meta["prompts_sha256"] == capture.prompts_sha256(new) != capture.prompts_sha256(old)
+    assert capture.prompts_sha256(["a", "b"]) != capture.prompts_sha256(["b", "a"])
+    assert capture.prompts_sha256(["a "]) != capture.prompts_sha256(["a"])

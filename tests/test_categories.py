@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torsion.analysis.categories import category_geometry, complied_means, pairwise_summary, run_categories
 from torsion.data import Prompt, write_prompts_jsonl
 from torsion.errors import TorsionError
+from torsion.report.geometry_figures import categories_figure
 from torsion.store import RunDir, append_jsonl
 from torsion.vectors import SteeringVector, save_vectors
 
@@ -113,7 +114,8 @@ def test_run_categories_reads_the_run_and_records_anchors(tmp_path):
     result = run_categories(run.root, layers=[0, 2])
     saved = json.loads(run.analysis_path("categories").read_text())
     assert saved == json.loads(json.dumps(result))
-    assert run.analysis_path("categories").with_suffix(".png").stat().st_size > 1000
+    assert not run.analysis_path("categories").with_suffix(".png").exists()  # analyses return data; report/ draws
+    assert categories_figure(saved, tmp_path / "categories.png").read_bytes().startswith(b"\x89PNG")
     assert saved["anchors"] == {"a": "category", "b": "category", "c": "global"}
     assert saved["vector_pairwise"]["mean_deg"] == pytest.approx(80.0, abs=1e-3)
     assert saved["angle_to_global_deg"] == pytest.approx({"a": 30.0, "b": 30.0, "c": 90.0}, abs=1e-3)
@@ -124,3 +126,12 @@ def test_run_categories_reads_the_run_and_records_anchors(tmp_path):
     assert conventions["layers"] == [0, 2] and conventions["component"] == "resid"
     assert conventions["position"] == "last" and conventions["split"] == "train"
     assert saved["schema_version"] == 1 and saved["analysis"] == "categories"
+
+
+@pytest.mark.parametrize("layers", [[-1], [0, 3], [99]])
+def test_layers_outside_the_blocks_are_refused_not_wrapped(tmp_path, layers):
+    a, b, glob = planted([[0, 60, 30]] * N_LAYERS)
+    with pytest.raises(TorsionError, match=rf"layer {layers[-1]} is out of range; this model has blocks 0..2"):
+        category_geometry({"a": a, "b": b}, glob, layers=layers, anchors={})
+    with pytest.raises(TorsionError, match="out of range"):
+        pairwise_summary({"a": a, "b": b}, layers=layers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -13,6 +14,8 @@ from tiny import tiny_lm
 import torsion.analysis.propagation as propagation
 from torsion.analysis.propagation import back_half_layers, propagate, propagation_table, run_propagation
 from torsion.capture import capture_batch, encode, output_tensor
+from torsion.errors import TorsionError
+from torsion.report.geometry_figures import propagation_figure
 from torsion.steer import add_steering
 from torsion.data import make_prompt, read_prompts_jsonl, sample, write_prompts_jsonl
 from torsion.store import RunDir
@@ -103,7 +106,7 @@ def test_cosine_at_source_is_the_sign_of_alpha(llama, alpha, component):
     assert all(abs(c) < 0.999 for c in downstream)  # the perturbation does not stay on a random axis
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
 @pytest.mark.parametrize("positions", ["all", "last"])
 def test_fast_path_equals_full_steered_forward(family, positions):
     lm = tiny_lm(family, n_layers=N_LAYERS, seed=3)
@@ -168,10 +171,46 @@ def test_run_propagation_reads_the_run_and_writes_json_and_figure(llama, tmp_pat
     result = run_propagation(run.root, llama, sources=[2], component="attn", n_prompts=3)
     saved = json.loads(run.analysis_path("propagation").read_text())
     assert saved == json.loads(json.dumps(result))
-    assert run.analysis_path("propagation").with_suffix(".png").stat().st_size > 1000
+    assert not run.analysis_path("propagation").with_suffix(".png").exists()  # analyses return data; report/ draws
+    assert propagation_figure(saved, tmp_path / "propagation.png").read_bytes().startswith(b"\x89PNG")
     assert saved["conventions"]["axis"] == "md/attn" and saved["conventions"]["resid_axis"] == "md/resid"
     assert saved["seed"] == 5 and saved["n_prompts"] == 3 and saved["conventions"]["split"] == "train"
     train = [p for p in read_prompts_jsonl(run.prompts_path) if p.split == "train"]
     expected = propagate(llama, [p.prompt for p in sample(train, 3, seed=5)], axis, sources=[2], component="attn",
                          resid_axis=resid_axis)
     assert saved["rows"] == [pytest.approx(row) for row in expected["rows"]]
+
+
+def test_a_replay_that_is_right_only_without_steering_falls_back(llama, monkeypatch):
+    """The unsteered replay matches the base pass; a steered one drifts 1%: the check must see it."""
+    axis = axis_for(llama)
+    reference = propagate(llama, PROMPTS, axis, sources=[1, 2], fast=False)
+    steering_on = []
+    real_add_steering, real_replay = propagation.add_steering, propagation._replayed_states
+
+    @contextmanager
+    def flagged_add_steering(*args, **kwargs):
+        with real_add_steering(*args, **kwargs) as record:
+            steering_on.append(True)
+            try:
+                yield record
+            finally:
+                steering_on.pop()
+
+    def drifting_replay(*args):
+        states = real_replay(*args)
+        return {c: x * 1.01 for c, x in states.items()} if steering_on else states
+
+    monkeypatch.setattr(propagation, "add_steering", flagged_add_steering)
+    monkeypatch.setattr(propagation, "_replayed_states", drifting_replay)
+    result = propagate(llama, PROMPTS, axis, sources=[1, 2])
+    check = result["fast_path_check"]
+    assert check["unsteered_gap"] < 1e-6 and check["steered_gap"] == pytest.approx(0.01, rel=1e-3)
+    assert result["fast_path"] is False and "the steered replay differed" in check["note"]
+    assert result["rows"] == reference["rows"]
+
+
+@pytest.mark.parametrize("sources", [[-1], [0, 4], [99]])
+def test_sources_outside_the_model_are_refused(llama, sources):
+    with pytest.raises(TorsionError, match=rf"source layer {sources[-1]} is out of range; this model has blocks 0..3"):
+        propagate(llama, PROMPTS, axis_for(llama), sources=sources)

@@ -11,7 +11,9 @@ import torch
 from torsion.analysis import rotation
 from torsion.analysis.rotation import (
     analyze_rotation,
+    basic_interval,
     batched_mean_difference,
+    equal_tailed_p_value,
     dispersion_bootstrap,
     prompt_bootstrap,
     rotation_summary,
@@ -138,12 +140,45 @@ def test_vectorised_null_equals_a_loop_over_the_same_permutations(monkeypatch):
     order = torch.argsort(torch.rand(11, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64), dim=1)
     null = np.array([float(adjacent_angles(mean_difference(x[p[:7]], x[p[7:]])).mean()) for p in order])
     observed = float(adjacent_angles(mean_difference(*classes(x, labels))).mean())
-    extreme = np.abs(null - null.mean()) >= abs(observed - null.mean())
     assert result["null_deg"] == pytest.approx(null.tolist(), abs=1e-3)
     assert result["observed_deg"] == pytest.approx(observed)
     assert result["mean_deg"] == pytest.approx(null.mean(), abs=1e-3)
     assert [result["p2_5"], result["p97_5"]] == pytest.approx(np.percentile(null, [2.5, 97.5]).tolist(), abs=1e-3)
-    assert result["p_value"] == pytest.approx((1 + extreme.sum()) / 12)
+    # the equal-tailed p, recounted from the loop's null: the smaller tail, +1 corrected, doubled
+    below, above = int((null <= observed).sum()), int((null >= observed).sum())
+    assert result["p_value"] == pytest.approx(min(1.0, 2 * (1 + min(below, above)) / 12))
+
+
+def test_equal_tailed_p_value_by_hand_on_a_planted_skewed_null():
+    # P = 9, a long upper tail: the null's mean is 170 / 9 = 18.9, its median 12
+    null = np.array([10.0, 10.5, 11.0, 11.5, 12.0, 12.5, 13.0, 13.5, 76.0])
+    # 9.0: below every draw. Smaller tail 0 -> p = 2 * (1 + 0) / 10 = 0.2. (Distance from the mean,
+    # |9 - 18.9| = 9.9, counts only the 76 as extreme: (1 + 1) / 10, also 0.2, so the next case matters.)
+    assert equal_tailed_p_value(null, 9.0) == pytest.approx(0.2)
+    # 13.2: 7 draws <= it, 2 >= it -> p = 2 * 3 / 10 = 0.6. Distance from the mean (|13.2 - 18.9| = 5.7)
+    # counts 8 draws as at least as far: (1 + 8) / 10 = 0.9, which this must not return.
+    assert equal_tailed_p_value(null, 13.2) == pytest.approx(0.6)
+    # 12.0 sits on a draw: 5 <= it, 5 >= it (the tie counts in both tails) -> 2 * 6 / 10 = 1.2 -> clipped to 1
+    assert equal_tailed_p_value(null, 12.0) == 1.0
+    # 80.0: above every draw -> 0.2; 40.0: 8 <= it, 1 >= it -> 2 * 2 / 10 = 0.4
+    assert equal_tailed_p_value(null, 80.0) == pytest.approx(0.2)
+    assert equal_tailed_p_value(null, 40.0) == pytest.approx(0.4)
+
+
+def test_shuffled_label_null_reports_the_equal_tailed_p_of_its_own_draws(monkeypatch):
+    """Plant the null draws; the reported p is the hand count against them, not a distance from their mean."""
+    x, labels = planted(n_refused=6, n_complied=6, n_layers=3, d=8, seed=3)
+    observed = float(adjacent_angles(mean_difference(*classes(x, labels))).mean())
+    planted_null = torch.tensor([observed - 1.0] * 3 + [observed + 0.5] * 5 + [observed + 60.0] * 2)  # P = 10
+    real = rotation._map_mean_differences
+    monkeypatch.setattr(rotation, "_map_mean_differences",
+                        lambda x_, first, second, statistic: planted_null if first.shape[0] == 10
+                        else real(x_, first, second, statistic))
+    result = shuffled_label_null(x, labels, P=10, seed=0)
+    assert result["null_deg"] == pytest.approx(planted_null.tolist())
+    # 3 draws below, 7 above: p = 2 * (1 + 3) / 11 = 8/11. (The null's mean is observed + 11.95; distance
+    # from it counts the 3 low and 2 high draws as extreme: (1 + 5) / 11.)
+    assert result["p_value"] == pytest.approx(8 / 11)
 
 
 def test_null_p_values_are_not_concentrated_near_zero_for_pure_noise():
@@ -258,7 +293,7 @@ def test_bad_inputs_fail_with_the_fix_in_the_message():
 
 
 def test_percentile_interval_sits_above_a_noisy_angle_and_the_basic_one_covers_it():
-    """Noise inflates angles twice in a resample, so only the bias-corrected interval covers."""
+    """Noise inflates angles twice in a resample, so only the basic interval covers."""
     g = torch.Generator().manual_seed(0)
     frame = torch.linalg.qr(torch.randn(48, 2, generator=g))[0].T
     turns = torch.deg2rad(torch.arange(6) * 60.0)
@@ -289,3 +324,35 @@ def test_null_p_value_is_equal_tailed_for_a_skewed_null():
     null = shuffled_label_null(x, labels, P=100, seed=0)
     assert null["observed_deg"] < null["p2_5"]
     assert null["p_value"] < 0.05
+
+
+def test_basic_interval_by_hand_and_clipped_to_the_angle_range():
+    np.testing.assert_allclose(basic_interval(30.0, np.array([28.0, 40.0])), [20.0, 32.0])  # [60 - 40, 60 - 28]
+    np.testing.assert_allclose(basic_interval(10.0, np.array([12.0, 25.0])), [0.0, 8.0])  # [-5, 8] -> [0, 8]
+    np.testing.assert_allclose(basic_interval(175.0, np.array([165.0, 178.0])), [172.0, 180.0])  # 185 -> 180
+    np.testing.assert_allclose(basic_interval(np.array([[10.0], [30.0]]), np.array([[12.0, 25.0], [28.0, 40.0]])),
+                               [[0.0, 8.0], [20.0, 32.0]])
+
+
+def test_basic_interval_of_a_near_zero_angle_stays_non_negative():
+    """Parallel axes under noise: θ̂ is small and the resamples sit above it, so 2θ̂ − q97.5 < 0."""
+    x, labels = planted(n_refused=8, n_complied=8, n_layers=4, d=8, turn_deg=0.0, signal=3.0, noise=1.0,
+                        prompt_noise=0.0, seed=1)
+    result = prompt_bootstrap(x, labels, B=200, seed=1)
+    observed = rotation_summary(mean_difference(*classes(x, labels)))
+    assert 2 * observed["mean_deg"] - result["mean_ci95"][1] < 0  # the unclipped lower end would be negative
+    assert result["mean_ci95_basic"][0] == 0.0 and result["mean_ci95_basic"][1] > 0
+    assert all(0.0 <= lo <= hi <= 180.0 for lo, hi in result["pair_ci95_basic"])
+
+
+def test_verdict_names_the_basic_interval_and_records_the_reliability_threshold():
+    x, labels = planted(n_refused=30, n_complied=30, n_layers=4, d=16, turn_deg=20.0, noise=1.0)
+    result = analyze_rotation({"resid": x}, labels, B=20, P=20, n_splits=5, seed=0)
+    component = result["components"]["resid"]
+    assert "basic prompt-bootstrap 95% CI" in component["verdict"] and "bias" not in component["verdict"]
+    assert result["parameters"]["reliable_median_split_half_angle_below_deg"] == 45.0
+    median = float(np.median(component["split_half"]["same_layer_angle_deg"]))
+    strict = analyze_rotation({"resid": x}, labels, B=20, P=20, n_splits=5, seed=0, reliable_below_deg=median / 2)
+    assert component["reliable"] and not strict["components"]["resid"]["reliable"]
+    assert strict["parameters"]["reliable_median_split_half_angle_below_deg"] == median / 2
+    assert "< 45°)" in component["verdict"] and f"≥ {median / 2:g}°)" in strict["components"]["resid"]["verdict"]

@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -86,12 +87,25 @@ def tensor_name(component: str, position: str, primary: str = "last") -> str:
     return component if position == primary else f"{position}/{component}"
 
 
+def prompts_sha256(prompts: Sequence[str]) -> str:
+    """sha256 of the ordered prompt list: of the newline-joined sha256 hex digests of each exact UTF-8 text.
+
+    Any change to a prompt's text (whitespace included: the chat template sees it) or to the
+    order changes it.
+    """
+    digests = "\n".join(hashlib.sha256(prompt.encode("utf-8")).hexdigest() for prompt in prompts)
+    return hashlib.sha256(digests.encode("ascii")).hexdigest()
+
+
 def capture_to_file(lm: LoadedModel, prompts: Sequence[str], path: Path, *, components: Sequence[str] = COMPONENTS,
                     positions: Sequence[str] = POSITIONS, batch_size: int = 16) -> Path:
     """Capture every prompt into ``path`` (safetensors), resuming a killed capture.
 
     Tensors are ``[n_prompts, n_layers, d_model]`` float32, rows in ``prompts`` order, named
-    by ``tensor_name``. The file's metadata records the conventions.
+    by ``tensor_name``. The file's metadata records the conventions and
+    :func:`prompts_sha256` of ``prompts``; a killed capture resumes only when the metadata is
+    identical, so a changed prompt list (even of the same length) starts over instead of
+    resuming into rows that belong to other prompts.
     """
     n, shape = len(prompts), (len(prompts), lm.n_layers, lm.d_model)
     names = {(c, p): tensor_name(c, p, positions[0]) for c in components for p in positions}
@@ -104,6 +118,7 @@ def capture_to_file(lm: LoadedModel, prompts: Sequence[str], path: Path, *, comp
         "post_instruction_tokens": str(n_post),
         "model_id": lm.model_id,
         "dtype": "float32",
+        "prompts_sha256": prompts_sha256(prompts),
     }
     with RowWriter(path, {name: shape for name in names.values()}, metadata) as writer:
         bar = tqdm(total=n, initial=writer.rows_done, desc="capture", unit="prompt")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from torsion.conventions import LAYER_INDEXING
 from torsion.errors import TorsionError
 from torsion.vectors import SteeringVector
 
@@ -119,7 +120,7 @@ def _from_layer_dict(directions: dict[int, torch.Tensor], n_layers: int | None, 
     stacked = torch.zeros(count, width.pop(), dtype=torch.float32)
     for layer, value in directions.items():
         stacked[layer] = value.reshape(-1).float()
-    return SteeringVector(stacked, {**meta, "layer_indexing": "block"})
+    return SteeringVector(stacked, {**meta, "layer_indexing": LAYER_INDEXING})
 
 
 def to_steering_vectors(vector: SteeringVector, layers: list[int] | None = None):

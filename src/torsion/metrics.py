@@ -86,6 +86,21 @@ def kl_divergence(logp: Tensor, logq: Tensor) -> Tensor:
     return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
 
 
+def kl_divergences(logp: Tensor, logq: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`kl_divergence` both ways, ``(KL(p ‖ q), KL(q ‖ p))``, from one float64 difference.
+
+    Bit for bit the two :func:`kl_divergence` calls when every log-prob is finite (otherwise it
+    makes those calls), and about twice as fast on ``[n_steps, batch, vocab]``. ``logp`` may
+    broadcast against ``logq`` (one base row per prompt against many steered rows).
+    """
+    if not (torch.isfinite(logp).all() and torch.isfinite(logq).all()):
+        return kl_divergence(logp, logq), kl_divergence(logq, logp)
+    difference = logq.double() - logp.double()  # log q − log p
+    p_to_q = -(logp.double().exp() * difference).sum(-1)
+    q_to_p = logq.double().exp_().mul_(difference).sum(-1)
+    return p_to_q, q_to_p
+
+
 def _kl_summary(base_to_steered: Tensor, steered_to_base: Tensor) -> dict[str, Any]:
     """Means over prompts and the per-prompt values ``[n_prompts]``, each named by its direction."""
     return {"kl_base_to_steered": base_to_steered.mean().item(),

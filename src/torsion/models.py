@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from torsion import assets
+from torsion.conventions import check_blocks
 from torsion.errors import TorsionError
+from torsion.weights import hub_weights_sha256, weights_sha256
 
 # Where each family keeps its blocks and which sub-module's output is added to the residual
 # stream. Gemma 2/3 normalise the sub-block outputs before the residual add, so the added
@@ -59,10 +61,7 @@ class BlockLayout:
         return len(self.blocks)
 
     def component_module(self, component: str, layer: int) -> nn.Module:
-        if not 0 <= layer < self.n_layers:
-            raise TorsionError(
-                f"layer {layer} is out of range; this model has blocks 0..{self.n_layers - 1}"
-            )
+        check_blocks(layer, self.n_layers)
         if component == "resid":
             return self.blocks[layer]
         if component == "attn":
@@ -142,7 +141,12 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_spec(spec: str) -> tuple[Path | str, str | None, str, str | None]:
-    """Map a spec to (from_pretrained source, gguf file name, model id, weights sha256)."""
+    """Map a spec to (from_pretrained source, gguf file name, model id, weights sha256).
+
+    The weights sha256 is known up front for embedded models and GGUF files; for a local
+    directory or a Hub id it is None here and :func:`load_model` hashes the weight files
+    (:func:`torsion.weights.weights_sha256`) once they are loaded.
+    """
     if spec.startswith("embedded:"):
         name = spec.removeprefix("embedded:")
         model = assets.embedded(name)
@@ -200,6 +204,8 @@ def load_model(spec: str = f"embedded:{assets.DEFAULT_MODEL}", *, dtype: str = "
         raise TorsionError(
             f"could not load {spec!r} ({hint}); use a local directory, a .gguf file or an embedded model"
         ) from None
+    if weights_sha is None:  # a local directory or a Hub id: hash the weight files it loaded
+        weights_sha = weights_sha256(Path(source)) if Path(source).is_dir() else hub_weights_sha256(str(source))
     if device not in ("cpu", "auto"):
         model = model.to(device)
     model.eval()

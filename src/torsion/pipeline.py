@@ -24,6 +24,7 @@ from torsion.analysis.random_control import run_random_control
 from torsion.analysis.rotation import run_rotation
 from torsion.capture import capture_to_file, load_activations
 from torsion.config import RunConfig
+from torsion.conventions import LAYER_INDEXING
 from torsion.data import build_prompt_set, read_prompts_jsonl, write_prompts_jsonl
 from torsion.errors import TorsionError
 from torsion.generate import GenerationSettings, generate_responses
@@ -80,7 +81,7 @@ def fit_run_vectors(run: RunDir, config: RunConfig, prompts: list, responses: li
     provenance = {
         **run.manifest().get("model", {}),
         "position": config.positions[0],
-        "layer_indexing": "block",
+        "layer_indexing": LAYER_INDEXING,
         "prompt_ids_sha256": hashlib.sha256("\n".join(prompts[i].id for i in rows).encode()).hexdigest(),
         "split": "train",
         "torsion_version": torsion.__version__,

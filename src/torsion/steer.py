@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from torsion.capture import output_tensor
-from torsion.conventions import LAYER_INDEXING
+from torsion.conventions import LAYER_INDEXING, check_blocks
 from torsion.errors import TorsionError
 from torsion.generate import GenerationSettings, generate_batch
 from torsion.models import LoadedModel
@@ -80,12 +80,7 @@ def _check_width(lm: LoadedModel, directions: Tensor) -> None:
 
 
 def _check_layers(lm: LoadedModel, layers: int | Sequence[int]) -> tuple[int, ...]:
-    chosen = (layers,) if isinstance(layers, int) else tuple(int(layer) for layer in layers)
-    if not chosen:
-        raise TorsionError("no layers to steer; pass at least one layer index")
-    for layer in chosen:
-        if not 0 <= layer < lm.n_layers:
-            raise TorsionError(f"layer {layer} is out of range; this model has blocks 0..{lm.n_layers - 1}")
+    chosen = tuple(check_blocks(layers, lm.n_layers))
     if len(set(chosen)) != len(chosen):
         raise TorsionError(f"layers {list(chosen)} repeat a layer; list each layer once")
     return chosen

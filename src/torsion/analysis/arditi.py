@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 from torsion.behaviour import evaluate_behaviour
 from torsion.data import sample
+from torsion.conventions import LAYER_INDEXING
 from torsion.errors import TorsionError
 from torsion.generate import GenerationSettings
 from torsion.metrics import first_token_kl
@@ -87,7 +88,8 @@ def run_arditi(run_dir: Path, lm: LoadedModel, *, component: str = "resid",
                       "kl": _kl(first_token_kl(lm, neutral, add(alpha)))})
     result = {
         "schema_version": SCHEMA_VERSION, "analysis": "arditi",
-        "conventions": {"layer_indexing": "block", "axis": f"md/{component}", "selection": "max ROC-AUC on train split",
+        "conventions": {"layer_indexing": LAYER_INDEXING, "axis": f"md/{component}",
+                        "selection": "max ROC-AUC on train split",
                         "eligible_layers": "{}..{}".format(*selection["eligible"]), "ablation": "every write into the residual stream",
                         "addition": "alpha * v at the chosen layer, all positions", "judge": judge.name,
                         "kl": "first token, neutral prompts", "neutral": "held-out half of the neutral set",

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 from torsion.behaviour import evaluate_behaviour
 from torsion.data import Prompt
+from torsion.conventions import LAYER_INDEXING
 from torsion.errors import TorsionError
 from torsion.judge.base import Judge
 from torsion.metrics import first_token_kl
@@ -274,7 +275,7 @@ def run_asymmetry(run_dir: Path, lm: LoadedModel, *, scope: str = "global", push
     result = {
         "schema_version": SCHEMA_VERSION, "analysis": "asymmetry", "scope": scope,
         "studies": {"comply": comply["study"], "refuse": refuse["study"]}, "judge": judge.name,
-        "conventions": {"layer_indexing": "block", "alpha": "raw multiplier of the vector",
+        "conventions": {"layer_indexing": LAYER_INDEXING, "alpha": "raw multiplier of the vector",
                         "kl": "kl_base_to_steered, first token, neutral prompts",
                         "rates": "share of judged responses, Wilson 95%",
                         "genuine": "strong_comply kept by false-positive correction (steered responses are "

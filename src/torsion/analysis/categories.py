@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from torsion.analysis.propagation import back_half_layers, run_vector, save_figure
+from torsion.analysis.common import back_half_layers, run_vector
 from torsion.capture import load_activations
-from torsion.conventions import LAYER_INDEXING
+from torsion.conventions import LAYER_INDEXING, check_blocks
 from torsion.data import read_prompts_jsonl
 from torsion.errors import TorsionError
 from torsion.geometry import angle_deg
@@ -47,7 +47,8 @@ def mean_angle_matrix(directions: Mapping[str, Tensor], layers: Sequence[int]) -
     Returns:
         ``[n, n]`` float64, rows and columns in ``directions`` order; the diagonal is 0.
     """
-    stack = torch.stack([d[list(layers)].double() for d in directions.values()])  # [n, n_sel, d_model]
+    layers = check_blocks(layers, next(iter(directions.values())).shape[0])
+    stack = torch.stack([d[layers].double() for d in directions.values()])  # [n, n_sel, d_model]
     angles = angle_deg(stack[:, None], stack[None, :])  # [n, n, n_sel]
     matrix = angles.mean(-1).numpy()
     np.fill_diagonal(matrix, 0.0)
@@ -105,7 +106,7 @@ def category_geometry(category_vectors: Mapping[str, Tensor], global_vector: Ten
         complied_activation_means: group -> ``[n_layers, d_model]`` (from :func:`complied_means`).
         complied_counts: group -> number of complied samples, recorded beside the geometry.
     """
-    layers = sorted({int(layer) for layer in layers})
+    layers = sorted(set(check_blocks(layers, global_vector.shape[0])))
     names = sorted(category_vectors)
     ordered = {name: category_vectors[name] for name in names}
     to_global = {name: float(mean_angle_matrix({"c": ordered[name], "g": global_vector}, layers)[0, 1])
@@ -131,33 +132,9 @@ def category_geometry(category_vectors: Mapping[str, Tensor], global_vector: Ten
     }
 
 
-def plot_categories(result: dict[str, Any], path: Path) -> Path:
-    """Figure: heatmaps of the pairwise angles (category vectors; comply activations where measured)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("category vectors", result["vector_pairwise"])]
-    if result["comply_activation"].get("matrix_deg") is not None:
-        panels.append(("complied mean activations", result["comply_activation"]))
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), squeeze=False)
-    for ax, (title, summary) in zip(axes[0], panels):
-        image = ax.imshow(summary["matrix_deg"], vmin=0, vmax=180, cmap="viridis")
-        ticks = range(len(summary["names"]))
-        ax.set_xticks(ticks, summary["names"], rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(ticks, summary["names"], fontsize=7)
-        sd = "n/a" if summary["sd_deg"] is None else f"{summary['sd_deg']:.1f}°"
-        ax.set_title(f"{title}: mean {summary['mean_deg']:.1f}°, σ {sd}", fontsize=9)
-        figure.colorbar(image, ax=ax, label="angle (deg)")
-    figure.suptitle(f"category geometry, layers {result['conventions']['layers']}", fontsize=9)
-    figure.tight_layout()
-    return save_figure(figure, path)
-
-
 def run_categories(run_dir: str | Path, *, method: str = "md", component: str = "resid",
                    layers: Sequence[int] | None = None, min_complied: int = MIN_COMPLIED) -> dict[str, Any]:
-    """Category geometry on a run directory: writes ``analysis/categories.json`` and ``.png``.
+    """Category geometry on a run directory: writes ``analysis/categories.json`` (the report draws its figure).
 
     Category vectors are the run's ``<method>/<component>/<category>``; the comply-activation
     geometry uses the ``component`` activations of train-split rows labelled complied (score in
@@ -174,11 +151,14 @@ def run_categories(run_dir: str | Path, *, method: str = "md", component: str = 
         raise TorsionError(f"the run has no category vectors {prefix}<category>; fit vectors with categories "
                            "(the pipeline's vectors stage does) or pick a method and component it fitted")
     global_vector = run_vector(vectors, global_key)
+    n_layers = global_vector.shape[0]
     per_category = None
     if layers is None:
         per_category = category_layers(run.root, key=global_key, categories=sorted(category_vectors))
         scored = sorted({layer for chosen in per_category.values() if chosen for layer in chosen})
-        layers = scored or back_half_layers(global_vector.shape[0])
+        layers = scored or back_half_layers(n_layers)
+    else:
+        layers = check_blocks(layers, n_layers)
     prompts = read_prompts_jsonl(run.prompts_path)
     scores = {row["id"]: row.get("score") for row in read_jsonl(run.responses_path)}
     activations, metadata = load_activations(run.activations_path)
@@ -200,5 +180,4 @@ def run_categories(run_dir: str | Path, *, method: str = "md", component: str = 
                                  category_layers=per_category)
     path = run.analysis_path("categories")
     atomic_write_json(path, result)
-    plot_categories(result, path.with_suffix(".png"))
     return result

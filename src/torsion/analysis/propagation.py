@@ -15,117 +15,27 @@ Example::
 
 from __future__ import annotations
 
-import io
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from torsion.capture import capture_batch, encode, output_tensor, recording
-from torsion.conventions import LAYER_INDEXING
-from torsion.data import read_prompts_jsonl, sample
+from torsion.analysis.common import back_half_layers, run_vector, split_prompts
+from torsion.capture import capture_batch, encode, recording
+from torsion.conventions import LAYER_INDEXING, check_blocks
 from torsion.errors import TorsionError
 from torsion.geometry import cosine
 from torsion.models import LoadedModel
+from torsion.replay import (FAST_PATH_TOLERANCE, BlockInputs, fast_path_check, recording_block_inputs,
+                            relative_gap, run_blocks)
 from torsion.steer import add_steering
-from torsion.store import RunDir, atomic_write_bytes, atomic_write_json
-from torsion.vectors import SteeringVector, load_vectors
+from torsion.store import RunDir, atomic_write_json
+from torsion.vectors import load_vectors
+
+__all__ = ["back_half_layers", "propagate", "propagation_table", "run_propagation"]
 
 SCHEMA_VERSION = 1
-FAST_PATH_TOLERANCE = 1e-4  # relative, methods.md
-
-
-def back_half_layers(n_layers: int, k: int = 4) -> list[int]:
-    """``k`` blocks evenly spaced over the back half, ``n_layers // 2 … n_layers - 1``."""
-    start = n_layers // 2
-    count = min(k, n_layers - start)
-    return sorted({round(start + i * (n_layers - 1 - start) / max(count - 1, 1)) for i in range(count)})
-
-
-@dataclass
-class BlockInputs:
-    """What decoder blocks received in one base forward: positional and keyword arguments per block.
-
-    ``args[l][0]`` is the hidden state entering block ``l``, ``[batch, seq, d_model]``; the
-    rest (attention mask, position ids and embeddings) is replayed as given. ``last_output`` is
-    the last block's output.
-    """
-
-    args: dict[int, tuple] = field(default_factory=dict)
-    kwargs: dict[int, dict[str, Any]] = field(default_factory=dict)
-    last_output: Tensor | None = None
-
-    def hidden(self, layer: int) -> Tensor:
-        """The hidden state entering block ``layer``, ``[batch, seq, d_model]``."""
-        return self.args[layer][0]
-
-    def output(self, layer: int) -> Tensor:
-        """The base output of block ``layer``, ``[batch, seq, d_model]``."""
-        return self.hidden(layer + 1) if layer + 1 in self.args else self.last_output
-
-
-@contextmanager
-def recording_block_inputs(lm: LoadedModel, first: int) -> Iterator[BlockInputs]:
-    """Record the inputs of blocks ``first … L-1`` during the forwards run inside the ``with``."""
-    inputs = BlockInputs()
-
-    def make_hook(layer: int):
-        def hook(_module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            if not args:
-                raise TorsionError(f"block {layer} got its hidden state as a keyword; the fast path cannot "
-                                   "replay it, pass fast=False")
-            if kwargs.get("past_key_values") is not None:
-                raise TorsionError("the base forward ran with a KV cache, which a replay would extend; "
-                                   "run it with use_cache=False")
-            inputs.args[layer], inputs.kwargs[layer] = args, kwargs
-        return hook
-
-    def record_last_output(_module: torch.nn.Module, _args: tuple, output: Any) -> None:
-        inputs.last_output = output_tensor(output)
-
-    handles = [lm.layout.blocks[layer].register_forward_pre_hook(make_hook(layer), with_kwargs=True)
-               for layer in range(first, lm.n_layers)]
-    handles.append(lm.layout.blocks[-1].register_forward_hook(record_last_output))
-    try:
-        yield inputs
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _repeat_batch(value: Any, batch: int, repeat: int) -> Any:
-    """Tile batch-leading tensors (``ndim ≥ 2``, ``shape[0] == batch``) ``repeat`` times, direction-major."""
-    if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[0] == batch and repeat > 1:
-        return value.repeat(repeat, *([1] * (value.ndim - 1)))
-    if isinstance(value, tuple):
-        return tuple(_repeat_batch(v, batch, repeat) for v in value)
-    return value
-
-
-def run_blocks(lm: LoadedModel, inputs: BlockInputs, start: int, hidden: Tensor, *, repeat: int = 1) -> Tensor:
-    """Run blocks ``start … L-1`` from ``hidden`` with the recorded arguments; the last block's output.
-
-    Args:
-        hidden: ``[repeat * batch, seq, d_model]``; row ``i * batch + b`` is copy ``i`` of prompt ``b``.
-        repeat: how many copies of the recorded batch ``hidden`` holds.
-
-    Returns:
-        ``[repeat * batch, seq, d_model]``, before the final norm (``hidden`` itself when ``start = L``).
-    """
-    batch = hidden.shape[0] // repeat
-    for layer in range(start, lm.n_layers):
-        args = _repeat_batch(inputs.args[layer][1:], batch, repeat)
-        kwargs = {k: _repeat_batch(v, batch, repeat) for k, v in inputs.kwargs[layer].items()}
-        hidden = output_tensor(lm.layout.blocks[layer](hidden, *args, **kwargs))
-    return hidden
-
-
-def relative_gap(a: Tensor, b: Tensor) -> float:
-    """``max |a − b| / max |b|``: the relative tolerance the fast paths are held to."""
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
 
 
 @torch.inference_mode()
@@ -144,6 +54,13 @@ def _replayed_states(lm: LoadedModel, inputs: BlockInputs, components: tuple[str
     with recording(lm, components, ("last",), 1) as store:
         run_blocks(lm, inputs, source, inputs.hidden(source))
     return {c: torch.stack(store[c]["last"][source:], dim=1) for c in components}
+
+
+def _full_states(lm: LoadedModel, prompts: Sequence[str], components: tuple[str, ...],
+                 source: int) -> dict[str, Tensor]:
+    """States at the last token of blocks ``source … L-1`` from one full forward (steered if steering is on)."""
+    full = capture_batch(lm, prompts, components=components, positions=("last",))
+    return {c: full[c]["last"][:, source:] for c in components}
 
 
 def _propagation_metrics(deltas: Tensor, axis: Tensor, source_vector: Tensor, applied_norm: float) -> dict[str, Tensor]:
@@ -172,7 +89,10 @@ def propagate(lm: LoadedModel, prompts: Sequence[str], axis: Tensor, *, sources:
         resid_axis: ``[n_layers, d_model]``, the axis the residual-stream ``Δh_l`` is compared with
             (default: ``axis``).
         positions: ``all`` or ``last``, the positions the injection covers.
-        fast: restart the forward at block ``s`` from cached inputs (checked once against the base pass).
+        fast: restart the forward at block ``s`` from cached inputs. On the first batch an
+            unsteered replay is checked against the base pass and the first source's steered replay
+            against the full steered forward; either off by more than ``FAST_PATH_TOLERANCE``
+            (relative) switches to the full forward for every source and batch.
 
     Returns:
         The JSON-ready result: conventions, ``applied_norm`` per source, one row per ``(source, layer)``.
@@ -185,29 +105,32 @@ def propagate(lm: LoadedModel, prompts: Sequence[str], axis: Tensor, *, sources:
         if vectors.shape != (lm.n_layers, lm.d_model):
             raise TorsionError(f"{name} has shape {list(vectors.shape)}; pass [{lm.n_layers}, {lm.d_model}], "
                                "one direction per block of this model")
-    sources = sorted({int(s) for s in sources})
-    if not sources or not 0 <= sources[0] <= sources[-1] < lm.n_layers:
-        raise TorsionError(f"sources {sources} must be non-empty blocks in 0..{lm.n_layers - 1}")
+    sources = sorted(set(check_blocks(sources, lm.n_layers, what="source layer")))
+    if positions not in ("all", "last"):
+        raise TorsionError(f"unknown positions {positions!r}; choose all or last")
     streams = {"component": component, "resid": "resid"}
     components = tuple(dict.fromkeys(streams.values()))
     applied = {s: float(torch.linalg.vector_norm(axis[s].double() * alpha)) for s in sources}
     deltas: dict[int, dict[str, list[Tensor]]] = {s: {c: [] for c in components} for s in sources}
-    fast_gap: float | None = None
+    gaps: dict[str, float] = {}  # the first batch's checks of the fast path
     fast_requested = fast
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start:start + batch_size])
         base, inputs = _base_pass(lm, batch, components, sources[0])
-        if fast and fast_gap is None:  # one unsteered replay from the earliest source checks the fast path
+        check = fast and not gaps
+        if check:  # an unsteered replay from the earliest source against the base pass
             replay = _replayed_states(lm, inputs, components, sources[0])
-            fast_gap = max(relative_gap(replay[c], base[c][:, sources[0]:]) for c in components)
-            fast = fast_gap <= FAST_PATH_TOLERANCE
+            gaps["unsteered"] = max(relative_gap(replay[c], base[c][:, sources[0]:]) for c in components)
+            fast = gaps["unsteered"] <= FAST_PATH_TOLERANCE
         for s in sources:
+            steered_check = check and fast and s == sources[0]
             with add_steering(lm, axis, layers=[s], alpha=alpha, component=component, positions=positions):
-                if fast:
-                    steered = _replayed_states(lm, inputs, components, s)
-                else:
-                    full = capture_batch(lm, batch, components=components, positions=("last",))
-                    steered = {c: full[c]["last"][:, s:] for c in components}
+                replayed = _replayed_states(lm, inputs, components, s) if fast else None
+                full = None if fast and not steered_check else _full_states(lm, batch, components, s)
+            if steered_check:  # one steered replay against the full steered forward (methods.md)
+                gaps["steered"] = max(relative_gap(replayed[c], full[c]) for c in components)
+                fast = gaps["steered"] <= FAST_PATH_TOLERANCE
+            steered = full if full is not None else replayed
             for c in components:
                 deltas[s][c].append(steered[c].double() - base[c][:, s:].double())
     rows = []
@@ -228,22 +151,8 @@ def propagate(lm: LoadedModel, prompts: Sequence[str], axis: Tensor, *, sources:
                         "norm_ratio": "mean over prompts of ‖Δh_l‖ / ‖α v_s‖"},
         "sources": sources, "applied_norm": {str(s): applied[s] for s in sources}, "rows": rows,
         "n_prompts": len(prompts), "fast_path": fast,
-        "fast_path_check": fast_path_check(fast_requested, fast, fast_gap, FAST_PATH_TOLERANCE,
-                                           fallback="the full steered forward"),
+        "fast_path_check": fast_path_check(fast_requested, fast, gaps, fallback="the full steered forward"),
     }
-
-
-def fast_path_check(requested: bool, used: bool, gap: float | None, tolerance: float, *,
-                    fallback: str) -> dict[str, Any]:
-    """The record of whether a fast path (a replay from cached block inputs) was used, and why not."""
-    if not requested:
-        note = f"{fallback} (fast path not requested)"
-    elif used:
-        note = "replayed the blocks from cached block inputs; an unsteered replay matched the base pass"
-    else:
-        note = (f"fell back to {fallback}: an unsteered replay differed from the base pass by {gap:.2e} "
-                "(relative), so this model's blocks cannot be replayed safely")
-    return {"requested": requested, "used": used, "max_relative_gap": gap, "tolerance": tolerance, "note": note}
 
 
 def propagation_table(result: dict[str, Any], *, stream: str = "component", metric: str = "cos_dh_axis",
@@ -276,66 +185,11 @@ def propagation_table(result: dict[str, Any], *, stream: str = "component", metr
     return "\n".join(lines)
 
 
-def plot_propagation(result: dict[str, Any], path: Path) -> Path:
-    """Figure: ``cos(Δh_l, v_l)``, ``cos(Δh_l, v_s)`` and ``norm_ratio`` against block, one line per source."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    panels = (("cos_dh_axis", "cos(Δh_l, v_l)"), ("cos_dh_source", "cos(Δh_l, v_s)"), ("norm_ratio", "norm_ratio"))
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (metric, title) in zip(axes, panels):
-        for index, source in enumerate(result["sources"]):
-            rows = [r for r in result["rows"] if r["source"] == source]
-            layers = [r["layer"] for r in rows]
-            ax.plot(layers, [r[f"{metric}_component"] for r in rows], ".-", color=f"C{index}", label=f"src={source}")
-            ax.plot(layers, [r[f"{metric}_resid"] for r in rows], ".:", color=f"C{index}")
-        ax.axhline(0 if metric != "norm_ratio" else 1, color="grey", lw=0.5)
-        ax.set(title=title, xlabel="block (layer)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0].legend(fontsize=7)
-    conventions = result["conventions"]
-    figure.suptitle(f"propagation: {conventions['component']} injection, α={conventions['alpha']}, "
-                    f"positions={conventions['positions']}, dotted = residual stream", fontsize=9)
-    figure.tight_layout()
-    return save_figure(figure, path)
-
-
-def save_figure(figure: Any, path: Path) -> Path:
-    """Write a matplotlib figure as PNG atomically, then close it."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
-def run_vector(vectors: dict[str, SteeringVector], key: str) -> Tensor:
-    """``vectors[key].directions`` ``[n_layers, d_model]``, or an error naming the keys there are."""
-    if key not in vectors:
-        raise TorsionError(f"the run has no vector {key!r} (it has {', '.join(sorted(vectors))}); "
-                           "pick a method and component the run fitted")
-    return vectors[key].directions
-
-
-def split_prompts(run: RunDir, split: str, n_prompts: int | None, seed: int) -> list[str]:
-    """Up to ``n_prompts`` prompts of ``split`` from ``prompts.jsonl``: :func:`torsion.data.sample`'s seeded sample."""
-    prompts = [p for p in read_prompts_jsonl(run.prompts_path) if p.split == split]
-    if not prompts:
-        raise TorsionError(f"{run.prompts_path} has no {split!r} prompts; run the pipeline's prompts stage "
-                           "or choose split='train' or 'holdout'")
-    return [p.prompt for p in sample(prompts, n_prompts, seed=seed)]
-
-
 def run_propagation(run_dir: str | Path, lm: LoadedModel, *, sources: Sequence[int] | None = None,
                     alpha: float = -1.0, component: str = "resid", positions: str = "all", method: str = "md",
                     split: str = "train", n_prompts: int | None = 16, seed: int | None = None,
                     batch_size: int = 8, fast: bool = True) -> dict[str, Any]:
-    """Propagation on a run directory: writes ``analysis/propagation.json`` and ``.png``.
+    """Propagation on a run directory: writes ``analysis/propagation.json`` (the report draws its figure).
 
     The axis is the run's ``<method>/<component>`` vector, the residual stream is compared with
     ``<method>/resid``; prompts are a seeded sample of ``split`` (``seed`` defaults to the run's).
@@ -354,5 +208,4 @@ def run_propagation(run_dir: str | Path, lm: LoadedModel, *, sources: Sequence[i
     result["seed"] = seed
     path = run.analysis_path("propagation")
     atomic_write_json(path, result)
-    plot_propagation(result, path.with_suffix(".png"))
     return result

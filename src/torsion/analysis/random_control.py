@@ -5,10 +5,15 @@ is compared with ``N`` random directions of **the same applied norm** ``‖α v�
 the original code scaled the two arms differently). Both KL directions are reported, for
 ``+α`` and ``−α``; the ``−α`` arm negates the random directions too.
 
+Steering covers ``positions="last"`` (the default: only the final prompt token, the position
+whose next-token distribution the first-token KL reads) or ``positions="all"`` (every prompt
+token); the result records which.
+
 The naive path loops :func:`~torsion.metrics.first_token_kl` over the directions. The fast
 path runs each prompt batch's base forward once, keeps what every block from the steered one
 on received, and replays only those blocks for many directions at once (directions tiled along
-the batch axis), with the final norm and LM head at the last position only.
+the batch axis), with the final norm and LM head at the last position only. With ``last``
+only the final token is replayed, on the prefix's KV cache from the base pass.
 
 Example::
 
@@ -28,21 +33,25 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from torsion.analysis.propagation import (BlockInputs, back_half_layers, fast_path_check, recording_block_inputs,
-                                          relative_gap, run_blocks, run_vector, save_figure)
+from torsion.analysis.common import back_half_layers, run_vector
 from torsion.capture import encode, output_tensor
-from torsion.conventions import LAYER_INDEXING
+from torsion.conventions import LAYER_INDEXING, check_blocks
 from torsion.data import load_source, sample
 from torsion.errors import TorsionError
-from torsion.metrics import first_token_kl, kl_divergence
+from torsion.metrics import SteerFactory, first_token_kl, kl_divergences, next_token_logprobs
 from torsion.models import LoadedModel
+from torsion.replay import (FAST_PATH_TOLERANCE, BlockInputs, fast_path_check, last_token_inputs,
+                            recording_block_inputs, relative_gap, replay_rows, run_blocks)
 from torsion.steer import add_steering
 from torsion.store import RunDir, atomic_write_json
 from torsion.vectors import load_vectors
 
 SCHEMA_VERSION = 1
 KL_DIRECTIONS = ("kl_base_to_steered", "kl_steered_to_base")
-FAST_PATH_TOLERANCE = 1e-4  # relative gap of an unsteered replay's log-probs to the base pass
+REPLAYED_TOKENS = {"last": "the final prompt token, on the prefix's KV cache from the base pass",
+                   "all": "every prompt token"}
+STEERED_POSITIONS = {"last": "the final prompt token only (the position the first-token KL reads)",
+                     "all": "every prompt token"}
 
 
 def random_directions(d_model: int, n: int, applied_norm: float, *, seed: int) -> Tensor:
@@ -79,16 +88,21 @@ def naive_kls(lm: LoadedModel, prompts: Sequence[str], layer: int, steps: Tensor
     Returns:
         ``{kl_base_to_steered: [n_steps], kl_steered_to_base: [n_steps]}``, means over prompts.
     """
+    (layer,) = check_blocks(layer, lm.n_layers)
     out: dict[str, list[float]] = {name: [] for name in KL_DIRECTIONS}
     for step in steps:
-        vectors = torch.zeros(lm.n_layers, lm.d_model)
-        vectors[layer] = step
-        kl = first_token_kl(lm, prompts, lambda: add_steering(lm, vectors, layers=[layer], alpha=1.0,
-                                                              component=component, positions=positions),
+        kl = first_token_kl(lm, prompts, _steering(lm, layer, step, component=component, positions=positions),
                             batch_size=batch_size)
         for name in KL_DIRECTIONS:
             out[name].append(kl[name])
     return {name: torch.tensor(values, dtype=torch.float64) for name, values in out.items()}
+
+
+def _steering(lm: LoadedModel, layer: int, step: Tensor, *, component: str, positions: str) -> SteerFactory:
+    """A steering factory adding ``step`` ``[d_model]`` at ``layer`` (the naive loop's one direction)."""
+    vectors = torch.zeros(lm.n_layers, lm.d_model)
+    vectors[layer] = step
+    return lambda: add_steering(lm, vectors, layers=[layer], alpha=1.0, component=component, positions=positions)
 
 
 def _add_rows(hidden: Tensor, steps: Tensor, positions: str) -> Tensor:
@@ -151,52 +165,84 @@ def _replay_logprobs(lm: LoadedModel, inputs: BlockInputs, layer: int, steps: Te
 @torch.inference_mode()
 def fast_kls(lm: LoadedModel, prompts: Sequence[str], steps: dict[int, Tensor], *, component: str = "resid",
              positions: str = "all", batch_size: int = 16,
-             max_rows: int = 256) -> tuple[dict[int, dict[str, Tensor]], float]:
+             max_rows: int | None = None) -> tuple[dict[int, dict[str, Tensor]], dict[str, float]]:
     """:func:`naive_kls` at several layers, from one base forward per prompt batch.
+
+    With ``positions="all"`` every prompt token is replayed from the steered block on. With
+    ``positions="last"`` nothing before the last token changes, so only that token is replayed,
+    on a KV cache of the prefix from the base pass (:func:`~torsion.replay.last_token_inputs`).
 
     Args:
         steps: layer -> ``[n_steps, d_model]``.
-        max_rows: most ``directions × prompts`` rows in one replay.
+        max_rows: most ``directions × prompts`` rows in one replay (default: what fits in a
+            quarter of the free memory, :func:`~torsion.replay.replay_rows`).
 
     Returns:
         layer -> ``{kl_base_to_steered: [n_steps], kl_steered_to_base: [n_steps]}`` (means over
-        prompts), and the relative gap of an unsteered replay to the base pass (first batch, first
-        layer). When that gap exceeds ``FAST_PATH_TOLERANCE`` the replay is unsafe for this model
-        and the KLs come back empty.
+        prompts), and the first batch's checks at the first layer: ``unsteered`` (a replay
+        without steering against the base forward's log-probs) and ``steered`` (the replay of
+        the layer's first step against the full steered forward's, without a cache). When a gap
+        exceeds ``FAST_PATH_TOLERANCE`` the replay is unsafe for this model and the KLs come
+        back empty.
     """
+    first = min(check_blocks(list(steps), lm.n_layers))
     per_batch: dict[int, dict[str, list[Tensor]]] = {layer: {name: [] for name in KL_DIRECTIONS} for layer in steps}
-    chunk = max(1, max_rows // min(batch_size, len(prompts)))
-    gap = 0.0
+    gaps: dict[str, float] = {}
     bar = tqdm(total=math.ceil(len(prompts) / batch_size) * len(steps), desc="random control (layer x batch)",
                leave=False)
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start:start + batch_size])
-        with recording_block_inputs(lm, min(steps)) as inputs:
-            logits = lm.model(**encode(lm, batch), use_cache=False, logits_to_keep=1).logits
-        base = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()  # [batch, vocab]
+        encoded = encode(lm, batch)
+        n_tokens = encoded["input_ids"].shape[1]
+        if positions == "last" and n_tokens >= 2:
+            inputs, logits = last_token_inputs(lm, encoded, first)
+            replayed_tokens = 1
+        else:
+            with recording_block_inputs(lm, first) as inputs:
+                logits = lm.model(**encoded, use_cache=False, logits_to_keep=1).logits[:, -1]
+            replayed_tokens = n_tokens
+        base = torch.log_softmax(logits.float(), dim=-1).cpu()  # [batch, vocab]
         if start == 0:
-            zero = torch.zeros(1, lm.d_model)
-            replay = _replay_logprobs(lm, inputs, min(steps), zero, component=component, positions=positions)[0]
-            gap = relative_gap(replay, base)
-            if gap > FAST_PATH_TOLERANCE:
-                return {}, gap
+            gaps = _check_replay(lm, batch, inputs, base, first, steps[first][0], component=component,
+                                 positions=positions)
+            if max(gaps.values()) > FAST_PATH_TOLERANCE:
+                bar.close()
+                return {}, gaps
+        rows = max_rows or replay_rows(lm, tokens=replayed_tokens, kv_tokens=n_tokens, n_blocks=lm.n_layers - first)
+        chunk = max(1, rows // len(batch))
         for layer, layer_steps in steps.items():
             pieces: dict[str, list[Tensor]] = {name: [] for name in KL_DIRECTIONS}
             for i in range(0, len(layer_steps), chunk):  # KL per chunk: [chunk, batch, vocab] is the peak
                 steered = _replay_logprobs(lm, inputs, layer, layer_steps[i:i + chunk], component=component,
                                            positions=positions)
-                pieces["kl_base_to_steered"].append(kl_divergence(base.expand_as(steered), steered))
-                pieces["kl_steered_to_base"].append(kl_divergence(steered, base.expand_as(steered)))
+                base_to_steered, steered_to_base = kl_divergences(base[None], steered)  # base broadcasts
+                pieces["kl_base_to_steered"].append(base_to_steered)
+                pieces["kl_steered_to_base"].append(steered_to_base)
             for name in KL_DIRECTIONS:
                 per_batch[layer][name].append(torch.cat(pieces[name]))  # [n_steps, batch]
             bar.update()
     bar.close()
     return {layer: {name: torch.cat(pieces, dim=1).mean(1) for name, pieces in kls.items()}
-            for layer, kls in per_batch.items()}, gap
+            for layer, kls in per_batch.items()}, gaps
+
+
+def _check_replay(lm: LoadedModel, batch: Sequence[str], inputs: BlockInputs, base: Tensor, layer: int,
+                  step: Tensor, *, component: str, positions: str) -> dict[str, float]:
+    """Relative gaps of the replay's log-probs ``[batch, vocab]``: unsteered against ``base``, and
+    ``step`` ``[d_model]`` at ``layer`` against the full steered forward (skipped if the first fails)."""
+    zero = torch.zeros(1, lm.d_model)
+    unsteered = _replay_logprobs(lm, inputs, layer, zero, component=component, positions=positions)[0]
+    gaps = {"unsteered": relative_gap(unsteered, base)}
+    if gaps["unsteered"] <= FAST_PATH_TOLERANCE:
+        replayed = _replay_logprobs(lm, inputs, layer, step[None], component=component, positions=positions)[0]
+        full = next_token_logprobs(lm, batch, len(batch),
+                                   _steering(lm, layer, step, component=component, positions=positions))
+        gaps["steered"] = relative_gap(replayed, full)
+    return gaps
 
 
 def random_control(lm: LoadedModel, prompts: Sequence[str], vectors: Tensor, *, layers: Sequence[int],
-                   alpha: float = 1.0, component: str = "resid", positions: str = "all", n_random: int = 50,
+                   alpha: float = 1.0, component: str = "resid", positions: str = "last", n_random: int = 50,
                    seed: int = 0, vector_name: str = "vector", batch_size: int = 16,
                    fast: bool = True) -> dict[str, Any]:
     """Steering KL of ``±α v_l`` against ``n_random`` norm-matched random directions at each layer.
@@ -204,8 +250,10 @@ def random_control(lm: LoadedModel, prompts: Sequence[str], vectors: Tensor, *, 
     Args:
         vectors: ``[n_layers, d_model]``; row ``l`` is ``v_l``.
         layers: the blocks to test, one at a time.
-        fast: batch the directions on a replay of the blocks from ``l`` on (falls back to the
-            naive loop, and says so, if an unsteered replay does not reproduce the base pass).
+        positions: ``last`` steers the final prompt token only, ``all`` every prompt token.
+        fast: batch the directions on a replay of the blocks from ``l`` on. It falls back to the
+            naive loop, and says so, if on the first batch an unsteered replay does not reproduce
+            the base forward or the replay of ``+α v`` does not reproduce the full steered forward.
 
     Returns:
         The JSON-ready result; per layer, ``+alpha`` and ``-alpha`` arms with one
@@ -217,7 +265,7 @@ def random_control(lm: LoadedModel, prompts: Sequence[str], vectors: Tensor, *, 
         raise TorsionError(f"vectors have shape {list(vectors.shape)}; pass [{lm.n_layers}, {lm.d_model}]")
     if positions not in ("all", "last"):
         raise TorsionError(f"unknown positions {positions!r}; choose all or last")
-    layers = sorted({int(layer) for layer in layers})
+    layers = sorted(set(check_blocks(layers, lm.n_layers)))
     applied = {layer: float(torch.linalg.vector_norm(vectors[layer].double() * alpha)) for layer in layers}
     for layer, norm in applied.items():
         if not norm > 0:
@@ -227,8 +275,9 @@ def random_control(lm: LoadedModel, prompts: Sequence[str], vectors: Tensor, *, 
         steering = (vectors[layer].double() * alpha).float()
         randoms = random_directions(lm.d_model, n_random, applied[layer], seed=seed)
         steps[layer] = torch.cat([steering[None], -steering[None], randoms, -randoms])
-    kls, gap = fast_kls(lm, prompts, steps, component=component, positions=positions,
-                        batch_size=batch_size) if fast else ({}, None)
+    kls, gaps = fast_kls(lm, prompts, steps, component=component, positions=positions,
+                         batch_size=batch_size) if fast else ({}, {})
+    used_fast = bool(kls)
     if not kls:
         kls = {layer: naive_kls(lm, prompts, layer, steps[layer], component=component, positions=positions,
                                 batch_size=batch_size) for layer in layers}
@@ -242,11 +291,11 @@ def random_control(lm: LoadedModel, prompts: Sequence[str], vectors: Tensor, *, 
             arms[arm] = {"alpha": sign * alpha, "applied_norm": applied[layer], **by_direction,
                          "geometric_privilege": by_direction["kl_base_to_steered"]["geometric_privilege"]}
         results[str(layer)] = arms
-    used_fast = fast and gap is not None and gap <= FAST_PATH_TOLERANCE
     return {
         "schema_version": SCHEMA_VERSION, "analysis": "random_control",
         "conventions": {
-            "layer_indexing": LAYER_INDEXING, "component": component, "positions": positions, "vector": vector_name,
+            "layer_indexing": LAYER_INDEXING, "component": component, "positions": positions,
+            "steered_positions": STEERED_POSITIONS[positions], "vector": vector_name,
             "kl": "first token, neutral prompts", "kl_directions": list(KL_DIRECTIONS),
             "norm_matched": "random directions scaled to ||alpha v||",
             "random_directions": "Gaussian from a seeded torch.Generator, normalised, scaled to ||alpha v||; "
@@ -256,42 +305,16 @@ def random_control(lm: LoadedModel, prompts: Sequence[str], vectors: Tensor, *, 
         "layers": results, "n_random": n_random, "seed": seed, "alpha": alpha,
         "applied_norm": {str(layer): applied[layer] for layer in layers}, "n_prompts": len(prompts),
         "fast_path": used_fast,
-        "fast_path_check": fast_path_check(fast, used_fast, gap, FAST_PATH_TOLERANCE, fallback="the naive loop"),
+        "fast_path_check": {**fast_path_check(fast, used_fast, gaps, fallback="the naive loop"),
+                            "replayed_tokens": REPLAYED_TOKENS[positions] if used_fast else None},
     }
 
 
-def plot_random_control(result: dict[str, Any], path: Path) -> Path:
-    """Figure: per layer, the random directions' ``kl_base_to_steered`` as dots, the steering KL as a red bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = list(result["layers"])
-    figure, axes = plt.subplots(1, 2, figsize=(11, 0.6 * len(layers) + 2), sharey=True)
-    jitter = np.random.default_rng(0).uniform(-0.15, 0.15, result["n_random"])
-    for ax, arm in zip(axes, ("+alpha", "-alpha")):
-        for row, layer in enumerate(layers):
-            summary = result["layers"][layer][arm]["kl_base_to_steered"]
-            ax.scatter(summary["random"], row + jitter, s=8, color="grey", alpha=0.6,
-                       label="random (norm-matched)" if row == 0 else None)
-            ax.plot([summary["steering"]] * 2, [row - 0.3, row + 0.3], color="red", lw=2,
-                    label="steering" if row == 0 else None)
-        ax.set(xscale="log", title=f"{arm}: first-token kl_base_to_steered", xlabel="KL (nats)")
-    axes[0].set(yticks=range(len(layers)), yticklabels=[f"layer {layer}" for layer in layers])
-    axes[0].legend(fontsize=7)
-    figure.suptitle(f"random-direction control: {result['conventions']['vector']}, "
-                    f"positions={result['conventions']['positions']}, N={result['n_random']}, seed={result['seed']}",
-                    fontsize=9)
-    figure.tight_layout()
-    return save_figure(figure, path)
-
-
 def run_random_control(run_dir: str | Path, lm: LoadedModel, *, layers: Sequence[int] | None = None,
-                       alpha: float = 1.0, component: str = "resid", method: str = "md", positions: str = "all",
+                       alpha: float = 1.0, component: str = "resid", method: str = "md", positions: str = "last",
                        n_random: int = 50, seed: int | None = None, n_prompts: int | None = 32,
                        batch_size: int = 16, fast: bool = True) -> dict[str, Any]:
-    """Random control on a run directory: writes ``analysis/random_control.json`` and ``.png``.
+    """Random control on a run directory: writes ``analysis/random_control.json`` (the report draws its figure).
 
     ``v`` is the run's ``<method>/<component>`` vector; the prompts are a seeded sample of
     ``n_prompts`` from the shipped neutral set (all of it when None); ``seed`` defaults to the
@@ -308,5 +331,4 @@ def run_random_control(run_dir: str | Path, lm: LoadedModel, *, layers: Sequence
     result["conventions"]["prompts"] = "shipped neutral set, seeded sample stratified by category"
     path = run.analysis_path("random_control")
     atomic_write_json(path, result)
-    plot_random_control(result, path.with_suffix(".png"))
     return result

@@ -88,11 +88,12 @@ def prompt_bootstrap(x: Tensor, labels: Labels, *, B: int = 1000, seed: int) -> 
     Returns:
         ``B``, the 95% percentile CIs of the mean angle (``mean_ci95``) and of each pair
         (``pair_ci95``, ``[n_layers - 1][2]``), the ``B`` bootstrap mean angles (``means_deg``),
-        and the "basic" intervals ``[2θ̂ − q97.5, 2θ̂ − q2.5]`` (``mean_ci95_basic``,
-        ``pair_ci95_basic``) with the bootstrap bias of the mean (``bias_deg``). Noise inflates
-        the angle between estimated directions once in θ̂ and again in every resample, so the
-        percentile interval sits above the true angle when the vectors are noisy; the basic
-        interval reflects that bias back (tests: coverage of a planted angle).
+        and the **basic** intervals ``[2θ̂ − q97.5, 2θ̂ − q2.5]`` clipped to ``[0°, 180°]``
+        (``mean_ci95_basic``, ``pair_ci95_basic``), with the bootstrap bias of the mean
+        (``bias_deg``). Noise inflates the angle between estimated directions once in θ̂ and
+        again in every resample, so the percentile interval sits above the true angle when the
+        vectors are noisy; the basic interval reflects the resamples about θ̂ (tests: coverage
+        of a planted angle). Reflection can leave the range an angle lives in, hence the clip.
     """
     refused = _refused_mask(labels, len(x))
     _require_positive(B=B)
@@ -105,9 +106,33 @@ def prompt_bootstrap(x: Tensor, labels: Labels, *, B: int = 1000, seed: int) -> 
     mean_ci = np.percentile(means, [2.5, 97.5])
     pair_ci = np.percentile(angles, [2.5, 97.5], axis=0).T  # [n_layers - 1, 2]
     return {"B": B, "mean_ci95": mean_ci.tolist(), "pair_ci95": pair_ci.tolist(),
-            "mean_ci95_basic": (2 * observed.mean() - mean_ci[::-1]).tolist(),
-            "pair_ci95_basic": (2 * observed[:, None] - pair_ci[:, ::-1]).tolist(),
+            "mean_ci95_basic": basic_interval(observed.mean(), mean_ci).tolist(),
+            "pair_ci95_basic": basic_interval(observed[:, None], pair_ci).tolist(),
             "bias_deg": float(means.mean() - observed.mean()), "means_deg": means.tolist()}
+
+
+def basic_interval(estimate: float | np.ndarray, percentile_ci: np.ndarray) -> np.ndarray:
+    """The basic bootstrap interval of an angle: ``[2θ̂ − q97.5, 2θ̂ − q2.5]``, clipped to ``[0°, 180°]``.
+
+    Args:
+        estimate: θ̂, a scalar or ``[n, 1]``.
+        percentile_ci: ``[q2.5, q97.5]`` of the resampled angles, ``[2]`` or ``[n, 2]``.
+
+    Returns:
+        ``[2]`` or ``[n, 2]`` degrees, lower bound first.
+    """
+    return np.clip(2 * estimate - percentile_ci[..., ::-1], 0.0, 180.0)
+
+
+def equal_tailed_p_value(null: np.ndarray, observed: float) -> float:
+    """Two-sided permutation p of ``observed`` against ``null`` ``[P]``: ``min(1, 2·(1 + k) / (P + 1))``.
+
+    ``k = min(#{null ≤ observed}, #{null ≥ observed})``, the smaller tail with the +1 correction
+    (methods.md). The null of an angle is skewed, so distance from the null's mean is not used.
+    """
+    null = np.asarray(null, dtype=np.float64)
+    tail = min(int((null <= observed).sum()), int((null >= observed).sum()))
+    return min(1.0, 2 * (1 + tail) / (len(null) + 1))
 
 
 def dispersion_bootstrap(pair_angles: Tensor | Sequence[float], *, B: int = 1000, seed: int) -> dict[str, Any]:
@@ -130,7 +155,7 @@ def shuffled_label_null(x: Tensor, labels: Labels, *, P: int = 200, seed: int) -
     Permutation ``p`` labels refused the first ``n_refused`` prompts of
     ``argsort(torch.rand([P, n_prompts], dtype=float64))[p]`` (``Generator().manual_seed(seed)``).
     The null of an angle is skewed (bounded by 0° and 180°, long-tailed), so the two-sided
-    p-value is equal-tailed, with the +1 correction:
+    p-value is equal-tailed, with the +1 correction (:func:`equal_tailed_p_value`):
     ``p = min(1, 2 · (1 + min(#{null ≤ observed}, #{null ≥ observed})) / (P + 1))``.
     (Distance from the null's mean would call an observation below the null's 2.5th
     percentile unremarkable whenever the upper tail is long.)
@@ -151,10 +176,9 @@ def shuffled_label_null(x: Tensor, labels: Labels, *, P: int = 200, seed: int) -
     null = _map_mean_differences(x, shuffled_refused, 1.0 - shuffled_refused,
                                  lambda vectors: adjacent_angles(vectors).mean(-1)).numpy()  # [P]
     observed = float(adjacent_angles(mean_difference(x[refused], x[~refused])).mean())
-    tail = min(int((null <= observed).sum()), int((null >= observed).sum()))
     return {"P": P, "statistic": NULL_STATISTIC, "mean_deg": float(null.mean()),
             "p2_5": float(np.percentile(null, 2.5)), "p97_5": float(np.percentile(null, 97.5)),
-            "p_value": min(1.0, 2 * (1 + tail) / (P + 1)), "observed_deg": observed, "null_deg": null.tolist()}
+            "p_value": equal_tailed_p_value(null, observed), "observed_deg": observed, "null_deg": null.tolist()}
 
 
 def split_half_reliability(x: Tensor, labels: Labels, *, n_splits: int = 50, seed: int) -> dict[str, Any]:
@@ -166,11 +190,14 @@ def split_half_reliability(x: Tensor, labels: Labels, *, n_splits: int = 50, see
     - Same-layer agreement: ``angle(v_l^A, v_l^B)`` and ``cos(v_l^A, v_l^B)`` per layer, each
       averaged over splits. The mean cosine is the reliability ``r_l``; a half has half the
       prompts, so this understates the full sample's reliability.
-    - Reliability-corrected cosine per pair: ``c_l / sqrt(r_l · r_{l+1})``, where ``c_l`` is the
-      cross cosine ``cos(v_l^A, v_{l+1}^B)`` averaged over both swaps (A↔B) and all splits. The
+    - Reliability-corrected cosine per pair, a **ratio of averages** (methods.md):
+      ``mean cos(v_l^A, v_{l+1}^B) / sqrt(mean cos(v_l^A, v_l^B) · mean cos(v_{l+1}^A, v_{l+1}^B))``.
+      The numerator is the cross cosine averaged over both swaps (A↔B) and all splits; each
+      reliability in the denominator is averaged over splits first, then the ratio is taken
+      once (not a mean of per-split ratios, which one near-zero reliability would blow up). The
       halves are independent, so their noise does not correlate across the pair. Computed only
-      where ``r_l > 0`` and ``r_{l+1} > 0``, else None (unreliable). The angle clips the
-      corrected cosine to ``[-1, 1]``; ``corrected_cos`` is the raw ratio.
+      where both averaged reliabilities are positive, else None (unreliable). The angle clips
+      the corrected cosine to ``[-1, 1]``; ``corrected_cos`` is the raw ratio.
 
     Args:
         x: ``[n_prompts, n_layers, d_model]``.
@@ -207,13 +234,17 @@ def split_half_reliability(x: Tensor, labels: Labels, *, n_splits: int = 50, see
 
 
 def analyze_rotation(activations: Mapping[str, Tensor], labels: Labels, *, B: int = 1000, P: int = 200,
-                     n_splits: int = 50, seed: int = 0) -> dict[str, Any]:
+                     n_splits: int = 50, seed: int = 0,
+                     reliable_below_deg: float = RELIABLE_MEDIAN_ANGLE_DEG) -> dict[str, Any]:
     """Rotation with its controls for each component present (``analysis/rotation.json``, schema 1).
 
     Args:
         activations: component ("resid", "attn", "mlp") -> ``[n_prompts, n_layers, d_model]`` at
             the chosen position, rows restricted to refused and complied prompts.
         labels: ``[n_prompts]``, refused = 1, complied = 0.
+        reliable_below_deg: a component's vectors count as reliable when the median over layers
+            of the split-half same-layer angle is below this (torsion's choice, not methods.md's;
+            recorded under ``parameters``).
 
     Returns:
         A JSON-ready dict (floats, lists, None); every random draw is seeded with ``seed``.
@@ -237,7 +268,8 @@ def analyze_rotation(activations: Mapping[str, Tensor], labels: Labels, *, B: in
         bootstrap = prompt_bootstrap(x, refused, B=B, seed=seed)
         null = shuffled_label_null(x, refused, P=P, seed=seed)
         split = split_half_reliability(x, refused, n_splits=n_splits, seed=seed)
-        differs, reliable, verdict = _verdict(name, summary, bootstrap, null, split, n_refused, n_complied)
+        differs, reliable, verdict = _verdict(name, summary, bootstrap, null, split, n_refused, n_complied,
+                                              reliable_below_deg)
         components[name] = {
             **summary,
             "prompt_bootstrap": {key: value for key, value in bootstrap.items() if key != "means_deg"},
@@ -249,6 +281,9 @@ def analyze_rotation(activations: Mapping[str, Tensor], labels: Labels, *, B: in
         "schema_version": SCHEMA_VERSION, "analysis": "rotation",
         "conventions": {"layer_indexing": LAYER_INDEXING, "axis": "md", "angle": "degrees of signed cosine",
                         "pairs": "(l, l+1)"},
+        "parameters": {"B": B, "P": P, "n_splits": n_splits, "null_test_level": ALPHA,
+                       "reliable_median_split_half_angle_below_deg": reliable_below_deg,
+                       "basic_interval": "[2θ̂ − q97.5, 2θ̂ − q2.5] clipped to [0°, 180°]"},
         "seed": seed, "n_refused": n_refused, "n_complied": n_complied, "d_model": d_model, "n_layers": n_layers,
         "random_reference": {"mean_deg": reference_mean, "sd_deg": reference_sd},
         "components": components,
@@ -328,19 +363,20 @@ def _split_cosines(vectors: Tensor) -> Tensor:
 
 
 def _verdict(component: str, summary: dict[str, Any], bootstrap: dict[str, Any], null: dict[str, Any],
-             split: dict[str, Any], n_refused: int, n_complied: int) -> tuple[bool, bool, str]:
-    """``differs_from_null`` (p < ALPHA), ``reliable`` (median same-layer angle < 45°) and one sentence."""
+             split: dict[str, Any], n_refused: int, n_complied: int,
+             reliable_below_deg: float) -> tuple[bool, bool, str]:
+    """``differs_from_null`` (p < ALPHA), ``reliable`` (median same-layer angle below the threshold), a sentence."""
     differs = null["p_value"] < ALPHA
     median_same = float(np.median(split["same_layer_angle_deg"]))
-    reliable = median_same < RELIABLE_MEDIAN_ANGLE_DEG
+    reliable = median_same < reliable_below_deg
     lo, hi = bootstrap["mean_ci95_basic"]
     sentence = (
-        f"{component}: the mean adjacent angle {summary['mean_deg']:.1f}° (bias-corrected prompt-bootstrap 95% CI "
+        f"{component}: the mean adjacent angle {summary['mean_deg']:.1f}° (basic prompt-bootstrap 95% CI "
         f"{lo:.1f}–{hi:.1f}°) {'differs from' if differs else 'is indistinguishable from'} its shuffled-label "
         f"null (mean {null['mean_deg']:.1f}°, 95% {null['p2_5']:.1f}–{null['p97_5']:.1f}°; p = "
         f"{null['p_value']:.3g} {'<' if differs else '≥'} {ALPHA}), and the vectors are "
         f"{'reliable' if reliable else 'noise-dominated'} at {n_refused} refused / {n_complied} complied prompts "
         f"(median split-half same-layer angle {median_same:.1f}° {'<' if reliable else '≥'} "
-        f"{RELIABLE_MEDIAN_ANGLE_DEG:.0f}°)."
+        f"{reliable_below_deg:g}°)."
     )
     return differs, reliable, sentence

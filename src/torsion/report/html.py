@@ -233,8 +233,8 @@ def _rotation_rows(components: dict[str, Any], reference: str, basic: bool) -> l
     rows = []
     for name, c in components.items():
         boot, null, split = c["prompt_bootstrap"], c["null"], c["split_half"]
-        bias_corrected = [interval(boot.get("mean_ci95_basic"), why="not in this rotation.json")] if basic else []
-        rows.append([escape(name), f"{angle(c['mean_deg'])} {interval(boot['mean_ci95'])}", *bias_corrected,
+        basic_ci = [interval(boot.get("mean_ci95_basic"), why="not in this rotation.json")] if basic else []
+        rows.append([escape(name), f"{angle(c['mean_deg'])} {interval(boot['mean_ci95'])}", *basic_ci,
                      angle(c["depth_sigma_deg"], "needs at least two layer pairs"),
                      f"{angle(null['mean_deg'])} {interval([null['p2_5'], null['p97_5']])}",
                      p_value(null["p_value"]), angle(_median(split["same_layer_angle_deg"])),
@@ -243,7 +243,7 @@ def _rotation_rows(components: dict[str, Any], reference: str, basic: bool) -> l
     return rows
 
 
-def _rotation_warnings(components: dict[str, Any]) -> str:
+def _rotation_warnings(components: dict[str, Any], reliable_below_deg: Any = None) -> str:
     null_like = [name for name, c in components.items() if c.get("differs_from_null") is False]
     noisy = [name for name, c in components.items() if c.get("reliable") is False]
     warnings = []
@@ -251,7 +251,9 @@ def _rotation_warnings(components: dict[str, Any]) -> str:
         warnings.append(f"{', '.join(null_like)}: indistinguishable from the shuffled-label null, so at this "
                         "sample size the angle does not measure a refusal axis.")
     if noisy:
-        warnings.append(f"{', '.join(noisy)}: noise-dominated (large split-half same-layer angles).")
+        threshold = (f": median split-half same-layer angle ≥ {reliable_below_deg:g}°"
+                     if isinstance(reliable_below_deg, (int, float)) else "")
+        warnings.append(f"{', '.join(noisy)}: noise-dominated (large split-half same-layer angles{threshold}).")
     return "".join(f"<p class=warn>{escape(text)}</p>" for text in warnings)
 
 
@@ -267,7 +269,8 @@ def rotation_section(result: dict[str, Any], run_dir: Path) -> str:
     conventions = result.get("conventions", {})
     first = next(iter(components.values()))
     basic = any("mean_ci95_basic" in c["prompt_bootstrap"] for c in components.values())
-    header = ["component", "mean angle [prompt bootstrap 95% CI]", *(["bias-corrected 95% CI"] if basic else []),
+    header = ["component", "mean angle [prompt-bootstrap percentile 95% CI]",
+              *(["prompt-bootstrap basic 95% CI (clipped to 0–180°)"] if basic else []),
               "depth σ", "shuffled-label null mean [2.5, 97.5]", "p", "split-half same-layer angle (median)",
               "reliability-corrected angle (mean)", "random reference"]
     setup = ", ".join(f"{label} {_text(value, 'not recorded')}" for label, value in (
@@ -284,7 +287,8 @@ def rotation_section(result: dict[str, Any], run_dir: Path) -> str:
         f"angle(v<sub>l</sub>, v<sub>l+1</sub>), on {_text(result.get('n_refused'))} refused / "
         f"{_text(result.get('n_complied'))} complied prompts ({setup}). Two unrelated directions in "
         f"d = {_text(result.get('d_model'))} sit at {reference}.</p>"
-        + _rotation_warnings(components)
+        + _rotation_warnings(components,
+                             result.get("parameters", {}).get("reliable_median_split_half_angle_below_deg"))
         + table(header, _rotation_rows(components, reference, basic),
                 notes=[escape(str(c.get("verdict", "no verdict recorded"))) for c in components.values()])
         + "<h3>Dispersion bootstrap (ignores prompt sampling)</h3><p class=muted>The write-up's interval: it "

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from torsion.report.figures import strength_figure
+from torsion.report.geometry_figures import categories_figure, propagation_figure, random_control_figure
 from torsion.report.html import SECTIONS, angle, embedded_png, interval, number, table
 
 
-def _figure(run_dir: Path, name: str, caption: str) -> str:
-    path = run_dir / "analysis" / f"{name}.png"
-    return embedded_png(path, caption) if path.is_file() else ""
+def _drawn(result: dict[str, Any], run_dir: Path, draw: Callable[[dict[str, Any], Path], Path], caption: str) -> str:
+    """Draw the analysis' figure from its result into ``analysis/<name>.png`` and embed it."""
+    return embedded_png(draw(result, run_dir / "analysis" / f"{result['analysis']}.png"), caption)
 
 
 def propagation_section(result: dict[str, Any], run_dir: Path) -> str:
@@ -46,7 +47,7 @@ def propagation_section(result: dict[str, Any], run_dir: Path) -> str:
         f"positions {escape(conventions['positions'])}) at block s; at every block l ≥ s, over "
         f"{result['n_prompts']} prompts at the last token: cos(Δh_l, v_l) / cos(Δh_l, v_s) / norm_ratio "
         f"= ‖Δh_l‖/‖α v_s‖. Applied norms ‖α v_s‖: {norms}. Fast path: {escape(str(check.get('note', 'n/a')))}.</p>"
-        + "".join(blocks) + _figure(run_dir, "propagation", "propagation by source layer")
+        + "".join(blocks) + _drawn(result, run_dir, propagation_figure, "propagation by source layer")
     )
 
 
@@ -66,11 +67,14 @@ def random_control_section(result: dict[str, Any], run_dir: Path) -> str:
     return (
         "<h2>Random-direction control</h2>"
         f"<p>First-token KL on {result['n_prompts']} neutral prompts of steering with α·v against "
-        f"{result['n_random']} seeded Gaussian directions scaled to the same applied norm ‖α v‖. "
-        "Privilege = steering KL below every random KL.</p>"
+        f"{result['n_random']} seeded Gaussian directions scaled to the same applied norm ‖α v‖, steering "
+        f"{escape(str(result['conventions'].get('steered_positions', result['conventions'].get('positions'))))}. "
+        "Privilege = steering KL below every random KL. "
+        f"Fast path: {escape(str(result.get('fast_path_check', {}).get('note', 'n/a')))}.</p>"
         + table(["layer", "arm", "KL direction", "‖α v‖", "steering", "random min", "p5", "mean", "median",
                  "p95", "max", "percentile rank", "privilege"], rows, numeric_from=3)
-        + _figure(run_dir, "random_control", "steering KL (red) among norm-matched random directions")
+        + _drawn(result, run_dir, random_control_figure,
+                 "steering KL (red) among norm-matched random directions")
     )
 
 
@@ -92,7 +96,7 @@ def categories_section(result: dict[str, Any], run_dir: Path) -> str:
         + table(["pairs of", "mean", "σ", "min", "max"], rows)
         + table(["category", "complied anchor", "angle to global vector"], to_global, numeric_from=2)
         + (f"<p>{escape(comply['note'])}</p>" if comply.get("note") else "")
-        + _figure(run_dir, "categories", "pairwise angles between category vectors")
+        + _drawn(result, run_dir, categories_figure, "pairwise angles between category vectors")
     )
 
 
