@@ -45,9 +45,10 @@ class RunConfig:
     # causal analyses on the model (methods.md: propagation, random-direction control)
     propagation_prompts: int = 16
     random_directions: int = 50
-    # the random control replays 102 directions per layer on every KL prompt: on 2 CPU cores,
-    # 32 prompts took 877 s of a 20.5-minute quick run and 16 took 512 s of 15.5 minutes
-    random_control_prompts: int = 12
+    # the random control steers the last prompt token and replays only that token for each of its
+    # 102 directions per layer (benchmarks/results/random_control.json: 5x the all-position replay),
+    # so 32 probe prompts cost less than the 12 the all-position path could afford
+    random_control_prompts: int = 32
 
     @classmethod
     def from_profile(cls, profile: str = "quick", **overrides: object) -> "RunConfig":
