@@ -293,6 +293,7 @@ def optimize(args: argparse.Namespace) -> int:
     from torsion.runs import run_judge
     from torsion.store import RunDir
     from torsion.report import build_report
+    from torsion.steering.cli import parse_params
 
     settings = SearchSettings(
         objective=args.objective, key=args.key, category=args.category, top_k=args.top_k,
@@ -300,7 +301,8 @@ def optimize(args: argparse.Namespace) -> int:
         n_trials=args.trials, sampler=args.sampler, prune=not args.no_prune, n_prompts=args.n_prompts,
         n_kl_prompts=args.n_kl_prompts, kl_weight=args.kl_weight, kl_cap=args.kl_cap, mcq_weight=args.mcq_weight,
         perplexity_weight=args.perplexity_weight, positions=args.positions, batch_size=args.batch_size,
-        seed=args.seed)
+        seed=args.seed, method=args.method, method_params=parse_params(args.param),
+        manifold=str(args.manifold) if args.manifold else None)
     scopes = [replace(settings, category=c) for c in search_categories(args.run_dir, args.key)] \
         if args.per_category else [settings]
     if args.study and len(scopes) > 1:
@@ -315,7 +317,8 @@ def optimize(args: argparse.Namespace) -> int:
         result = run_optimize(args.run_dir, lm, scope, storage=args.storage, study_name=args.study,
                               evaluate=not args.no_evaluate, judge=judge, log=log)
         held = result.get("held_out", {}).get("rates", {})
-        summary = {"study": result["study"], "alpha": result["alpha"], "layers": result["layers"],
+        summary = {"study": result["study"], "method": result["method"]["name"],
+                   result["strength_name"]: result["strength"], "layers": result["layers"],
                    "in_sample": {k: result["in_sample"]["rates"][k]["rate"] for k in ("strong_comply", "refused")},
                    "held_out": {k: held[k]["rate"] for k in ("strong_comply", "refused")} if held else None}
         print(f"{args.run_dir / 'analysis' / ('optimize_' + result['study'] + '.json')}\t{summary}")

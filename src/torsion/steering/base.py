@@ -109,6 +109,7 @@ class SteeringMethod:
 
     name: ClassVar[str] = ""
     replacement: ClassVar[bool] = False
+    strength_name: ClassVar[str] = "alpha"  # what the one strength is called: alpha, beta (ablations) or t (splines)
     meta: Mapping[str, Any] = field(default_factory=dict, kw_only=True)
 
     def __post_init__(self) -> None:
@@ -130,6 +131,13 @@ class SteeringMethod:
     @property
     def steered_layers(self) -> tuple[int, ...]:
         raise NotImplementedError
+
+    def search_range(self, objective: str) -> tuple[float, float]:
+        """The default strength-search range for ``objective`` (comply or refuse).
+
+        Additive methods: ``α ∈ [−4, 0]`` to comply, ``[0, 4]`` to refuse (the raw multiplier of ``v_l``).
+        """
+        return {"comply": (-4.0, 0.0), "refuse": (0.0, 4.0)}[objective]
 
     def validate(self, lm: LoadedModel) -> None:
         """Refuse a model of another width, depth, or identity (one-line :class:`TorsionError`)."""
