@@ -362,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--trials", type=positive_int, default=12, help="finished trials per study (default 12)")
     compare.add_argument("--curve-points", type=positive_int, default=5,
                          help="strengths on each method's held-out rate-vs-KL curve (default 5)")
+    compare.add_argument("--top-k", type=positive_int, default=4,
+                         help="blocks steered by flat, ace and the splines: best train-split AUC (default 4)")
     compare.add_argument("--manifold", type=existing_file, default=None,
                          help="the splines' manifold file (default RUN_DIR/manifold.safetensors, fitted when absent)")
     compare.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generation batch (default 8)")

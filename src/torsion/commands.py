@@ -163,6 +163,7 @@ _ANALYSIS_INPUTS = {
     "motion": ("prompts", "responses", "vectors"),
     "hedge": ("prompts", "responses", "vectors"),
     "stability": ("prompts", "responses", "activations"),
+    "methods": ("prompts", "responses", "activations", "vectors"),
 }
 
 
@@ -236,6 +237,19 @@ def analyze(args: argparse.Namespace) -> int:
             from torsion.decoding_capture import check_readout
 
             check_readout(args.readout_blocks, k=args.k, steered_blocks=args.layers or ())
+        if args.name == "methods":  # settings, vector, judge and manifold checked before a model is loaded
+            from torsion.analysis.methods import DEFAULT_METHODS, CompareSettings, ensure_manifold
+            from torsion.optimize import SearchSettings, check_vector
+            from torsion.runs import run_judge
+            from torsion.store import RunDir
+
+            compare = CompareSettings(methods=args.methods or DEFAULT_METHODS, objectives=args.objectives,
+                                      sampler=args.sampler, n_trials=args.trials, curve_points=args.curve_points, top_k=args.top_k,
+                                      n_prompts=_or_default(args.n_prompts, 24), batch_size=args.batch_size,
+                                      seed=seed, manifold=str(args.manifold) if args.manifold else None)
+            check_vector(run_dir, SearchSettings())
+            methods_judge = run_judge(RunDir(run_dir), args.judge)
+            ensure_manifold(run_dir, compare, log=lambda message: print(message, file=sys.stderr))
         if args.name == "asymmetry":  # both searches must exist before a model is loaded
             from torsion.optimize import load_result
 
@@ -259,6 +273,11 @@ def analyze(args: argparse.Namespace) -> int:
                                         alpha=1.0 if args.alpha is None else _one_alpha(args.alpha),
                                         n_random=args.n_random, n_prompts=_or_default(args.n_prompts, 32),
                                         seed=seed)
+        elif args.name == "methods":
+            from torsion.analysis.methods import run_methods
+
+            result = run_methods(run_dir, lm, compare, judge=methods_judge,
+                                 log=lambda message: print(message, file=sys.stderr))
         elif args.name == "asymmetry":
             from torsion.analysis.asymmetry import run_asymmetry
 
