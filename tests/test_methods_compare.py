@@ -115,6 +115,11 @@ def test_analyze_methods_end_to_end_and_resume(tiny_run, lm, monkeypatch):
     assert len(saved["curves"]["flat"]["points"]) == 3
     assert [p["strength"] for p in saved["curves"]["ablation"]["points"]] == [0.0, 0.5, 1.0]
     assert saved["curves"]["ablation"]["points"][0]["kl_base_to_steered"] == 0.0
+    from torsion.report import build_report
+
+    page = build_report(tiny_run).read_text()
+    assert "Steering methods compared on held-out prompts" in page and "Matched KL" in page
+    assert (tiny_run / "analysis" / "methods.png").stat().st_size > 1000
 
     # a rerun resumes from the checkpoint: nothing is generated again
     import torsion.behaviour as behaviour
