@@ -79,7 +79,8 @@ def test_matched_kl_names_a_winner_only_for_disjoint_intervals():
 
 def test_analyze_methods_end_to_end_and_resume(tiny_run, lm, monkeypatch):
     settings = CompareSettings(methods=("flat", "ablation", "spline-a"), objectives=("comply",), sampler="grid",
-                               n_trials=2, curve_points=3, top_k=2, n_prompts=6, n_kl_prompts=4, n_mcq=0, batch_size=3)  # no letter tokens
+                               n_trials=2, curve_points=3, top_k=2, n_prompts=6, n_kl_prompts=4,
+                               n_mcq=0, batch_size=3)  # the tiny tokenizer has no answer-letter tokens
     assert not (tiny_run / "manifold.safetensors").exists()
     result = run_methods(tiny_run, lm, settings, judge=RULES, log=lambda m: None)
     assert result["manifold"]["fitted_by_this_comparison"] and (tiny_run / "manifold.safetensors").is_file()
@@ -143,8 +144,8 @@ def test_cli_methods_bad_input(tiny_run, tiny_model_dir, capsys):
     assert "unknown steering method" in capsys.readouterr().err
     # a spline without a manifold file, on a run whose labels give fewer than two knots
     responses = read_jsonl(tiny_run / "responses.jsonl")
-    atomic_write_text(tiny_run / "responses.jsonl", "".join(json.dumps({**r, "label": "strong_refuse", "score": 1.0}) + "\n"
-                                                           for r in responses))
+    lines = [json.dumps({**r, "label": "strong_refuse", "score": 1.0}) + "\n" for r in responses]
+    atomic_write_text(tiny_run / "responses.jsonl", "".join(lines))
     assert main([*common, "--methods", "flat,spline-b"]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("torsion: error:")]
@@ -158,3 +159,11 @@ def test_compare_settings_refuse_bad_lists():
         CompareSettings(methods=("warp",))
     with pytest.raises(TorsionError, match="objectives"):
         CompareSettings(objectives=("comply", "up"))
+
+
+def test_paper_profile_compares_methods_and_quick_does_not():
+    from torsion.config import COMPARED_METHODS, RunConfig
+
+    assert RunConfig.from_profile("paper").compare_methods == COMPARED_METHODS
+    assert RunConfig.from_profile("quick").compare_methods == () == RunConfig.from_profile("smoke").compare_methods
+    assert set(COMPARED_METHODS) == set(__import__("torsion.steering", fromlist=["method_names"]).method_names())

@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default -1 -2 -3 -4)")
     analyze.add_argument("--n-prompts", type=positive_int, default=None,
                          help="prompts used by the causal analyses (default 16 propagation, motion and hedge, 32 "
-                         "random-control and asymmetry, 48 arditi)")
+                         "random-control and asymmetry, 48 arditi); methods: train prompts per search trial (default 24)")
     analyze.add_argument("--n-random", type=positive_int, default=50,
                          help="random directions (random-control; hedge's causal test)")
     analyze.add_argument("--bootstrap", type=positive_int, default=1000,
@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated (default flat,dense,ablation,weighted-ablation,ace,spline-a,spline-b)")
     compare.add_argument("--objectives", type=_comma_list(_objective, "objective"), default=("comply", "refuse"),
                          help="comma-separated, default comply,refuse")
-    compare.add_argument("--sampler", default="tpe", choices=["tpe", "grid"], help="strength search sampler (default tpe)")
+    compare.add_argument("--sampler", default="tpe", choices=["tpe", "grid"],
+                         help="strength search sampler (default tpe)")
     compare.add_argument("--trials", type=positive_int, default=12, help="finished trials per study (default 12)")
     compare.add_argument("--curve-points", type=positive_int, default=5,
                          help="strengths on each method's held-out rate-vs-KL curve (default 5)")

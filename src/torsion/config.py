@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from torsion.errors import TorsionError
 
+# Every steering method, in the order `torsion analyze methods` compares them (methods.md)
+COMPARED_METHODS = ("flat", "dense", "ablation", "weighted-ablation", "ace", "spline-a", "spline-b")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -48,6 +51,11 @@ class RunConfig:
     # the random control replays 102 directions per layer on every KL prompt: on 2 CPU cores,
     # 32 prompts took 877 s of a 20.5-minute quick run and 16 took 512 s of 15.5 minutes
     random_control_prompts: int = 12
+    # the steering-method comparison (`torsion analyze methods`); () skips the stage. Each method and
+    # objective runs a strength search plus curve points on the holdout: hours on CPU for all seven
+    compare_methods: tuple[str, ...] = ()
+    compare_trials: int = 12
+    compare_curve_points: int = 5
 
     @classmethod
     def from_profile(cls, profile: str = "quick", **overrides: object) -> "RunConfig":
@@ -70,6 +78,7 @@ PROFILES: dict[str, dict] = {
               "split_halves": 20, "propagation_prompts": 8, "random_directions": 10, "random_control_prompts": 8},
     # 256 prompts (128 per source): the default
     "quick": {},
-    # every prompt of both sources; hours on CPU, minutes on a GPU
-    "paper": {"n_per_source": None, "max_new_tokens": 64, "generation_batch_size": 16, "random_control_prompts": 64},
+    # every prompt of both sources, and the steering-method comparison; hours on CPU, minutes on a GPU
+    "paper": {"n_per_source": None, "max_new_tokens": 64, "generation_batch_size": 16, "random_control_prompts": 64,
+              "compare_methods": COMPARED_METHODS},
 }

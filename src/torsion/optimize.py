@@ -288,7 +288,8 @@ def baseline_rates(run: RunDir, prompts: list[Prompt], judge: Judge) -> dict[str
             "rates": class_rates(texts, generated, labels, rows=rows)}
 
 
-def search_method(run: RunDir, lm: LoadedModel, settings: SearchSettings) -> tuple[SteeringMethod, dict, SearchSettings]:
+def search_method(run: RunDir, lm: LoadedModel,
+                  settings: SearchSettings) -> tuple[SteeringMethod, dict, SearchSettings]:
     """The search's steering method, its record, and ``settings`` with the strength range resolved.
 
     The method steers the run's ``settings.vector_key`` vector; blocks are the top-``k`` by
@@ -362,7 +363,8 @@ def run_optimize(run_dir: Path, lm: LoadedModel, settings: SearchSettings, *, st
         "layers": layers, "layer_selection": {k: v for k, v in selection.items() if k != "prompt_ids"},
         "trials": [_trial_row(t, strength_name) for t in summary["trials"]],
         "best": _trial_row(summary["best"], strength_name),
-        "strength_name": strength_name, "strength": strength, strength_name: strength, "in_sample": {**summary["best"]["user_attrs"]["evaluation"], "n_prompts": len(sets["search"])},
+        "strength_name": strength_name, "strength": strength, strength_name: strength,
+        "in_sample": {**summary["best"]["user_attrs"]["evaluation"], "n_prompts": len(sets["search"])},
         "baseline_in_sample": baseline_rates(run, sets["search"], judge),
         "prompt_ids": {"fit_and_layer_selection": selection["prompt_ids"],
                        **{name: [p.id for p in prompts] for name, prompts in sets.items()}},

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from torsion.behaviour import class_rates, evaluate_behaviour, result_rows
+from torsion.config import COMPARED_METHODS
 from torsion.conventions import LAYER_INDEXING
 from torsion.errors import TorsionError
 from torsion.judge.base import Judge
@@ -47,7 +48,7 @@ from torsion.steering.registry import method_class
 from torsion.store import RunDir, append_jsonl, atomic_write_json, read_jsonl
 
 SCHEMA_VERSION = 1
-DEFAULT_METHODS = ("flat", "dense", "ablation", "weighted-ablation", "ace", "spline-a", "spline-b")
+DEFAULT_METHODS = COMPARED_METHODS
 MATCH_RTOL = 0.05  # methods.md: matched KL is within 5% on the probe half of the neutral set
 TARGET = {"comply": "genuine_strong_comply", "refuse": "refused"}
 RATES = ("refused", "genuine_strong_comply", "degenerate")
@@ -87,7 +88,8 @@ class CompareSettings:
 
     def search(self, method: str, objective: str) -> SearchSettings:
         return SearchSettings(objective=objective, method=method, manifold=self.manifold, n_trials=self.n_trials,
-                              sampler=self.sampler, top_k=self.top_k, n_prompts=self.n_prompts, n_kl_prompts=self.n_kl_prompts,
+                              sampler=self.sampler, top_k=self.top_k, n_prompts=self.n_prompts,
+                              n_kl_prompts=self.n_kl_prompts,
                               n_mcq=self.n_mcq, batch_size=self.batch_size, seed=self.seed)
 
 
@@ -222,7 +224,7 @@ def run_methods(run_dir: Path, lm: LoadedModel, settings: CompareSettings, *, ju
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     checkpoint = run.analysis_path("methods").with_name(CHECKPOINT)
     done = {tuple(line["entry"]): line["value"] for line in (read_jsonl(checkpoint) if checkpoint.is_file() else [])
-            if line.get("key") == key}
+            if line.get("key") == key and isinstance(line.get("entry"), list) and "value" in line}
 
     def cached(entry: tuple, compute: Callable[[], Any]) -> Any:
         if entry not in done:
@@ -266,8 +268,8 @@ def run_methods(run_dir: Path, lm: LoadedModel, settings: CompareSettings, *, ju
             "mcq_accuracy": f"{settings.n_mcq} built-in MCQ items, highest-logit answer letter"},
         "baseline_held_out": _pick(baseline["rates"]),
         "baseline_held_out_by_category": {
-            category: _pick(baseline_rates(run, [p for p in sets["holdout"] if p.category == category],
-                                           judge)["rates"]) for category in sorted({p.category for p in sets["holdout"]})},
+            category: _pick(baseline_rates(run, [p for p in sets["holdout"] if p.category == category], judge)["rates"])
+            for category in sorted({p.category for p in sets["holdout"]})},
         "base_capability": base,
         "methods": [{k: v for k, v in r.items() if k != "held_out_by_category"} for r in rows],
         "curves": curves, "matched_kl": matched_kl(rows),

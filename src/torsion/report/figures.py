@@ -119,14 +119,14 @@ def strength_figure(result: dict[str, Any], path: Path) -> Path:
 
     The frozen strength's held-out rates, when evaluated, are drawn as hollow markers.
     """
-    name = result.get("strength_name", "alpha")  # files written before steering methods searched alpha
-    symbol, chosen = SYMBOLS.get(name, name), result[name]
+    strength = result.get("strength_name", "alpha")  # files written before steering methods searched alpha
+    symbol, chosen = SYMBOLS.get(strength, strength), result[strength]
     label = f"{symbol} ({result.get('method', {}).get('name', 'flat')} steering)"
     trials = sorted((t for t in result["trials"] if t["state"] == "COMPLETE" and "rates" in t),
-                    key=lambda t: t[name])
+                    key=lambda t: t[strength])
     figure = Figure(figsize=(10, 3.6))
     rates_ax, kl_ax = figure.subplots(1, 2)
-    alphas = [t[name] for t in trials]
+    alphas = [t[strength] for t in trials]
     for name, colour in CLASS_COLOURS.items():
         rates_ax.plot(alphas, [100 * t["rates"][name]["rate"] for t in trials], marker="o", ms=3, color=colour,
                       label=name.replace("_", " "))
@@ -140,7 +140,7 @@ def strength_figure(result: dict[str, Any], path: Path) -> Path:
     rates_ax.set_ylim(-2, 102)
     rates_ax.grid(alpha=0.2)
     rates_ax.legend(fontsize=7, frameon=False)
-    positive = [(t[name], t["kl_base_to_steered"]) for t in trials if t["kl_base_to_steered"] > 0]
+    positive = [(t[strength], t["kl_base_to_steered"]) for t in trials if t["kl_base_to_steered"] > 0]
     kl_ax.semilogy([a for a, _ in positive], [kl for _, kl in positive], marker="o", ms=3, color="black",
                    label=f"{symbol} with KL 0 not drawn" if len(positive) < len(trials) else None)
     if len(positive) < len(trials):

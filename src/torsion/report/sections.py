@@ -194,12 +194,13 @@ def methods_section(result: dict[str, Any], run_dir: Path) -> str:
     rows = []
     for row in result["methods"]:
         held = row["held_out"]
-        rows.append([escape(row["method"]), escape(row["objective"]),
-                     f"{SYMBOLS.get(row['strength_name'], escape(row['strength_name']))} = {number(row['strength'], '.3g')}",
+        symbol = SYMBOLS.get(row["strength_name"], escape(row["strength_name"]))
+        target = "refused" if row["objective"] == "refuse" else "genuine_strong_comply"
+        rows.append([escape(row["method"]), escape(row["objective"]), f"{symbol} = {number(row['strength'], '.3g')}",
                      escape(str(row["layers"])), number(row["kl_base_to_steered"], ".3g"),
                      number(row["kl_steered_to_base"], ".3g"), _cell(held["refused"]),
                      _cell(held["genuine_strong_comply"]), _cell(held["degenerate"]),
-                     _class_rate(row["in_sample"], "refused" if row["objective"] == "refuse" else "genuine_strong_comply"),
+                     _class_rate(row["in_sample"], target),
                      number(row["mcq_accuracy"], ".2f"), number(row["perplexity_ratio"], ".3f")])
     pairs = [[escape(p["objective"]), escape(" vs ".join(p["methods"])),
               " vs ".join(number(k, ".3g") for k in p["kl_base_to_steered"]), escape(p["rate"].replace("_", " ")),

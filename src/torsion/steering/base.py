@@ -83,8 +83,8 @@ class MethodRecord:
     def mean_delta_norms(self) -> list[float | None] | None:
         """Mean ``‖h' − h‖`` per block over the token positions steered so far (None before any).
 
-        Read it when the context's work is done: a caller that records conventions on entering
-        the context (as :func:`torsion.behaviour.evaluate_behaviour` does today) sees None.
+        Read it when the context's work is done, as :func:`torsion.behaviour.evaluate_behaviour`
+        does; read on entering the context it is None.
         """
         if not self.replacement:
             return None
@@ -170,7 +170,7 @@ class SteeringMethod:
         return lambda: self.apply(lm, strength)
 
     def bind(self, lm: LoadedModel) -> Callable[[float], Callable[[], AbstractContextManager[MethodRecord]]]:
-        """``strength ↦`` a SteerFactory on ``lm``: the shape of :class:`torsion.optimize.Steering`."""
+        """``strength ↦`` a SteerFactory on ``lm`` (what the strength search calls per trial)."""
         self.validate(lm)
         return lambda strength: (lambda: self.apply(lm, strength))
 
