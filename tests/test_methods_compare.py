@@ -67,6 +67,21 @@ def test_optimize_other_methods_search_their_own_range(tiny_run, lm):
     assert ace["trials"][0]["mean_delta_norm"] is not None  # read after generation, when the hooks have run
 
 
+def test_a_study_made_before_steering_methods_resumes_as_flat(tiny_run, lm):
+    first = run_optimize(tiny_run, lm, _settings(n_trials=2), judge=RULES, evaluate=False, log=lambda m: None)
+    study = optuna.load_study(study_name="comply-global", storage=f"sqlite:///{tiny_run / 'optimize.db'}")
+    legacy = dict(study.user_attrs["torsion_spec"])
+    del legacy["method"]
+    legacy["settings"] = {k: v for k, v in legacy["settings"].items()
+                          if k not in ("method", "method_params", "manifold")}
+    study.set_user_attr("torsion_spec", legacy)
+    again = run_optimize(tiny_run, lm, _settings(n_trials=2), judge=RULES, evaluate=False, log=lambda m: None)
+    assert again["trials"] == first["trials"]  # resumed: nothing re-run
+    with pytest.raises(TorsionError, match="different objective"):
+        run_optimize(tiny_run, lm, _settings(n_trials=2, method="dense"), judge=RULES, evaluate=False,
+                     log=lambda m: None)
+
+
 def test_matched_kl_names_a_winner_only_for_disjoint_intervals():
     def row(method, kl, k, n=40):
         return {"method": method, "objective": "comply", "kl_base_to_steered": kl,
@@ -136,6 +151,10 @@ def test_cli_methods_bad_input(tiny_run, tiny_model_dir, capsys):
              (["--methods", "flat,flat"], "names a method twice"),
              (["--methods", "flat", "ace"], "unrecognized arguments"),
              (["--objectives", "comply,sideways"], "unknown objective"))
+    assert main([*common, "--methods", "ablation", "--objectives", "comply", "--sampler", "grid", "--trials", "2",
+                 "--curve-points", "1", "--n-prompts", "3", "--top-k", "2", "--n-mcq", "0"]) == 0
+    assert capsys.readouterr().out.strip().endswith("analysis/methods.json")
+    assert "Steering methods compared" in (tiny_run / "report.html").read_text()
     for extra, message in cases:
         assert main([*common, *extra]) == 2
         err = capsys.readouterr().err
@@ -167,3 +186,24 @@ def test_paper_profile_compares_methods_and_quick_does_not():
     assert RunConfig.from_profile("paper").compare_methods == COMPARED_METHODS
     assert RunConfig.from_profile("quick").compare_methods == () == RunConfig.from_profile("smoke").compare_methods
     assert set(COMPARED_METHODS) == set(__import__("torsion.steering", fromlist=["method_names"]).method_names())
+
+
+def test_metrics_and_behaviour_take_any_method(tiny_run, lm):
+    from torsion.metrics import perplexity
+    from torsion.steering import get_method
+    from torsion.steering.ace import complied_means
+
+    vectors = load_vectors(tiny_run / "vectors.safetensors")["md/resid"].directions
+    texts = ["how do i bake bread", "tell me a story about the dragon"]
+    ace = get_method("ace", vectors=vectors, means=complied_means(tiny_run), layers=[1, 2], positions="all")
+    base = perplexity(lm, texts)["perplexity"]
+    assert perplexity(lm, texts, get_method("ace", vectors=vectors, means=complied_means(tiny_run), layers=[1, 2],
+                                            positions="all", beta=0.0).factory(lm, 3.0))["perplexity"] == base
+    assert perplexity(lm, texts, ace.factory(lm, 3.0))["perplexity"] != base
+    last = get_method("ace", vectors=vectors, means=complied_means(tiny_run), layers=[1], positions="last")
+    with pytest.raises(TorsionError, match="scores every position"):
+        perplexity(lm, texts, last.factory(lm, 3.0))
+    ablation = get_method("ablation", directions=vectors)
+    assert first_token_kl(lm, texts, ablation.factory(lm, 0.0))["kl_base_to_steered"] == 0.0
+    result = evaluate_behaviour(lm, texts, ace.factory(lm, 3.0), GenerationSettings(max_new_tokens=3), judge=RULES)
+    assert result["steering"]["method"] == "ace" and all(n > 0 for n in result["steering"]["mean_delta_norm"])

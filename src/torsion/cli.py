@@ -367,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="blocks steered by flat, ace and the splines: best train-split AUC (default 4)")
     compare.add_argument("--manifold", type=existing_file, default=None,
                          help="the splines' manifold file (default RUN_DIR/manifold.safetensors, fitted when absent)")
+    compare.add_argument("--n-mcq", type=_checked(int, lambda n: n >= 0, "a whole number >= 0"), default=40,
+                         help="MCQ items for the capability check (default 40; 0 skips it)")
     compare.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generation batch (default 8)")
     compare.add_argument("--judge", default=None, choices=["rules", "llm"],
                          help="judge for trials, curves and baselines (default: the one that labelled the run)")

@@ -245,7 +245,7 @@ def analyze(args: argparse.Namespace) -> int:
 
             compare = CompareSettings(methods=args.methods or DEFAULT_METHODS, objectives=args.objectives,
                                       sampler=args.sampler, n_trials=args.trials, curve_points=args.curve_points,
-                                      top_k=args.top_k,
+                                      top_k=args.top_k, n_mcq=args.n_mcq,
                                       n_prompts=_or_default(args.n_prompts, 24), batch_size=args.batch_size,
                                       seed=seed, manifold=str(args.manifold) if args.manifold else None)
             check_vector(run_dir, SearchSettings())

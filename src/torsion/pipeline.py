@@ -41,7 +41,7 @@ from torsion.store import RunDir, atomic_write_json
 from torsion.vectors import SteeringVector, fit_vectors, save_vectors
 
 STAGES = ("prompts", "generate", "capture", "vectors", "rotation", "propagation", "random_control",
-          "categories", "methods", "report")
+          "categories", "report")  # and "methods" before the report when the config names methods (paper)
 _VERSIONED = ("torch", "transformers", "safetensors", "numpy", "scipy", "gguf", "garak")
 
 
