@@ -1,6 +1,7 @@
 """The steering-method protocol in the strength search, and `torsion analyze methods` on a tiny run."""
 
 import json
+from dataclasses import replace
 
 import optuna
 import pytest
@@ -143,6 +144,9 @@ def test_analyze_methods_end_to_end_and_resume(tiny_run, lm, monkeypatch):
     monkeypatch.setattr(behaviour, "generate_batch", lambda *a, **k: pytest.fail("a finished comparison regenerated"))
     again = run_methods(tiny_run, lm, settings, judge=RULES, log=lambda m: None)
     assert again["methods"] == saved["methods"] and again["curves"] == saved["curves"]
+    assert again["manifold"]["fitted_by_this_comparison"]
+    fewer = run_methods(tiny_run, lm, replace(settings, methods=("ablation",)), judge=RULES, log=lambda m: None)
+    assert fewer["methods"] == saved["methods"][1:2] and fewer["curves"] == {"ablation": saved["curves"]["ablation"]}
 
 
 def test_cli_methods_bad_input(tiny_run, tiny_model_dir, capsys):
@@ -161,6 +165,8 @@ def test_cli_methods_bad_input(tiny_run, tiny_model_dir, capsys):
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert main(["optimize", str(tiny_run), "--method", "splin-a"]) == 2
     assert "unknown steering method" in capsys.readouterr().err
+    assert main(["optimize", str(tiny_run), "--method", "spline-a", "--judge", "rules"]) == 2  # before any model loads
+    assert "needs a manifold file" in capsys.readouterr().err
     # a spline without a manifold file, on a run whose labels give fewer than two knots
     responses = read_jsonl(tiny_run / "responses.jsonl")
     lines = [json.dumps({**r, "label": "strong_refuse", "score": 1.0}) + "\n" for r in responses]

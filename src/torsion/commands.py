@@ -250,7 +250,7 @@ def analyze(args: argparse.Namespace) -> int:
                                       seed=seed, manifold=str(args.manifold) if args.manifold else None)
             check_vector(run_dir, SearchSettings())
             methods_judge = run_judge(RunDir(run_dir), args.judge)
-            ensure_manifold(run_dir, compare, log=lambda message: print(message, file=sys.stderr))
+            manifold = ensure_manifold(run_dir, compare, log=lambda message: print(message, file=sys.stderr))
         if args.name == "asymmetry":  # both searches must exist before a model is loaded
             from torsion.optimize import load_result
 
@@ -277,7 +277,7 @@ def analyze(args: argparse.Namespace) -> int:
         elif args.name == "methods":
             from torsion.analysis.methods import run_methods
 
-            result = run_methods(run_dir, lm, compare, judge=methods_judge,
+            result = run_methods(run_dir, lm, compare, judge=methods_judge, manifold=manifold,
                                  log=lambda message: print(message, file=sys.stderr))
         elif args.name == "asymmetry":
             from torsion.analysis.asymmetry import run_asymmetry
@@ -314,6 +314,7 @@ def optimize(args: argparse.Namespace) -> int:
     from torsion.store import RunDir
     from torsion.report import build_report
     from torsion.steering.cli import parse_params
+    from torsion.steering.from_run import check_manifold
 
     settings = SearchSettings(
         objective=args.objective, key=args.key, category=args.category, top_k=args.top_k,
@@ -329,6 +330,7 @@ def optimize(args: argparse.Namespace) -> int:
         raise TorsionError("--study names one study; drop it with --per-category (each category gets its own)")
     for scope in scopes:
         check_vector(args.run_dir, scope)
+    check_manifold(RunDir(args.run_dir), args.method, args.manifold)
     judge = run_judge(RunDir(args.run_dir), args.judge)  # fails before the model loads
     lm = load_model(_run_model_spec(args.run_dir, args.model), dtype=args.dtype or "float32",
                     device=args.device or "cpu")

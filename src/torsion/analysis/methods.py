@@ -14,8 +14,9 @@ compliance = ``genuine_rate``, Wilson 95%). Matched KL: two methods of one objec
 rate (comply: genuine strong comply, refuse: refused) only when the intervals are disjoint.
 
 Resumable: every finished (method, objective) row and curve point is appended to
-``analysis/methods.checkpoint.jsonl`` under a hash of the comparison's settings; a rerun with the
-same settings reuses them, and a killed search resumes from its study.
+``analysis/methods.checkpoint.jsonl`` under a hash of the settings that define it (all but the
+method and objective lists, the judge, the model's weights; for splines the manifold file); a rerun reuses
+them, also when it compares more or fewer methods, and a killed search resumes from its study.
 
 Example::
 
@@ -214,13 +215,17 @@ def matched_kl(rows: Sequence[dict[str, Any]], rtol: float = MATCH_RTOL) -> list
 
 
 def run_methods(run_dir: Path, lm: LoadedModel, settings: CompareSettings, *, judge: Judge | None = None,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the comparison; write ``analysis/methods.json`` and return it."""
+                manifold: dict[str, Any] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the comparison; write ``analysis/methods.json`` and return it.
+
+    ``manifold`` is :func:`ensure_manifold`'s record when the caller already ran it (to fail
+    before loading a model); otherwise it runs here.
+    """
     run = RunDir(run_dir)
     judge = judge or run_judge(run)
-    manifold = ensure_manifold(run.root, settings, log)
-    spec = {"settings": asdict(settings), "judge": judge.name, "weights_sha256": lm.weights_sha256,
-            "manifold_sha256": manifold and manifold["sha256"]}
+    found = manifold if manifold is not None else ensure_manifold(run.root, settings, log)
+    shared = {k: v for k, v in asdict(settings).items() if k not in ("methods", "objectives")}  # rows carry those
+    spec = {"settings": shared, "judge": judge.name, "weights_sha256": lm.weights_sha256}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     checkpoint = run.analysis_path("methods").with_name(CHECKPOINT)
     done = {tuple(line["entry"]): line["value"] for line in (read_jsonl(checkpoint) if checkpoint.is_file() else [])
@@ -232,6 +237,10 @@ def run_methods(run_dir: Path, lm: LoadedModel, settings: CompareSettings, *, ju
             append_jsonl(checkpoint, [{"key": key, "entry": list(entry), "value": done[entry]}])
         return done[entry]
 
+    def tag(name: str) -> tuple:  # a spline's rows depend on the manifold file too
+        return (found["sha256"],) if found and name in SPLINES else ()
+
+    manifold = found and cached(("manifold", found["sha256"]), lambda: found)  # a resumed comparison keeps "fitted"
     first = settings.search(settings.methods[0], settings.objectives[0])
     sets = prompt_sets(run, first)
 
@@ -244,9 +253,10 @@ def run_methods(run_dir: Path, lm: LoadedModel, settings: CompareSettings, *, ju
     for name in settings.methods:
         for objective in settings.objectives:
             log(f"methods: {name}, {objective}")
-            rows.append(cached(("row", name, objective),
+            rows.append(cached(("row", name, objective, *tag(name)),
                                lambda: _compare_row(run, lm, settings, name, objective, base, judge, log)))
-        points = [cached(("curve", name, strength), lambda: _curve_point(run, lm, settings, name, strength, judge))
+        points = [cached(("curve", name, strength, *tag(name)),
+                         lambda: _curve_point(run, lm, settings, name, strength, judge))
                   for strength in curve_strengths(lm, run, settings, name)]
         curves[name] = {"strength_name": method_class(name).strength_name, "points": points}
     baseline = baseline_rates(run, sets["holdout"], judge)

@@ -54,6 +54,17 @@ def manifold_path(run: RunDir, manifold: str | Path | None) -> Path:
     return Path(manifold) if manifold is not None else run.root / MANIFOLD_FILE
 
 
+def check_manifold(run: RunDir, name: str, manifold: str | Path | None) -> Path | None:
+    """The manifold file spline method ``name`` reads (None for other methods); a missing file fails in one line."""
+    if method_class(name).name not in SPLINES:
+        return None
+    path = manifold_path(run, manifold)
+    if not path.is_file():
+        raise TorsionError(f"{name} needs a manifold file and {path} does not exist; run `torsion manifold "
+                           f"fit {run.root}` or pass --manifold FILE")
+    return path
+
+
 def run_method(run: RunDir, lm: LoadedModel, name: str, *, vectors: Tensor, layers: Sequence[int], component: str,
                positions: str, params: Mapping[str, Any] | None = None,
                manifold: str | Path | None = None) -> tuple[SteeringMethod, dict[str, Any]]:
@@ -70,10 +81,7 @@ def run_method(run: RunDir, lm: LoadedModel, name: str, *, vectors: Tensor, laye
     if cls.name in SPLINES:
         from torsion.manifold.file import load_manifold
 
-        path = manifold_path(run, manifold)
-        if not path.is_file():
-            raise TorsionError(f"{cls.name} needs a manifold file and {path} does not exist; run `torsion manifold "
-                               f"fit {run.root}` or pass --manifold FILE")
+        path = check_manifold(run, cls.name, manifold)
         chosen.setdefault("positions", positions)
         method = cls.from_manifold(load_manifold(path), chosen.pop("layers", layers), **chosen)
         record.update(manifold=str(path), manifold_sha256=file_sha256(path))
