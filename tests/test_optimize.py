@@ -193,14 +193,15 @@ def test_refuse_objective_and_category_scope(tiny_run, tiny_lm_loaded):
 
 def test_perplexity_penalty_enters_the_trial_value(tiny_run, tiny_lm_loaded):
     from torsion.metrics import perplexity
-    from torsion.optimize import Steering, prompt_sets
+    from torsion.optimize import prompt_sets
+    from torsion.steering import get_method
     from torsion.store import RunDir
 
     settings = _settings(n_trials=2, alpha_range=(-8.0, -4.0), perplexity_weight=0.5)
     result = run_optimize(tiny_run, tiny_lm_loaded, settings, evaluate=False, judge=RULES, log=lambda m: None)
     probe = [p.prompt for p in prompt_sets(RunDir(tiny_run), settings)["kl_probe"]]
     vector = load_vectors(tiny_run / "vectors.safetensors")["md/resid"].directions
-    steering = Steering(tiny_lm_loaded, vector, result["layers"], component="resid", positions="all")
+    steering = get_method("flat", vectors=vector, layers=result["layers"], positions="all").bind(tiny_lm_loaded)
     base = perplexity(tiny_lm_loaded, probe)["perplexity"]
     for trial in result["trials"]:
         steered = perplexity(tiny_lm_loaded, probe, steering(trial["alpha"]))["perplexity"]

@@ -7,7 +7,7 @@ intervals on rates the same way.
 
 Example::
 
-    steer = lambda: add_steering(lm, axis, layers=[10, 12], alpha=-2.0, positions="all")
+    steer = get_method("flat", vectors=axis, layers=[10, 12], positions="all").factory(lm, -2.0)
     result = evaluate_behaviour(lm, prompts, steer, GenerationSettings(max_new_tokens=32), judge=run_judge(run))
     result["rates"]["strong_comply"]["rate"], result["mean_score"]
 """
@@ -80,14 +80,13 @@ def evaluate_behaviour(lm: LoadedModel, prompts: Sequence[str], steer: SteerFact
 
     Returns ``responses``, ``labels`` (the judge's), ``corrections`` (false-positive correction per
     row), ``mean_score`` (corrected scores), ``rates`` (:func:`class_rates`), the judge's name and
-    the steering record's conventions when ``steer`` yields one (``alpha``, ``applied_norm``, ...).
+    the steering record's conventions when ``steer`` yields one (``alpha``, ``applied_norm``, a
+    method's ``mean_delta_norm``, ...), read when generation is done.
     """
     responses: list[str] = []
     labels: list[str] = []
     conventions: dict[str, Any] | None = None
     with (steer() if steer is not None else nullcontext()) as record:
-        if record is not None and hasattr(record, "conventions"):
-            conventions = record.conventions()
         batches = range(0, len(prompts), settings.batch_size)
         for step, start in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):
             batch = list(prompts[start:start + settings.batch_size])
@@ -96,6 +95,8 @@ def evaluate_behaviour(lm: LoadedModel, prompts: Sequence[str], steer: SteerFact
             labels += [v.label for v in judge.judge(batch, generated)]
             if on_batch is not None:
                 on_batch(step, correct_rows(prompts[:len(labels)], responses, labels))
+        if record is not None and hasattr(record, "conventions"):  # read last: replacement methods measure as they go
+            conventions = record.conventions()
     rows = correct_rows(prompts, responses, labels)
     return {"n_prompts": len(prompts), "responses": responses, "labels": labels,
             "corrections": [r.correction for r in rows], "mean_score": mean_score(rows),

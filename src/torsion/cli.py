@@ -88,6 +88,32 @@ def output_dir(text: str) -> Path:
     return path
 
 
+def method_name(text: str) -> str:
+    """A registered steering method (torsion.steering), spelled with hyphens."""
+    from torsion.steering.registry import method_class
+
+    try:
+        return method_class(text.strip()).name
+    except TorsionError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _comma_list(item: Callable[[str], str], what: str) -> Callable[[str], tuple[str, ...]]:
+    """An argparse ``type=`` for a comma-separated list of distinct ``item``s (``flat,ace``)."""
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(item(part) for part in text.split(","))
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"{text!r} names a {what} twice; list each once, comma-separated")
+        return values
+    return parse
+
+
+def _objective(text: str) -> str:
+    if text.strip() not in ("comply", "refuse"):
+        raise argparse.ArgumentTypeError(f"unknown objective {text!r}; choose comply, refuse or comply,refuse")
+    return text.strip()
+
+
 def run_directory(text: str) -> Path:
     path = Path(text).expanduser()
     if not (path / "manifest.json").is_file():
@@ -293,9 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
         "decoding-time shift against the steered and readout axes (also analysis/motion.safetensors). hedge: "
         "the hedge's position t and bow on the refuse-to-comply segment, with its on-line null. stability: "
         "learning curves k/n^a + floor of every MD vector and behaviour-bin knot. "
-        "Each writes analysis/<name>.json.")
+        "methods: every steering method's strength searched on train prompts (one study per method and "
+        "objective in optimize.db), frozen and evaluated once on held-out harmful prompts, plus each "
+        "method's held-out rate-vs-KL curve and the matched-KL comparison (fits RUN_DIR/manifold.safetensors "
+        "for the splines when absent). Each writes analysis/<name>.json.")
     analyze.add_argument("name", choices=["rotation", "propagation", "random-control", "categories", "arditi",
-                                          "asymmetry", "motion", "hedge", "stability"])
+                                          "asymmetry", "motion", "hedge", "stability", "methods"])
     analyze.add_argument("run_dir", type=run_directory, help="a directory made by `torsion run`")
     _add_model_options(analyze)
     analyze.add_argument("--layers", type=block_index, nargs="+", default=None,
@@ -308,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default -1 -2 -3 -4)")
     analyze.add_argument("--n-prompts", type=positive_int, default=None,
                          help="prompts used by the causal analyses (default 16 propagation, motion and hedge, 32 "
-                         "random-control and asymmetry, 48 arditi)")
+                         "random-control and asymmetry, 48 arditi); methods: train prompts per search trial (default 24)")
     analyze.add_argument("--n-random", type=positive_int, default=50,
                          help="random directions (random-control; hedge's causal test)")
     analyze.add_argument("--bootstrap", type=positive_int, default=1000,
@@ -324,14 +353,33 @@ def build_parser() -> argparse.ArgumentParser:
                          help="stability: subsamples per pool size (default 200)")
     analyze.add_argument("--scope", default="global", type=nonempty_text,
                          help="asymmetry: which searches, global (default) or a category name")
+    compare = analyze.add_argument_group("methods")
+    compare.add_argument("--methods", type=_comma_list(method_name, "method"), default=None,
+                         help="comma-separated (default flat,dense,ablation,weighted-ablation,ace,spline-a,spline-b)")
+    compare.add_argument("--objectives", type=_comma_list(_objective, "objective"), default=("comply", "refuse"),
+                         help="comma-separated, default comply,refuse")
+    compare.add_argument("--sampler", default="tpe", choices=["tpe", "grid"],
+                         help="strength search sampler (default tpe)")
+    compare.add_argument("--trials", type=positive_int, default=12, help="finished trials per study (default 12)")
+    compare.add_argument("--curve-points", type=positive_int, default=5,
+                         help="strengths on each method's held-out rate-vs-KL curve (default 5)")
+    compare.add_argument("--top-k", type=positive_int, default=4,
+                         help="blocks steered by flat, ace and the splines: best train-split AUC (default 4)")
+    compare.add_argument("--manifold", type=existing_file, default=None,
+                         help="the splines' manifold file (default RUN_DIR/manifold.safetensors, fitted when absent)")
+    compare.add_argument("--n-mcq", type=_checked(int, lambda n: n >= 0, "a whole number >= 0"), default=40,
+                         help="MCQ items for the capability check (default 40; 0 skips it)")
+    compare.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generation batch (default 8)")
+    compare.add_argument("--judge", default=None, choices=["rules", "llm"],
+                         help="judge for trials, curves and baselines (default: the one that labelled the run)")
     analyze.add_argument("--seed", type=seed_int, default=None, help="default: the run's seed (manifest.json)")
     analyze.add_argument("--verbose", action="store_true", help="print the result JSON")
     analyze.set_defaults(func=commands.analyze)
 
     optimize = subcommands.add_parser(
         "optimize", help="search the steering strength alpha (Optuna), then evaluate it once on the holdout",
-        description="Steer the top-k blocks of a run (train-split AUC) with alpha * v_l and search alpha on "
-        "train-split prompts. comply minimises mean_score + w*min(KL, cap); refuse minimises "
+        description="Steer the top-k blocks of a run (train-split AUC) with alpha * v_l (or with --method: any "
+        "steering method, whose strength is alpha, beta or t) and search the strength on train-split prompts. comply minimises mean_score + w*min(KL, cap); refuse minimises "
         "-mean_score + w*min(KL, cap); degenerate responses score +2; KL is the first-token "
         "kl_base_to_steered on half of the neutral set. Trials live in an Optuna storage (SQLite in the "
         "run directory by default; --storage URL lets workers on several machines share one study). A "
@@ -341,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  torsion optimize runs/quick --objective comply --trials 12\n"
         "  torsion optimize runs/quick --objective refuse --sampler grid --trials 9\n"
         "  torsion optimize runs/quick --per-category --trials 8\n"
+        "  torsion optimize runs/quick --method spline-a --manifold runs/quick/manifold.safetensors\n"
         "  torsion optimize runs/quick --storage postgresql://user@db-host/torsion   # on each worker",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     optimize.add_argument("run_dir", type=run_directory, help="a directory made by `torsion run`")
@@ -353,11 +402,20 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--category", default=None, type=nonempty_text,
                        help="search one category with its own vector and prompts")
     scope.add_argument("--per-category", action="store_true", help="one search per category in the vector file")
+    optimize.add_argument("--method", type=method_name, default="flat",
+                          help="steering method: flat (default), dense, ablation, weighted-ablation, ace, spline-a, "
+                          "spline-b")
+    optimize.add_argument("--manifold", type=existing_file, default=None,
+                          help="spline-a/spline-b: a manifold file (default RUN_DIR/manifold.safetensors)")
+    optimize.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                          help="a method parameter, e.g. peak_position=12 (JSON values); repeatable")
     optimize.add_argument("--trials", type=positive_int, default=12, help="finished trials in the study (default 12)")
     optimize.add_argument("--sampler", default="tpe", choices=["tpe", "grid"],
                           help="tpe (default), or grid: --trials evenly spaced alphas over the range")
     optimize.add_argument("--alpha-range", type=finite_float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                          help="search range of alpha (default -4 0 for comply, 0 4 for refuse)")
+                          help="search range of the method's strength (default: alpha -4 0 for comply, 0 4 for "
+                          "refuse; beta 0 1 for ablations; ace -n n / 0 2n with n the mean |v_l|; the manifold's "
+                          "coherent t range for splines)")
     optimize.add_argument("--top-k", type=positive_int, default=4,
                           help="steered blocks, best train-split AUC (default 4)")
     optimize.add_argument("--layer-window", type=fraction, nargs=2, default=[0.25, 0.8], metavar=("LO", "HI"),

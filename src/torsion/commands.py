@@ -163,6 +163,7 @@ _ANALYSIS_INPUTS = {
     "motion": ("prompts", "responses", "vectors"),
     "hedge": ("prompts", "responses", "vectors"),
     "stability": ("prompts", "responses", "activations"),
+    "methods": ("prompts", "responses", "activations", "vectors"),
 }
 
 
@@ -236,6 +237,20 @@ def analyze(args: argparse.Namespace) -> int:
             from torsion.decoding_capture import check_readout
 
             check_readout(args.readout_blocks, k=args.k, steered_blocks=args.layers or ())
+        if args.name == "methods":  # settings, vector, judge and manifold checked before a model is loaded
+            from torsion.analysis.methods import DEFAULT_METHODS, CompareSettings, ensure_manifold
+            from torsion.optimize import SearchSettings, check_vector
+            from torsion.runs import run_judge
+            from torsion.store import RunDir
+
+            compare = CompareSettings(methods=args.methods or DEFAULT_METHODS, objectives=args.objectives,
+                                      sampler=args.sampler, n_trials=args.trials, curve_points=args.curve_points,
+                                      top_k=args.top_k, n_mcq=args.n_mcq,
+                                      n_prompts=_or_default(args.n_prompts, 24), batch_size=args.batch_size,
+                                      seed=seed, manifold=str(args.manifold) if args.manifold else None)
+            check_vector(run_dir, SearchSettings())
+            methods_judge = run_judge(RunDir(run_dir), args.judge)
+            manifold = ensure_manifold(run_dir, compare, log=lambda message: print(message, file=sys.stderr))
         if args.name == "asymmetry":  # both searches must exist before a model is loaded
             from torsion.optimize import load_result
 
@@ -259,6 +274,11 @@ def analyze(args: argparse.Namespace) -> int:
                                         alpha=1.0 if args.alpha is None else _one_alpha(args.alpha),
                                         n_random=args.n_random, n_prompts=_or_default(args.n_prompts, 32),
                                         seed=seed)
+        elif args.name == "methods":
+            from torsion.analysis.methods import run_methods
+
+            result = run_methods(run_dir, lm, compare, judge=methods_judge, manifold=manifold,
+                                 log=lambda message: print(message, file=sys.stderr))
         elif args.name == "asymmetry":
             from torsion.analysis.asymmetry import run_asymmetry
 
@@ -293,6 +313,8 @@ def optimize(args: argparse.Namespace) -> int:
     from torsion.runs import run_judge
     from torsion.store import RunDir
     from torsion.report import build_report
+    from torsion.steering.cli import parse_params
+    from torsion.steering.from_run import check_manifold
 
     settings = SearchSettings(
         objective=args.objective, key=args.key, category=args.category, top_k=args.top_k,
@@ -300,13 +322,15 @@ def optimize(args: argparse.Namespace) -> int:
         n_trials=args.trials, sampler=args.sampler, prune=not args.no_prune, n_prompts=args.n_prompts,
         n_kl_prompts=args.n_kl_prompts, kl_weight=args.kl_weight, kl_cap=args.kl_cap, mcq_weight=args.mcq_weight,
         perplexity_weight=args.perplexity_weight, positions=args.positions, batch_size=args.batch_size,
-        seed=args.seed)
+        seed=args.seed, method=args.method, method_params=parse_params(args.param),
+        manifold=str(args.manifold) if args.manifold else None)
     scopes = [replace(settings, category=c) for c in search_categories(args.run_dir, args.key)] \
         if args.per_category else [settings]
     if args.study and len(scopes) > 1:
         raise TorsionError("--study names one study; drop it with --per-category (each category gets its own)")
     for scope in scopes:
         check_vector(args.run_dir, scope)
+    check_manifold(RunDir(args.run_dir), args.method, args.manifold)
     judge = run_judge(RunDir(args.run_dir), args.judge)  # fails before the model loads
     lm = load_model(_run_model_spec(args.run_dir, args.model), dtype=args.dtype or "float32",
                     device=args.device or "cpu")
@@ -315,7 +339,8 @@ def optimize(args: argparse.Namespace) -> int:
         result = run_optimize(args.run_dir, lm, scope, storage=args.storage, study_name=args.study,
                               evaluate=not args.no_evaluate, judge=judge, log=log)
         held = result.get("held_out", {}).get("rates", {})
-        summary = {"study": result["study"], "alpha": result["alpha"], "layers": result["layers"],
+        summary = {"study": result["study"], "method": result["method"]["name"],
+                   result["strength_name"]: result["strength"], "layers": result["layers"],
                    "in_sample": {k: result["in_sample"]["rates"][k]["rate"] for k in ("strong_comply", "refused")},
                    "held_out": {k: held[k]["rate"] for k in ("strong_comply", "refused")} if held else None}
         print(f"{args.run_dir / 'analysis' / ('optimize_' + result['study'] + '.json')}\t{summary}")

@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from torsion.errors import TorsionError
 
+# Every steering method, in the order `torsion analyze methods` compares them (methods.md)
+COMPARED_METHODS = ("flat", "dense", "ablation", "weighted-ablation", "ace", "spline-a", "spline-b")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -49,6 +52,11 @@ class RunConfig:
     # 102 directions per layer (benchmarks/results/random_control.json: 5x the all-position replay),
     # so 32 probe prompts cost less than the 12 the all-position path could afford
     random_control_prompts: int = 32
+    # the steering-method comparison (`torsion analyze methods`); () skips the stage. Each method and
+    # objective runs a strength search plus curve points on the holdout: hours on CPU for all seven
+    compare_methods: tuple[str, ...] = ()
+    compare_trials: int = 12
+    compare_curve_points: int = 5
 
     @classmethod
     def from_profile(cls, profile: str = "quick", **overrides: object) -> "RunConfig":
@@ -71,6 +79,7 @@ PROFILES: dict[str, dict] = {
               "split_halves": 20, "propagation_prompts": 8, "random_directions": 10, "random_control_prompts": 8},
     # 256 prompts (128 per source): the default
     "quick": {},
-    # every prompt of both sources; hours on CPU, minutes on a GPU
-    "paper": {"n_per_source": None, "max_new_tokens": 64, "generation_batch_size": 16, "random_control_prompts": 64},
+    # every prompt of both sources, and the steering-method comparison; hours on CPU, minutes on a GPU
+    "paper": {"n_per_source": None, "max_new_tokens": 64, "generation_batch_size": 16, "random_control_prompts": 64,
+              "compare_methods": COMPARED_METHODS},
 }

@@ -1,13 +1,14 @@
 """Distribution shift and capability under steering (methods.md, "Distribution shift").
 
 Each metric runs a base arm and, given ``steer`` (a zero-argument callable returning a
-context manager, such as ``lambda: add_steering(...)``), a steered arm. KL fields always name
+context manager: any steering method's ``method.factory(lm, strength)``, or
+``lambda: add_steering(...)``), a steered arm. KL fields always name
 their direction: ``kl_base_to_steered = Σ p_base log(p_base / p_steer)``. Prompts are
 chat-templated and left-padded; reference texts and continuations are scored as given.
 
 Example::
 
-    steer = lambda: add_steering(lm, axis, layers=[12], alpha=4.0, positions="all")
+    steer = get_method("ace", vectors=v, means=mu, layers=[12], positions="all").factory(lm, 4.0)
     first_token_kl(lm, neutral_prompts, steer)["kl_base_to_steered"]
     perplexity(lm, reference_texts, steer)["perplexity"]
 """

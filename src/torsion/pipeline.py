@@ -1,5 +1,8 @@
 """The main job: prompts -> responses -> labels -> activations -> vectors -> rotation -> report.
 
+The steering-method comparison (``methods``) runs only when the config names methods
+(``--profile paper`` does; ``quick`` and ``smoke`` do not).
+
 Each stage writes its files atomically and is marked done in ``manifest.json``; a re-run
 skips finished stages and a killed stage resumes from its own checkpoint.
 
@@ -38,7 +41,7 @@ from torsion.store import RunDir, atomic_write_json
 from torsion.vectors import SteeringVector, fit_vectors, save_vectors
 
 STAGES = ("prompts", "generate", "capture", "vectors", "rotation", "propagation", "random_control",
-          "categories", "report")
+          "categories", "report")  # and "methods" before the report when the config names methods (paper)
 _VERSIONED = ("torch", "transformers", "safetensors", "numpy", "scipy", "gguf", "garak")
 
 
@@ -165,6 +168,14 @@ def run_pipeline(config: RunConfig, out: Path, *, judge: Judge | None = None,
     if not run.stage_done("categories"):
         with run.stage("categories", invalidates=("report",)):
             run_categories(run.root)
+
+    if config.compare_methods and not run.stage_done("methods"):
+        from torsion.analysis.methods import CompareSettings, run_methods
+
+        with run.stage("methods", invalidates=("report",)):
+            compare = CompareSettings(methods=config.compare_methods, n_trials=config.compare_trials,
+                                      curve_points=config.compare_curve_points, seed=config.seed)
+            run_methods(run.root, model(), compare, judge=judge, log=log)
 
     if not run.stage_done("report"):
         with run.stage("report"):

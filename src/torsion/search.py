@@ -197,6 +197,10 @@ def _check_spec(study, spec: dict[str, Any], wait_s: float) -> None:
         before["grid_points"] = before["n_trials"]  # a grid made before the budget left the spec
     for key in NOT_OBJECTIVE:  # a study made before these left the spec
         before.pop(key, None)
+    if "method.name" not in before and now.get("method.name") == "flat" and not now.get("settings.method_params") \
+            and now.get("settings.manifold") is None:  # a study made before steering methods searched flat
+        legacy = ("settings.method", "settings.method_params", "settings.manifold")
+        before.update({k: v for k, v in now.items() if k.startswith("method.") or k in legacy})
     changed = [f"{key} {before.get(key, '(none)')} -> {now.get(key, '(none)')}"
                for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
     if changed:

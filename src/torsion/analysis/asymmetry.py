@@ -30,8 +30,9 @@ from torsion.errors import TorsionError
 from torsion.judge.base import Judge
 from torsion.metrics import first_token_kl
 from torsion.models import LoadedModel
-from torsion.optimize import SearchSettings, Steering, run_generation_settings, load_result, prompt_sets
+from torsion.optimize import SearchSettings, run_generation_settings, load_result, prompt_sets
 from torsion.runs import judge_from_name, run_judge
+from torsion.steering import get_method
 from torsion.store import RunDir, atomic_write_json, read_json
 from torsion.vectors import load_vectors
 
@@ -80,10 +81,15 @@ def _sets(run: RunDir, result: dict[str, Any]) -> dict[str, list[Prompt]]:
     return sets
 
 
-def _steering(lm: LoadedModel, run: RunDir, result: dict[str, Any], layers: Sequence[int] | None = None) -> Steering:
+def _steering(lm: LoadedModel, run: RunDir, result: dict[str, Any], layers: Sequence[int] | None = None):
+    """``α ↦`` a SteerFactory of flat steering with the search's vector (on ``layers``, default the search's)."""
+    if result.get("method", {}).get("name", "flat") != "flat":
+        raise TorsionError(f"study {result['study']!r} searched {result['method']['name']}, but the asymmetry "
+                           "table reads flat searches; run `torsion optimize --method flat` for both objectives")
     vector = load_vectors(run.vectors_path, d_model=lm.d_model)[result["vector_key"]]
-    return Steering(lm, vector.directions, list(layers if layers is not None else result["layers"]),
-                    component=result["conventions"]["component"], positions=result["conventions"]["positions"])
+    return get_method("flat", vectors=vector.directions, layers=list(layers if layers is not None else result["layers"]),
+                      component=result["conventions"]["component"],
+                      positions=result["conventions"]["positions"]).bind(lm)
 
 
 def _summary(evaluation: dict[str, Any]) -> dict[str, Any]:

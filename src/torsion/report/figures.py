@@ -4,7 +4,8 @@ Only ``torsion.report`` draws: analyses write JSON, and the report builder turns
 
 The rotation figures read ``analysis/rotation.json`` (``torsion.analysis.rotation.analyze_rotation``);
 layer ``l`` is decoder block ``l`` and the pair ``(l, l+1)`` is drawn at ``x = l + 0.5``. The
-strength figure reads an ``analysis/optimize_<study>.json`` (:mod:`torsion.optimize`).
+strength figure reads an ``analysis/optimize_<study>.json`` (:mod:`torsion.optimize`), the methods
+figure ``analysis/methods.json`` (:mod:`torsion.analysis.methods`).
 
 Example::
 
@@ -110,36 +111,81 @@ CLASS_COLOURS = {"strong_comply": "#c00000", "weak_comply": "#f4a582", "weak_ref
                  "strong_refuse": "#1f4e79", "degenerate": "#7f7f7f"}
 
 
-def strength_figure(result: dict[str, Any], path: Path) -> Path:
-    """Rate of each class vs ``α`` (complete trials, in-sample) and ``kl_base_to_steered`` vs ``α``.
+SYMBOLS = {"alpha": "α", "beta": "β", "t": "t"}
 
-    The frozen ``α``'s held-out rates, when evaluated, are drawn as hollow markers.
+
+def strength_figure(result: dict[str, Any], path: Path) -> Path:
+    """Rate of each class vs the strength (complete trials, in-sample) and ``kl_base_to_steered`` vs strength.
+
+    The frozen strength's held-out rates, when evaluated, are drawn as hollow markers.
     """
+    strength = result.get("strength_name", "alpha")  # files written before steering methods searched alpha
+    symbol, chosen = SYMBOLS.get(strength, strength), result[strength]
+    label = f"{symbol} ({result.get('method', {}).get('name', 'flat')} steering)"
     trials = sorted((t for t in result["trials"] if t["state"] == "COMPLETE" and "rates" in t),
-                    key=lambda t: t["alpha"])
+                    key=lambda t: t[strength])
     figure = Figure(figsize=(10, 3.6))
     rates_ax, kl_ax = figure.subplots(1, 2)
-    alphas = [t["alpha"] for t in trials]
+    alphas = [t[strength] for t in trials]
     for name, colour in CLASS_COLOURS.items():
         rates_ax.plot(alphas, [100 * t["rates"][name]["rate"] for t in trials], marker="o", ms=3, color=colour,
                       label=name.replace("_", " "))
         held = result.get("held_out", {}).get("rates", {}).get(name)
         if held and held["rate"] is not None:
-            rates_ax.plot([result["alpha"]], [100 * held["rate"]], marker="o", ms=8, mfc="none", color=colour)
-    rates_ax.axvline(result["alpha"], color="black", lw=0.8, ls="--")
-    rates_ax.set_xlabel("α (raw multiplier of v)")
+            rates_ax.plot([chosen], [100 * held["rate"]], marker="o", ms=8, mfc="none", color=colour)
+    rates_ax.axvline(chosen, color="black", lw=0.8, ls="--")
+    rates_ax.set_xlabel(label)
     rates_ax.set_ylabel("% of judged responses")
-    rates_ax.set_title(f"{result['study']}: rates vs α (hollow: held-out at the chosen α)", fontsize=10)
+    rates_ax.set_title(f"{result['study']}: rates vs {symbol} (hollow: held-out at the chosen {symbol})", fontsize=10)
     rates_ax.set_ylim(-2, 102)
     rates_ax.grid(alpha=0.2)
     rates_ax.legend(fontsize=7, frameon=False)
-    positive = [(t["alpha"], t["kl_base_to_steered"]) for t in trials if t["kl_base_to_steered"] > 0]
+    positive = [(t[strength], t["kl_base_to_steered"]) for t in trials if t["kl_base_to_steered"] > 0]
     kl_ax.semilogy([a for a, _ in positive], [kl for _, kl in positive], marker="o", ms=3, color="black",
-                   label="α with KL 0 (α = 0) not drawn" if len(positive) < len(trials) else None)
+                   label=f"{symbol} with KL 0 not drawn" if len(positive) < len(trials) else None)
     if len(positive) < len(trials):
         kl_ax.legend(fontsize=7, frameon=False)
-    kl_ax.axvline(result["alpha"], color="black", lw=0.8, ls="--")
-    kl_ax.set_xlabel("α (raw multiplier of v)")
+    kl_ax.axvline(chosen, color="black", lw=0.8, ls="--")
+    kl_ax.set_xlabel(label)
     kl_ax.set_ylabel("first-token KL base→steered (neutral)")
     kl_ax.grid(alpha=0.2, which="both")
+    return _save(figure, path)
+
+
+METHOD_PANELS = (("refused", "refused (refusal rate)"), ("genuine_strong_comply", "genuine strong comply"))
+
+
+def methods_figure(result: dict[str, Any], path: Path) -> Path:
+    """Held-out rate against first-token KL (probe half, base→steered), one curve per method.
+
+    Left: refusal rate; right: genuine compliance. Each curve is the method's fixed strength grid;
+    hollow markers are the strengths the searches chose (their held-out rates and probe KL). The
+    x axis is symlog, so KL 0 (no steering) is drawn.
+    """
+    figure = Figure(figsize=(10, 3.8))
+    axes = figure.subplots(1, 2, sharey=True)
+    kls = [p["kl_base_to_steered"] for c in result["curves"].values() for p in c["points"]]
+    linthresh = min([k for k in kls if k > 0], default=1e-3)  # the linear part near KL 0 ends at the smallest KL
+    cycle = [f"C{i}" for i in range(10)]
+    for ax, (rate, title) in zip(axes, METHOD_PANELS):
+        for index, (method, curve) in enumerate(result["curves"].items()):
+            colour = cycle[index % len(cycle)]
+            points = [p for p in sorted(curve["points"], key=lambda p: p["kl_base_to_steered"])
+                      if p[rate]["rate"] is not None]
+            ax.plot([p["kl_base_to_steered"] for p in points], [100 * p[rate]["rate"] for p in points],
+                    marker="o", ms=3, color=colour, label=method)
+            for row in result["methods"]:
+                if row["method"] == method and row["held_out"][rate]["rate"] is not None:
+                    ax.plot([row["kl_base_to_steered"]], [100 * row["held_out"][rate]["rate"]], marker="o", ms=8,
+                            mfc="none", color=colour)
+        baseline = result["baseline_held_out"][rate]["rate"]
+        if baseline is not None:
+            ax.axhline(100 * baseline, color="black", lw=0.8, ls=":", label="unsteered (run's responses)")
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_xlabel("first-token KL base→steered (neutral probe half)")
+        ax.set_title(f"held-out {title}", fontsize=10)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.2, which="both")
+    axes[0].set_ylabel("% of judged held-out responses")
+    axes[1].legend(fontsize=7, frameon=False)
     return _save(figure, path)

@@ -37,7 +37,7 @@ from torsion.store import RunDir, atomic_write_text, read_jsonl
 Section = Callable[[dict[str, Any], Path], str]
 
 ORDER = ("review", "rotation", "propagation", "random_control", "categories", "arditi", "optimize", "asymmetry",
-         "motion", "hedge", "stability")
+         "motion", "hedge", "stability", "methods")
 # what the main pipeline writes, and the stage that writes it
 EXPECTED_FILES = {"prompts.jsonl": "prompts", "responses.jsonl": "generate", "activations.safetensors": "capture",
                   "vectors.safetensors": "vectors", "analysis/rotation.json": "rotation"}

@@ -10,7 +10,7 @@ from html import escape
 from pathlib import Path
 from typing import Any, Callable
 
-from torsion.report.figures import strength_figure
+from torsion.report.figures import SYMBOLS, methods_figure, strength_figure
 from torsion.report.geometry_figures import categories_figure, propagation_figure, random_control_figure
 from torsion.report.html import SECTIONS, angle, embedded_png, interval, number, table
 
@@ -167,18 +167,70 @@ def optimize_section(result: dict[str, Any], run_dir: Path) -> str:
     kl = (f" Held-out first-token KL base→steered {number(held['kl_base_to_steered'], '.3g')} "
           f"(other neutral half)." if held else " Not evaluated on the holdout yet (run without --no-evaluate).")
     finished = sum(t["state"] in ("COMPLETE", "PRUNED") for t in result["trials"])
+    name = result.get("strength_name", "alpha")  # files written before steering methods searched alpha
+    method = result.get("method", {}).get("name", "flat")
     return (
         f"<h2>Strength search: {escape(result['study'])}</h2>"
-        f"<p>{escape(result['objective'])} objective on {escape(result['vector_key'])} at blocks "
-        f"{escape(str(result['layers']))}, {finished} trials ({escape(result['settings']['sampler'])}); chosen "
-        f"α = {number(result['alpha'], '.3f')} (in-sample first-token KL "
+        f"<p>{escape(result['objective'])} objective, {escape(method)} steering with {escape(result['vector_key'])} "
+        f"at blocks {escape(str(result['layers']))}, {finished} trials ({escape(result['settings']['sampler'])}); "
+        f"chosen {SYMBOLS.get(name, escape(name))} = {number(result[name], '.3f')} (in-sample first-token KL "
         f"{number(result['in_sample']['kl_base_to_steered'], '.3g')}).{kl} Baselines are the run's own "
         "unsteered responses; rates are shares of judged responses with Wilson 95% intervals, after "
         "false-positive correction; genuine strong comply = strong complies that survive correction (and "
         "review, for the run's own responses; steered responses are not reviewed).</p>"
         + table([""] + [title for title, _ in columns], rows)
         + embedded_png(strength_figure(result, run_dir / "analysis" / f"optimize_{result['study']}.png"),
-                       "class rates and KL against α; dashed: the chosen α")
+                       "class rates and KL against the strength; dashed: the chosen strength")
+    )
+
+
+def _cell(share: dict[str, Any]) -> str:
+    """A rate with its Wilson interval and n, from a :func:`torsion.judge.correction.share`."""
+    return f"{_class_rate({'x': share}, 'x')} (n={share['n']})"
+
+
+def methods_section(result: dict[str, Any], run_dir: Path) -> str:
+    """Steering methods at their searched strengths on the holdout, matched-KL pairs, per-category rates."""
+    rows = []
+    for row in result["methods"]:
+        held = row["held_out"]
+        symbol = SYMBOLS.get(row["strength_name"], escape(row["strength_name"]))
+        target = "refused" if row["objective"] == "refuse" else "genuine_strong_comply"
+        rows.append([escape(row["method"]), escape(row["objective"]), f"{symbol} = {number(row['strength'], '.3g')}",
+                     escape(str(row["layers"])), number(row["kl_base_to_steered"], ".3g"),
+                     number(row["kl_steered_to_base"], ".3g"), _cell(held["refused"]),
+                     _cell(held["genuine_strong_comply"]), _cell(held["degenerate"]),
+                     _class_rate(row["in_sample"], target),
+                     number(row["mcq_accuracy"], ".2f"), number(row["perplexity_ratio"], ".3f")])
+    pairs = [[escape(p["objective"]), escape(" vs ".join(p["methods"])),
+              " vs ".join(number(k, ".3g") for k in p["kl_base_to_steered"]), escape(p["rate"].replace("_", " ")),
+              " vs ".join(_class_rate({"x": r}, "x") for r in p["held_out"]),
+              escape(p["winner"] or "no difference resolved (intervals overlap)")] for p in result["matched_kl"]]
+    categories = sorted({c for table in result["by_category"] for c in table["categories"]})
+    by_category = [[escape(t["method"]), escape(t["objective"])]
+                   + [f"{_class_rate(t['categories'][c], 'refused')} / "
+                      f"{_class_rate(t['categories'][c], 'genuine_strong_comply')} (n={t['categories'][c]['n']})"
+                      if c in t["categories"] else "n/a" for c in categories] for t in result["by_category"]]
+    base = result["baseline_held_out"]
+    return (
+        "<h2>Steering methods compared on held-out prompts</h2>"
+        f"<p>Each method's strength was searched on train prompts ({result['settings']['n_trials']} trials, "
+        f"{escape(result['settings']['sampler'])}), frozen, and evaluated once on the holdout. KL is first-token "
+        "base→steered (and steered→base) on the neutral probe half; rates are shares of judged responses with "
+        "Wilson 95% intervals after false-positive correction. Unsteered holdout: refused "
+        f"{_cell(base['refused'])}, genuine strong comply {_cell(base['genuine_strong_comply'])}.</p>"
+        + table(["method", "objective", "strength", "blocks", "KL base→steered", "KL steered→base",
+                 "refused, held-out", "genuine strong comply, held-out", "degenerate, held-out",
+                 "target rate, in-sample", "MCQ accuracy", "perplexity ratio"], rows, numeric_from=4)
+        + "<h3>Matched KL (within 5%)</h3>"
+        + (table(["objective", "methods", "KL", "target rate", "held-out", "winner"], pairs, numeric_from=2)
+           if pairs else "<p>No two methods of one objective landed within 5% KL of each other; compare the "
+                         "curves.</p>")
+        + embedded_png(methods_figure(result, run_dir / "analysis" / "methods.png"),
+                       "held-out rate against KL, one curve per method (fixed strength grid); hollow: searched "
+                       "strengths; dotted: unsteered")
+        + "<h3>Held-out refused / genuine strong comply by category</h3>"
+        + table(["method", "objective"] + categories, by_category, numeric_from=2)
     )
 
 
@@ -209,4 +261,4 @@ def asymmetry_section(result: dict[str, Any], run_dir: Path) -> str:
 
 SECTIONS.update(review=review_section, propagation=propagation_section, random_control=random_control_section,
                 categories=categories_section, arditi=arditi_section,
-                optimize=optimize_section, asymmetry=asymmetry_section)
+                optimize=optimize_section, asymmetry=asymmetry_section, methods=methods_section)

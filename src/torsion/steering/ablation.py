@@ -31,6 +31,7 @@ class Ablation(SteeringMethod):
 
     name = "ablation"
     replacement = True
+    strength_name = "beta"
     directions: Tensor
 
     def _normalise(self) -> None:
@@ -50,6 +51,10 @@ class Ablation(SteeringMethod):
         if self.directions.ndim == 2 and self.directions.shape[0] != lm.n_layers:
             raise TorsionError(f"ablation directions cover {self.directions.shape[0]} blocks but the model has "
                                f"{lm.n_layers}; pass [d_model] or one direction per block of this model")
+
+    def search_range(self, objective: str) -> tuple[float, float]:
+        """``β ∈ [0, 1]`` for either objective (none to full ablation)."""
+        return 0.0, 1.0
 
     def block_weights(self, lm: LoadedModel, strength: float) -> list[float]:
         """The share removed at each block, ``[n_layers]``."""

@@ -62,6 +62,12 @@ class Ace(SteeringMethod):
     n_layers_needed = property(lambda self: self.vectors.shape[0])
     steered_layers = property(lambda self: self.layers)
 
+    def search_range(self, objective: str) -> tuple[float, float]:
+        """In units of ``n``, the mean ``‖v_l‖`` over the steered blocks (``α = ‖v‖`` puts an MD coordinate on the
+        refused mean, 0 on the complied mean): ``[−n, n]`` to comply, ``[0, 2n]`` to refuse."""
+        n = float(torch.linalg.vector_norm(self.vectors[list(self.layers)].double(), dim=1).mean())
+        return (-n, n) if objective == "comply" else (0.0, 2.0 * n)
+
     def _context(self, lm: LoadedModel, strength: float) -> AbstractContextManager[MethodRecord]:
         record = MethodRecord(self.name, strength, self.layers, (strength,) * len(self.layers),
                               (abs(self.beta * strength),) * len(self.layers), self.component, self.positions,

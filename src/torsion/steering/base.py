@@ -83,8 +83,8 @@ class MethodRecord:
     def mean_delta_norms(self) -> list[float | None] | None:
         """Mean ``‖h' − h‖`` per block over the token positions steered so far (None before any).
 
-        Read it when the context's work is done: a caller that records conventions on entering
-        the context (as :func:`torsion.behaviour.evaluate_behaviour` does today) sees None.
+        Read it when the context's work is done, as :func:`torsion.behaviour.evaluate_behaviour`
+        does; read on entering the context it is None.
         """
         if not self.replacement:
             return None
@@ -109,6 +109,7 @@ class SteeringMethod:
 
     name: ClassVar[str] = ""
     replacement: ClassVar[bool] = False
+    strength_name: ClassVar[str] = "alpha"  # what the one strength is called: alpha, beta (ablations) or t (splines)
     meta: Mapping[str, Any] = field(default_factory=dict, kw_only=True)
 
     def __post_init__(self) -> None:
@@ -130,6 +131,13 @@ class SteeringMethod:
     @property
     def steered_layers(self) -> tuple[int, ...]:
         raise NotImplementedError
+
+    def search_range(self, objective: str) -> tuple[float, float]:
+        """The default strength-search range for ``objective`` (comply or refuse).
+
+        Additive methods: ``α ∈ [−4, 0]`` to comply, ``[0, 4]`` to refuse (the raw multiplier of ``v_l``).
+        """
+        return {"comply": (-4.0, 0.0), "refuse": (0.0, 4.0)}[objective]
 
     def validate(self, lm: LoadedModel) -> None:
         """Refuse a model of another width, depth, or identity (one-line :class:`TorsionError`)."""
@@ -162,7 +170,7 @@ class SteeringMethod:
         return lambda: self.apply(lm, strength)
 
     def bind(self, lm: LoadedModel) -> Callable[[float], Callable[[], AbstractContextManager[MethodRecord]]]:
-        """``strength ↦`` a SteerFactory on ``lm``: the shape of :class:`torsion.optimize.Steering`."""
+        """``strength ↦`` a SteerFactory on ``lm`` (what the strength search calls per trial)."""
         self.validate(lm)
         return lambda strength: (lambda: self.apply(lm, strength))
 

@@ -39,9 +39,10 @@ def method_strength(args: argparse.Namespace) -> tuple[float, str | None]:
     return args.alpha[0], name
 
 
-def _extra_params(args: argparse.Namespace) -> dict[str, Any]:
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """``--param KEY=VALUE`` items as a dict; a value is read as JSON where it parses, else as text."""
     params = {}
-    for item in args.param:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise TorsionError(f"--param {item!r} is not KEY=VALUE; e.g. --param peak_position=12")
@@ -59,7 +60,7 @@ def build_method(args: argparse.Namespace, lm: LoadedModel, name: str | None) ->
         if name and method.name != name:
             raise TorsionError(f"{args.method_file} holds a {method.name} method, not {name}; drop --method or fix it")
         return method
-    params = _extra_params(args)
+    params = parse_params(args.param)
     if args.beta is not None:
         params["beta"] = args.beta
     if name in SPLINES:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from torsion.errors import TorsionError
 
 _METHODS: dict[str, type] = {}
-_NOT_METHODS = {"base", "registry", "io", "hooks", "cli"}
+_NOT_METHODS = {"base", "registry", "io", "hooks", "cli", "from_run"}
 
 M = TypeVar("M", bound=type)
 

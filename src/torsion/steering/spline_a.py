@@ -69,6 +69,7 @@ class SplineA(SteeringMethod):
 
     name = "spline-a"
     replacement = True
+    strength_name = "t"
     layers: tuple[int, ...]
     basis: Tensor
     mean: Tensor
@@ -91,6 +92,10 @@ class SplineA(SteeringMethod):
             raise TorsionError(f"spline-a tensors disagree: basis {list(self.basis.shape)}, mean "
                                f"{list(self.mean.shape)}, knots {list(self.knots.shape)} for {n} layers; "
                                "refit the manifold")
+
+    def search_range(self, objective: str) -> tuple[float, float]:
+        """The coherent ``t`` range (last coherent ``t`` per side, else the outer knots), for either objective."""
+        return self.t_range
 
     d_model = property(lambda self: self.basis.shape[2])
     n_layers_needed = property(lambda self: max(self.layers) + 1)

@@ -34,6 +34,7 @@ class SplineB(SteeringMethod):
 
     name = "spline-b"
     replacement = True
+    strength_name = "t"
     layers: tuple[int, ...]
     surface_layers: tuple[int, ...]
     basis: Tensor
@@ -57,6 +58,10 @@ class SplineB(SteeringMethod):
         if outside:
             raise TorsionError(f"spline-b steers block {outside[0]} but the surface was fitted on blocks "
                                f"{list(self.surface_layers)}; steer fitted blocks or refit with --layers")
+
+    def search_range(self, objective: str) -> tuple[float, float]:
+        """The coherent ``t`` range (last coherent ``t`` per side, else the outer knots), for either objective."""
+        return self.t_range
 
     d_model = property(lambda self: self.basis.shape[1])
     n_layers_needed = property(lambda self: max(self.surface_layers) + 1)
