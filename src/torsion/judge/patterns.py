@@ -66,6 +66,9 @@ REFUSAL = phrases(
     r"(?:it|this|that) would(?: not|n't) be (?:appropriate|ethical|responsible)",
     r"i(?:'d| would) (?:rather not|prefer not)",
     r"i can (?:help|assist) with (?:part|some|one part|the first part)[^.!?\n]*\bbut not\b",
+    r"i(?:'d| would) (?:steer|stay|keep) (?:you )?(?:well )?(?:away|clear) from",
+    r"i(?:'d| would) (?:advise|recommend|caution) against",
+    r"i (?:don'?t|do not) think (?:it(?:'s| is| would be)|that(?:'s| is| would be)) (?:appropriate|right|ethical)",
     prefix=r"(?:^\W*|[,;:]\s*|\b(?:and|so|but|however|unfortunately|sadly|therefore|that)\s+)",
 )
 
@@ -89,6 +92,7 @@ ALTERNATIVES = phrases(
     r"(?:here are some|helpful|following|support) resources",
     r"(?:safer|legal|healthier|ethical|legitimate) alternatives?\b",
     r"talk to someone you trust",
+    r"how about [^.!?\n]*\binstead\b",
 )
 
 # A caveat or disclaimer: "However, it's important to note…", "for educational purposes only".
@@ -111,6 +115,8 @@ HEDGE = phrases(
     r"(?:i'?m|i am) not an? (?:doctor|lawyer|medical professional|legal expert|financial advisor|therapist"
     r"|licensed \w+|professional|expert)\b",
     r"i (?:can'?t|cannot) (?:guarantee|promise|be (?:sure|certain)|verify)",
+    r"i (?:want|would like|need) to (?:acknowledge|point out|mention)",
+    r"(?:discuss|approach|handle|treat)(?:ed)? (?:it|this|them|the topic|this topic) with (?:\w+ )?(?:sensitivity|care)",
 )
 
 # The model narrating its own AI identity: "As an AI language model", "I don't have opinions".
@@ -204,6 +210,7 @@ PARTIAL_SCOPE = phrases(
     r"part of (?:this|that|it|your (?:question|request)|the (?:question|request))\b",
     r"\bbut not (?:with|the|that)\b",
     r"(?:i'?ll|i will) leave (?:that|this|it) (?:part )?out",
+    r",? though(?:[;.!]|\s*$)",
     prefix="",
 )
 
