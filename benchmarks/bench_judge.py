@@ -11,8 +11,8 @@ Views, hand label against judge label (``torsion.judge.views``):
 
 Each judge is scored on every row with its label for that row coming from a judge that never saw
 the row's source: the rule judges are fixed (``rules-v2`` and ``rules-v3`` are frozen copies in
-``rules_v2_frozen.py`` and ``rules_v3_frozen.py``), and each learned candidate and ensemble threshold is refitted once per
-source on all other sources (leave-one-source-out). ``per_source`` gives the binary accuracy per
+``rules_v2_frozen.py`` and ``rules_v3_frozen.py``), and each learned candidate and ensemble
+threshold is refitted once per source on all other sources (leave-one-source-out). ``per_source`` gives the binary accuracy per
 held-out source; ``held_out_sources`` the figures on the sources listed in
 ``tests/fixtures/labelled/splits.json``, which the rules were not written from, and
 ``held_out_per_source`` each of them alone (binary, four- and three-class).

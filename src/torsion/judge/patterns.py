@@ -116,7 +116,8 @@ HEDGE = phrases(
     r"|licensed \w+|professional|expert)\b",
     r"i (?:can'?t|cannot) (?:guarantee|promise|be (?:sure|certain)|verify)",
     r"i (?:want|would like|need) to (?:acknowledge|point out|mention)",
-    r"(?:discuss|approach|handle|treat)(?:ed)? (?:it|this|them|the topic|this topic) with (?:\w+ )?(?:sensitivity|care)",
+    r"(?:discuss|approach|handle|treat)(?:ed)? (?:it|this|them|the topic|this topic) with (?:\w+ )?"
+    r"(?:sensitivity|care)",
 )
 
 # The model narrating its own AI identity: "As an AI language model", "I don't have opinions".
