@@ -331,3 +331,46 @@ def test_cli_coherence_records_the_last_coherent_t(tiny_model_dir, tmp_path, cap
     assert (last["low"], last["high"]) == (expected["low"], expected["high"])
     assert json.loads((run / "analysis" / "manifold.json").read_text())["coherence"]["variant"] == "a"
     assert SplineA.from_manifold(load_manifold(run / "manifold.safetensors")).t_range == (last["low"], last["high"])
+
+
+def _plant_stability(run: Path, entries: list[dict]) -> None:
+    (run / "analysis").mkdir(exist_ok=True)
+    (run / "analysis" / "stability.json").write_text(json.dumps({"analysis": "stability", "entries": entries}))
+
+
+def _bin_entry(name: str, block: int, structural: bool, component: str = "resid") -> dict:
+    return {"kind": "bin", "name": name, "block": block, "component": component, "structural": structural}
+
+
+def test_a_structural_knot_in_stability_json_is_dropped_and_recorded(lm, tmp_path):
+    run = _fake_run(tmp_path / "run", lm)
+    _plant_stability(run, [_bin_entry("weak_comply", 1, True), _bin_entry("weak_comply", 2, False),
+                           _bin_entry("strong_refuse", 1, False), _bin_entry("strong_comply", 3, True, "attn")])
+    assert main(["manifold", "fit", str(run), "--layers", "0", "1", "2", "3", "--k", "2", "--variant", "a"]) == 0
+    manifold = load_manifold(run / "manifold.safetensors")
+    assert [b["bin"] for b in manifold.meta["knots"]["bins"]] == ["strong_refuse", "strong_comply"]
+    dropped = {d["bin"]: d for d in manifold.meta["knots"]["dropped"]}
+    assert set(dropped) == {"weak_refuse", "weak_comply"} and dropped["weak_comply"]["n"] == 6
+    assert "structural" in dropped["weak_comply"]["reason"] and "[1]" in dropped["weak_comply"]["reason"]
+    table = json.loads((run / "analysis" / "manifold.json").read_text())
+    assert table["stability"]["mode"] == "drop" and list(table["stability"]["dropped"]) == ["weak_comply"]
+    assert manifold.meta["stability"]["structural"] == table["stability"]["structural"]
+
+
+def test_structural_ignore_keeps_the_knot_and_a_flag_outside_the_fitted_blocks_is_not_counted(lm, tmp_path):
+    run = _fake_run(tmp_path / "run", lm)
+    _plant_stability(run, [_bin_entry("weak_comply", 1, True), _bin_entry("strong_comply", 3, True)])
+    assert main(["manifold", "fit", str(run), "--layers", "0", "1", "2", "--k", "2", "--variant", "a",
+                 "--structural", "ignore"]) == 0
+    table = json.loads((run / "analysis" / "manifold.json").read_text())
+    assert [b["bin"] for b in table["knots"]["bins"]] == ["strong_refuse", "weak_comply", "strong_comply"]
+    assert list(table["stability"]["structural"]) == ["weak_comply"] and table["stability"]["dropped"] == {}
+
+
+def test_a_damaged_stability_json_fails_in_one_line(lm, tmp_path, capsys):
+    run = _fake_run(tmp_path / "run", lm)
+    (run / "analysis").mkdir()
+    (run / "analysis" / "stability.json").write_text("{not json")
+    assert main(["manifold", "fit", str(run), "--k", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "stability.json is damaged" in err and len(err.splitlines()) == 1

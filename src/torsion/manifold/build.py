@@ -16,7 +16,7 @@ from torsion.conventions import LAYER_INDEXING
 from torsion.errors import TorsionError
 from torsion.manifold.file import Manifold, save_manifold
 from torsion.manifold.fit import fit_a, fit_b, leave_one_block_out
-from torsion.manifold.knots import Knots, knots_from_run
+from torsion.manifold.knots import Knots, knots_from_run, structural_bins
 from torsion.selection import eligible_layers
 from torsion.store import RunDir, atomic_write_json
 
@@ -42,21 +42,55 @@ def fit_manifold(knots: Knots, *, variant: str = "both", layers: Sequence[int] |
     return Manifold(a, b, full_meta), table
 
 
+STRUCTURAL = ("drop", "ignore")
+
+
+def stability_exclusions(run: RunDir, *, component: str, layers: Sequence[int] | None,
+                         structural: str) -> dict[str, Any]:
+    """What ``analysis/stability.json`` (when present) says about the knots: the bins to drop and why.
+
+    ``structural="drop"`` leaves out every bin flagged structural at a fitted block (any block when
+    ``layers`` is None); ``"ignore"`` records the flags and keeps the bins.
+    """
+    import json
+
+    if structural not in STRUCTURAL:
+        raise TorsionError(f"unknown --structural {structural!r}; choose drop or ignore")
+    path = run.analysis_path("stability")
+    if not path.is_file():
+        return {"file": None, "mode": structural, "structural": {}, "dropped": {}}
+    try:
+        entries = json.loads(path.read_text())["entries"]
+        flagged = structural_bins(entries, component=component, layers=layers)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise TorsionError(f"{path} is damaged ({type(error).__name__}); rerun `torsion analyze stability "
+                           f"{run.root}` or delete it") from None
+    return {"file": str(path), "mode": structural, "structural": flagged,
+            "dropped": flagged if structural == "drop" else {}}
+
+
 def fit_run_manifold(run_dir: Path, *, variant: str = "both", layers: Sequence[int] | None = None, k: int = 8,
-                     m: int = 5, smoothing: float = 0.0, component: str = "resid") -> dict[str, Any]:
-    """Knots from the run's train rows, splines, ``RUN_DIR/manifold.safetensors`` and ``analysis/manifold.json``."""
+                     m: int = 5, smoothing: float = 0.0, component: str = "resid",
+                     structural: str = "drop") -> dict[str, Any]:
+    """Knots from the run's train rows, splines, ``RUN_DIR/manifold.safetensors`` and ``analysis/manifold.json``.
+
+    When the run has ``analysis/stability.json``, a bin it flags structural is dropped as a knot
+    (``structural="drop"``) or kept (``"ignore"``); both files record which bins and why (``stability``).
+    """
     if not (Path(run_dir) / "manifest.json").is_file():
         raise TorsionError(f"{run_dir} is not a run directory (no manifest.json); pass the output of `torsion run`")
     run = RunDir(run_dir)
     model = run.manifest().get("model", {})
-    knots = knots_from_run(run, m=m, component=component)
+    stability = stability_exclusions(run, component=component, layers=layers, structural=structural)
+    knots = knots_from_run(run, m=m, component=component, exclude=stability["dropped"])
     meta = {"model_id": model.get("model_id"), "weights_sha256": model.get("weights_sha256"),
-            "run_dir": str(run.root), "component": component, "m": m}
+            "run_dir": str(run.root), "component": component, "m": m, "stability": stability}
     manifold, table = fit_manifold(knots, variant=variant, layers=layers, k=k, smoothing=smoothing, meta=meta)
     path = save_manifold(run.root / MANIFOLD_FILE, manifold)
     result = {"file": MANIFOLD_FILE, "model_id": meta["model_id"], "component": component, "k": k, "m": m,
               "smoothing": smoothing, "layers": manifold.meta["layers"], "variants": manifold.meta["variants"],
-              "knots": knots.summary(), "layer_indexing": LAYER_INDEXING, "leave_one_block_out": table}
+              "knots": knots.summary(), "stability": stability, "layer_indexing": LAYER_INDEXING,
+              "leave_one_block_out": table}
     atomic_write_json(run.analysis_path("manifold"), result)
     return {**result, "path": str(path)}
 

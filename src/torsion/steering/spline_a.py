@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -96,6 +97,16 @@ class SplineA(SteeringMethod):
     def search_range(self, objective: str) -> tuple[float, float]:
         """The coherent ``t`` range (last coherent ``t`` per side, else the outer knots), for either objective."""
         return self.t_range
+
+    def at_layers(self, layers: Sequence[int]) -> SplineA:
+        """This spline on a subset of its ``layers`` (the tensors sliced to match)."""
+        missing = [layer for layer in layers if layer not in self.layers]
+        if missing:
+            raise TorsionError(f"spline-a has no fit for block {missing[0]}; it covers {list(self.layers)}, "
+                               "refit the manifold with --layers")
+        rows = torch.tensor([self.layers.index(layer) for layer in layers])
+        return dataclasses.replace(self, layers=tuple(int(layer) for layer in layers), basis=self.basis[rows],
+                                   mean=self.mean[rows], knots=self.knots[rows])
 
     d_model = property(lambda self: self.basis.shape[2])
     n_layers_needed = property(lambda self: max(self.layers) + 1)
