@@ -374,3 +374,49 @@ def test_a_damaged_stability_json_fails_in_one_line(lm, tmp_path, capsys):
     assert main(["manifold", "fit", str(run), "--k", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "stability.json is damaged" in err and len(err.splitlines()) == 1
+
+
+def test_structural_soft_down_weights_the_knot_in_the_smoothing_spline(lm, tmp_path, capsys):
+    """The soft knot's weight reaches spline B's thin-plate smoothing (smoothing / w**2 at each of its
+    (t, layer) points, recomputed here with scipy), and spline-b steers with it."""
+    from scipy.interpolate import RBFInterpolator
+
+    from torsion.steering.spline_b import SplineB
+
+    run = _fake_run(tmp_path / "run", lm)
+    _plant_stability(run, [_bin_entry("weak_comply", 1, True)])
+    options = ["--layers", "0", "1", "2", "--k", "2", "--variant", "b", "--structural", "soft"]
+    assert main(["manifold", "fit", str(run), *options]) == 2
+    assert "--smoothing > 0" in capsys.readouterr().err
+    assert main(["manifold", "fit", str(run), *options, "--smoothing", "0.5"]) == 0
+    manifold = load_manifold(run / "manifold.safetensors")
+    assert [b["bin"] for b in manifold.meta["knots"]["bins"]] == ["strong_refuse", "weak_comply", "strong_comply"]
+    assert manifold.meta["knot_weights"] == [1.0, 0.25, 1.0]
+    assert list(manifold.meta["stability"]["soft"]) == ["weak_comply"]
+    surface = manifold.b
+    points = [(t, layer / (surface.n_layers - 1)) for layer in surface.layers for t in surface.knots_t.tolist()]
+    values = surface.knots.double().reshape(-1, surface.knots.shape[-1]).numpy()
+    weighted = RBFInterpolator(np.array(points), values, kernel="thin_plate_spline",
+                               smoothing=np.array([0.5, 0.5 / 0.25 ** 2, 0.5] * len(surface.layers)))
+    plain = RBFInterpolator(np.array(points), values, kernel="thin_plate_spline", smoothing=0.5)
+    where = np.array([[0.75, 1 / (surface.n_layers - 1)]])
+    np.testing.assert_allclose(surface.evaluate(0.75, 1), weighted(where)[0], rtol=1e-8)
+    assert not np.allclose(weighted(where)[0], plain(where)[0])
+    method = SplineB.from_manifold(manifold, [1])
+    assert method.knot_weights == (1.0, 0.25, 1.0)
+    np.testing.assert_allclose(method.targets(0.75)[0].double().numpy(), weighted(where)[0], rtol=1e-5)
+
+
+def test_a_soft_knot_weighs_in_spline_a_smoothing_when_it_has_more_knots_than_its_degree_plus_one():
+    """Five knots, cubic: make_splrep's weights move the curve (computed here with scipy)."""
+    from scipy.interpolate import make_splrep
+
+    from torsion.manifold.fit import make_curve
+
+    t = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+    coords = np.array([[0.0, 1.0], [1.0, 0.2], [0.1, 0.9], [1.2, -0.3], [0.4, 0.5]])
+    weights = [1.0, 1.0, 0.25, 1.0, 1.0]
+    expected = [float(make_splrep(t, coords[:, j], w=np.array(weights), k=3, s=0.1)(0.6)) for j in range(2)]
+    plain = [float(make_splrep(t, coords[:, j], k=3, s=0.1)(0.6)) for j in range(2)]
+    np.testing.assert_allclose(make_curve(t, coords, 0.1, weights)(0.6), expected, rtol=1e-10)
+    assert not np.allclose(expected, plain)

@@ -274,8 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     manifold.add_argument("--smoothing", type=nonneg_float, default=0.0,
                           help="spline smoothing (default 0: interpolate)")
     manifold.add_argument("--component", default="resid", choices=["resid", "attn", "mlp"])
-    manifold.add_argument("--structural", default="drop", choices=["drop", "ignore"],
-                          help="fit: a knot analysis/stability.json flags structural is dropped (default) or kept "
+    manifold.add_argument("--structural", default="drop", choices=["drop", "soft", "ignore"],
+                          help="fit: a knot analysis/stability.json flags structural is dropped (default), "
+                          "down-weighted to 0.25 in the smoothing splines (soft; needs --smoothing > 0; spline A only moves with "
+                          "more knots than its degree + 1) or kept "
                           "(ignore); the manifold file records which and why")
     manifold.add_argument("--t-grid", type=finite_float, nargs="+", default=None,
                           help="coherence: the t values swept (default -0.5 -0.25 0 1 1.25 1.5)")

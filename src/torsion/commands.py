@@ -122,13 +122,13 @@ def vector(args: argparse.Namespace) -> int:
 
 
 def orthogonalize(args: argparse.Namespace) -> int:
+    from torsion.conventions import check_blocks
     from torsion.models import load_model
     from torsion.orthogonalize import orthogonalize_weights, save_model_dir
     from torsion.vectors import load_vector
 
     vector = load_vector(args.vector, args.key)  # a wrong file, key or layer fails before the model loads
-    if not 0 <= args.layer < vector.n_layers:
-        raise TorsionError(f"layer {args.layer} is out of range; the vector has layers 0..{vector.n_layers - 1}")
+    check_blocks(args.layer, vector.n_layers, what="--layer")
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     vector = load_vector(args.vector, args.key, d_model=lm.d_model)
     edited = orthogonalize_weights(lm, vector.directions[args.layer], inplace=True)
