@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "layers (categories); default: 4 evenly spaced blocks in the back half")
     analyze.add_argument("--component", default="resid", choices=["resid", "attn", "mlp"])
     analyze.add_argument("--alpha", type=finite_float, nargs="+", default=None,
-                         help="steering strength on the run's MD vector (default -1 for propagation, 1 otherwise); "
+                         help="steering strength of --method (flat: alpha on the run's MD vector; t for the splines; default -1 "
+                         "for propagation, 1 otherwise); "
                          "arditi takes several (a dose-response of the addition); motion and hedge take a sweep "
                          "(default: 4 strengths of the method's comply search range; flat: -1 -2 -3 -4)")
     analyze.add_argument("--n-prompts", type=positive_int, default=None,
