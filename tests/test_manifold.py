@@ -420,3 +420,16 @@ def test_a_soft_knot_weighs_in_spline_a_smoothing_when_it_has_more_knots_than_it
     plain = [float(make_splrep(t, coords[:, j], k=3, s=0.1)(0.6)) for j in range(2)]
     np.testing.assert_allclose(make_curve(t, coords, 0.1, weights)(0.6), expected, rtol=1e-10)
     assert not np.allclose(expected, plain)
+
+
+def test_spline_a_at_one_block_keeps_that_block_fit(lm, knots):
+    """What propagation and the random control inject: spline A on one of its blocks, tensors sliced to match."""
+    from torsion.steering.base import at_block
+
+    method = _spline_a(knots, layers=(1, 2, 3))
+    one = at_block(method, 2)
+    assert one.layers == (2,) and one.basis.shape[0] == 1
+    torch.testing.assert_close(one.targets(0.6)[0], method.targets(0.6)[1])
+    torch.testing.assert_close(one.mean[0], method.mean[1])
+    with pytest.raises(TorsionError, match="no fit for block 0"):
+        at_block(method, 0)
