@@ -152,3 +152,18 @@ def test_a_changed_prompt_list_of_the_same_length_does_not_resume_into_old_rows(
     assert meta["prompts_sha256"] == capture.prompts_sha256(new) != capture.prompts_sha256(old)
     assert capture.prompts_sha256(["a", "b"]) != capture.prompts_sha256(["b", "a"])
     assert capture.prompts_sha256(["a "]) != capture.prompts_sha256(["a"])
+
+
+@pytest.mark.parametrize("checkpoint", ["{not json", '{"rows": 3}', '{"rows_done": "4"}', '{"rows_done": 99}',
+                                        "[]", '{"rows_done": -1}'])
+def test_a_damaged_capture_checkpoint_fails_in_one_line_naming_the_fix(tmp_path, checkpoint):
+    path = tmp_path / "t.safetensors"
+    writer = RowWriter(path, {"x": (10, 2, 3)}, {"k": "v"})
+    writer.write(0, {"x": np.zeros((4, 2, 3), dtype=np.float32)})
+    del writer
+    (tmp_path / "t.safetensors.partial.json").write_text(checkpoint)
+    with pytest.raises(TorsionError) as error:
+        RowWriter(path, {"x": (10, 2, 3)}, {"k": "v"})
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and "t.safetensors.partial.json is damaged" in message
+    assert "delete it and t.safetensors.partial, then rerun" in message

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torsion.analysis.categories import category_geometry, complied_means, pairwise_summary, run_categories
 from torsion.data import Prompt, write_prompts_jsonl
 from torsion.errors import TorsionError
+from torsion.judge.base import LABEL_SCORES
 from torsion.report.geometry_figures import categories_figure
 from torsion.store import RunDir, append_jsonl
 from torsion.vectors import SteeringVector, save_vectors
@@ -94,7 +95,9 @@ def write_run(root, categories_vectors: dict[str, torch.Tensor], global_vector: 
     save_file({"resid": activations}, str(run.activations_path), metadata={"primary_position": "last"})
     write_prompts_jsonl(run.prompts_path, [Prompt(id=r["id"], prompt=f"prompt {r['id']}", category=r["category"],
                                                   source="test", prompt_hash="-", split=r["split"]) for r in rows])
-    append_jsonl(run.responses_path, [{"id": r["id"], "score": r["score"]} for r in rows])
+    append_jsonl(run.responses_path, [{"id": r["id"], "score": r["score"], "response": "",
+                                       "label": {v: k for k, v in LABEL_SCORES.items()}[r["score"]],
+                                       "correction": r.get("correction")} for r in rows])
     return run
 
 
@@ -135,3 +138,36 @@ def test_layers_outside_the_blocks_are_refused_not_wrapped(tmp_path, layers):
         category_geometry({"a": a, "b": b}, glob, layers=layers, anchors={})
     with pytest.raises(TorsionError, match="out of range"):
         pairwise_summary({"a": a, "b": b}, layers=layers)
+
+
+def test_comply_activation_uses_the_corrected_labels(tmp_path):
+    """A strong comply corrected to fp_refuse counts as refused, and an fp_echo never fits: a's complied
+    count drops from 3 to 1, below the 3 a mean needs."""
+    a, b, _, glob = planted([[0, 60, 120, 30]] * N_LAYERS)
+    rows, acts = [], []
+    for category, corrections in (("a", ["fp_refuse", None, "fp_echo", None]), ("b", [None, None, None, None])):
+        for k, correction in enumerate(corrections):
+            score = -1 if k < 3 else 1
+            rows.append({"id": f"{category}{k}", "category": category, "split": "train", "score": score,
+                         "correction": correction if score == -1 else None})
+            acts.append(torch.randn(N_LAYERS, D_MODEL, generator=torch.Generator().manual_seed(len(rows))))
+    run = write_run(tmp_path / "run", {"a": a, "b": b}, glob, torch.stack(acts), rows)
+    comply = run_categories(run.root, layers=[0])["comply_activation"]
+    assert comply["complied_counts"] == {"a": 1, "b": 3}
+
+
+def test_a_finished_run_missing_responses_names_the_real_fix(tmp_path):
+    from torsion.runs import labelled_prompts
+
+    a, b, _, glob = planted([[0, 60, 120, 30]] * N_LAYERS)
+    rows = [{"id": f"a{k}", "category": "a", "split": "train", "score": -1} for k in range(2)]
+    run = write_run(tmp_path / "run", {"a": a, "b": b}, glob, torch.randn(2, N_LAYERS, D_MODEL), rows)
+    with open(run.prompts_path, "a") as handle:
+        handle.write(json.dumps({"id": "new", "prompt": "added later", "category": "a", "source": "test",
+                                 "prompt_hash": "-", "split": "train"}) + "\n")
+    with pytest.raises(TorsionError, match="no response yet"):
+        labelled_prompts(run)
+    with run.stage("generate"):
+        pass
+    with pytest.raises(TorsionError, match="generate stage is done.*was changed; restore them"):
+        labelled_prompts(run)

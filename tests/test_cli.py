@@ -286,3 +286,11 @@ def test_analyze_a_component_the_run_did_not_fit_is_refused_before_loading(tiny_
     save_vectors(path, kept, run_meta={})
     assert main(["analyze", "arditi", str(tiny_run), "--component", "mlp"]) == 2
     assert "has no vector 'md/mlp'; pass a --component the run fitted (attn, resid)" in _one_error_line(capsys)
+
+
+def test_orthogonalize_checks_the_layer_with_the_shared_block_check(vector_files, tmp_path, capsys):
+    assert main(["orthogonalize", "--vector", str(vector_files / "ok.safetensors"), "--layer", "4",
+                 "--out", str(tmp_path / "out")]) == 2
+    line = _one_error_line(capsys)
+    assert "--layer 4 is out of range; this model has blocks 0..3" in line and "not wrapped" in line
+    assert not (tmp_path / "out").exists()

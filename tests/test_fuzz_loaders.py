@@ -319,3 +319,47 @@ def test_judge_agree_reads_any_pair_of_files(scratch, a, b, capsys):
     code = main(["judge", "agree", *paths])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 0 or (code == 2 and len(err) == 1 and err[0].startswith("torsion: error: "))
+
+
+labelled_rows = st.fixed_dictionaries({"prompt": st.text(max_size=20), "response": st.text(max_size=30),
+                                       "label": st.sampled_from(["strong_refuse", "strong_comply", "weak_comply",
+                                                                 "degenerate", "nonsense"]) | scalars})
+
+
+@FUZZ
+@given(data=st.binary(max_size=300) | st.lists(labelled_rows.map(json.dumps) | rows.map(json.dumps)
+                                               | awkward_lines, max_size=6).map(lambda ls: "\n".join(ls).encode()))
+def test_labelled_file_loader(scratch, data):
+    from torsion.judge.learned import read_labelled
+
+    path = scratch / "labelled.jsonl"
+    path.write_bytes(data)
+    got = _one_line_error(lambda: read_labelled(path))
+    if got is not None:
+        assert all(isinstance(r["prompt"], str) and isinstance(r["response"], str) for r in got)
+
+
+def _weights_variants():
+    """Valid learned-judge weights (a tiny fit) with any one field replaced by an arbitrary JSON value."""
+    from torsion.judge.learned import fit
+
+    good = fit([{"prompt": "p", "response": "I cannot help with that.", "label": "strong_refuse"},
+                {"prompt": "p", "response": "Sure, here is how.", "label": "strong_comply"}] * 3,
+               {"min_df": 1})
+    keys = st.sampled_from(sorted(good))
+    return st.builds(lambda key, value: {**good, key: value}, keys, json_values) | st.just(good)
+
+
+@FUZZ
+@given(data=st.binary(max_size=200).map(lambda b: ("bytes", b)) | _weights_variants().map(lambda w: ("json", w))
+       | json_values.map(lambda w: ("json", w)))
+def test_learned_judge_weights_loader(scratch, data):
+    from torsion.judge.learned import LearnedJudge
+
+    kind, value = data
+    path = scratch / "weights.json"
+    path.write_bytes(value if kind == "bytes" else json.dumps(value).encode())
+    judge = _one_line_error(lambda: LearnedJudge(path))
+    if judge is not None:  # a usable judge labels a response
+        (verdict,) = judge.judge(["a prompt"], ["I cannot help with that."])
+        assert verdict.label in judge.classes

@@ -331,3 +331,105 @@ def test_cli_coherence_records_the_last_coherent_t(tiny_model_dir, tmp_path, cap
     assert (last["low"], last["high"]) == (expected["low"], expected["high"])
     assert json.loads((run / "analysis" / "manifold.json").read_text())["coherence"]["variant"] == "a"
     assert SplineA.from_manifold(load_manifold(run / "manifold.safetensors")).t_range == (last["low"], last["high"])
+
+
+def _plant_stability(run: Path, entries: list[dict]) -> None:
+    (run / "analysis").mkdir(exist_ok=True)
+    (run / "analysis" / "stability.json").write_text(json.dumps({"analysis": "stability", "entries": entries}))
+
+
+def _bin_entry(name: str, block: int, structural: bool, component: str = "resid") -> dict:
+    return {"kind": "bin", "name": name, "block": block, "component": component, "structural": structural}
+
+
+def test_a_structural_knot_in_stability_json_is_dropped_and_recorded(lm, tmp_path):
+    run = _fake_run(tmp_path / "run", lm)
+    _plant_stability(run, [_bin_entry("weak_comply", 1, True), _bin_entry("weak_comply", 2, False),
+                           _bin_entry("strong_refuse", 1, False), _bin_entry("strong_comply", 3, True, "attn")])
+    assert main(["manifold", "fit", str(run), "--layers", "0", "1", "2", "3", "--k", "2", "--variant", "a"]) == 0
+    manifold = load_manifold(run / "manifold.safetensors")
+    assert [b["bin"] for b in manifold.meta["knots"]["bins"]] == ["strong_refuse", "strong_comply"]
+    dropped = {d["bin"]: d for d in manifold.meta["knots"]["dropped"]}
+    assert set(dropped) == {"weak_refuse", "weak_comply"} and dropped["weak_comply"]["n"] == 6
+    assert "structural" in dropped["weak_comply"]["reason"] and "[1]" in dropped["weak_comply"]["reason"]
+    table = json.loads((run / "analysis" / "manifold.json").read_text())
+    assert table["stability"]["mode"] == "drop" and list(table["stability"]["dropped"]) == ["weak_comply"]
+    assert manifold.meta["stability"]["structural"] == table["stability"]["structural"]
+
+
+def test_structural_ignore_keeps_the_knot_and_a_flag_outside_the_fitted_blocks_is_not_counted(lm, tmp_path):
+    run = _fake_run(tmp_path / "run", lm)
+    _plant_stability(run, [_bin_entry("weak_comply", 1, True), _bin_entry("strong_comply", 3, True)])
+    assert main(["manifold", "fit", str(run), "--layers", "0", "1", "2", "--k", "2", "--variant", "a",
+                 "--structural", "ignore"]) == 0
+    table = json.loads((run / "analysis" / "manifold.json").read_text())
+    assert [b["bin"] for b in table["knots"]["bins"]] == ["strong_refuse", "weak_comply", "strong_comply"]
+    assert list(table["stability"]["structural"]) == ["weak_comply"] and table["stability"]["dropped"] == {}
+
+
+def test_a_damaged_stability_json_fails_in_one_line(lm, tmp_path, capsys):
+    run = _fake_run(tmp_path / "run", lm)
+    (run / "analysis").mkdir()
+    (run / "analysis" / "stability.json").write_text("{not json")
+    assert main(["manifold", "fit", str(run), "--k", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "stability.json is damaged" in err and len(err.splitlines()) == 1
+
+
+def test_structural_soft_down_weights_the_knot_in_the_smoothing_spline(lm, tmp_path, capsys):
+    """The soft knot's weight reaches spline B's thin-plate smoothing (smoothing / w**2 at each of its
+    (t, layer) points, recomputed here with scipy), and spline-b steers with it."""
+    from scipy.interpolate import RBFInterpolator
+
+    from torsion.steering.spline_b import SplineB
+
+    run = _fake_run(tmp_path / "run", lm)
+    _plant_stability(run, [_bin_entry("weak_comply", 1, True)])
+    options = ["--layers", "0", "1", "2", "--k", "2", "--variant", "b", "--structural", "soft"]
+    assert main(["manifold", "fit", str(run), *options]) == 2
+    assert "--smoothing > 0" in capsys.readouterr().err
+    assert main(["manifold", "fit", str(run), *options, "--smoothing", "0.5"]) == 0
+    manifold = load_manifold(run / "manifold.safetensors")
+    assert [b["bin"] for b in manifold.meta["knots"]["bins"]] == ["strong_refuse", "weak_comply", "strong_comply"]
+    assert manifold.meta["knot_weights"] == [1.0, 0.25, 1.0]
+    assert list(manifold.meta["stability"]["soft"]) == ["weak_comply"]
+    surface = manifold.b
+    points = [(t, layer / (surface.n_layers - 1)) for layer in surface.layers for t in surface.knots_t.tolist()]
+    values = surface.knots.double().reshape(-1, surface.knots.shape[-1]).numpy()
+    weighted = RBFInterpolator(np.array(points), values, kernel="thin_plate_spline",
+                               smoothing=np.array([0.5, 0.5 / 0.25 ** 2, 0.5] * len(surface.layers)))
+    plain = RBFInterpolator(np.array(points), values, kernel="thin_plate_spline", smoothing=0.5)
+    where = np.array([[0.75, 1 / (surface.n_layers - 1)]])
+    np.testing.assert_allclose(surface.evaluate(0.75, 1), weighted(where)[0], rtol=1e-8)
+    assert not np.allclose(weighted(where)[0], plain(where)[0])
+    method = SplineB.from_manifold(manifold, [1])
+    assert method.knot_weights == (1.0, 0.25, 1.0)
+    np.testing.assert_allclose(method.targets(0.75)[0].double().numpy(), weighted(where)[0], rtol=1e-5)
+
+
+def test_a_soft_knot_weighs_in_spline_a_smoothing_when_it_has_more_knots_than_its_degree_plus_one():
+    """Five knots, cubic: make_splrep's weights move the curve (computed here with scipy)."""
+    from scipy.interpolate import make_splrep
+
+    from torsion.manifold.fit import make_curve
+
+    t = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+    coords = np.array([[0.0, 1.0], [1.0, 0.2], [0.1, 0.9], [1.2, -0.3], [0.4, 0.5]])
+    weights = [1.0, 1.0, 0.25, 1.0, 1.0]
+    expected = [float(make_splrep(t, coords[:, j], w=np.array(weights), k=3, s=0.1)(0.6)) for j in range(2)]
+    plain = [float(make_splrep(t, coords[:, j], k=3, s=0.1)(0.6)) for j in range(2)]
+    np.testing.assert_allclose(make_curve(t, coords, 0.1, weights)(0.6), expected, rtol=1e-10)
+    assert not np.allclose(expected, plain)
+
+
+def test_spline_a_at_one_block_keeps_that_block_fit(lm, knots):
+    """What propagation and the random control inject: spline A on one of its blocks, tensors sliced to match."""
+    from torsion.steering.base import at_block
+
+    method = _spline_a(knots, layers=(1, 2, 3))
+    one = at_block(method, 2)
+    assert one.layers == (2,) and one.basis.shape[0] == 1
+    torch.testing.assert_close(one.targets(0.6)[0], method.targets(0.6)[1])
+    torch.testing.assert_close(one.mean[0], method.mean[1])
+    with pytest.raises(TorsionError, match="no fit for block 0"):
+        at_block(method, 0)

@@ -110,3 +110,27 @@ def test_stability_figure_without_a_curve(tmp_path):
              "k": None, "a": None, "floor_deg": None}
     path = stability_figure({"entries": [entry], "threshold_deg": 15.0}, tmp_path / "s.png")
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_motion_grid_comes_from_the_method_search_range():
+    import torch
+
+    from torsion.analysis.motion_run import strength_grid
+    from torsion.steering import get_method
+
+    flat = get_method("flat", vectors=torch.ones(4, 8), layers=[1])
+    assert strength_grid(flat) == [-1.0, -2.0, -3.0, -4.0]
+    assert strength_grid(get_method("ablation", directions=torch.ones(8))) == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_motion_sweeps_any_steering_method_and_records_it(tiny_run):
+    common = ["--layers", "1", "--readout-blocks", "3", "--k", "2", "--n-prompts", "4", "--bootstrap", "20"]
+    assert main(["analyze", "motion", str(tiny_run), "--method", "ablation", *common]) == 0
+    motion = json.loads((tiny_run / "analysis" / "motion.json").read_text())
+    assert motion["method"]["name"] == "ablation" and motion["conventions"]["strength_name"] == "beta"
+    assert sorted(motion["alphas"]) == ["0.25", "0.5", "0.75", "1"]
+    steering = motion["alphas"]["1"]["steering"]
+    assert steering["method"] == "ablation" and steering["strength"] == 1.0
+    assert all(norm > 0 for norm in steering["mean_delta_norm"])  # measured while generating
+    assert (tiny_run / "motion" / "ablation_0.25.safetensors").is_file()
+    assert not (tiny_run / "motion" / "alpha_0.25.safetensors").exists()

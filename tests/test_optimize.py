@@ -233,3 +233,8 @@ def test_cli_optimize_and_bad_input(tiny_run, tiny_model_dir, capsys):
     assert main(["optimize", *unjudged]) == 2
     err = capsys.readouterr().err
     assert "labelled by 'oracle', which torsion cannot rebuild; pass --judge rules" in err
+
+
+def test_search_settings_refuse_batch_size_zero_in_one_line():
+    with pytest.raises(TorsionError, match=r"^batch_size = 0; pass at least 1 prompt per batch$"):
+        SearchSettings(batch_size=0)

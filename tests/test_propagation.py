@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tiny import tiny_lm
 
 import torsion.analysis.propagation as propagation
+import torsion.steering.flat as flat_module
 from torsion.analysis.propagation import back_half_layers, propagate, propagation_table, run_propagation
 from torsion.capture import capture_batch, encode, output_tensor
 from torsion.errors import TorsionError
@@ -186,7 +187,7 @@ def test_a_replay_that_is_right_only_without_steering_falls_back(llama, monkeypa
     axis = axis_for(llama)
     reference = propagate(llama, PROMPTS, axis, sources=[1, 2], fast=False)
     steering_on = []
-    real_add_steering, real_replay = propagation.add_steering, propagation._replayed_states
+    real_add_steering, real_replay = flat_module.add_steering, propagation._replayed_states
 
     @contextmanager
     def flagged_add_steering(*args, **kwargs):
@@ -201,7 +202,7 @@ def test_a_replay_that_is_right_only_without_steering_falls_back(llama, monkeypa
         states = real_replay(*args)
         return {c: x * 1.01 for c, x in states.items()} if steering_on else states
 
-    monkeypatch.setattr(propagation, "add_steering", flagged_add_steering)
+    monkeypatch.setattr(flat_module, "add_steering", flagged_add_steering)  # what the default flat method calls
     monkeypatch.setattr(propagation, "_replayed_states", drifting_replay)
     result = propagate(llama, PROMPTS, axis, sources=[1, 2])
     check = result["fast_path_check"]
@@ -214,3 +215,64 @@ def test_a_replay_that_is_right_only_without_steering_falls_back(llama, monkeypa
 def test_sources_outside_the_model_are_refused(llama, sources):
     with pytest.raises(TorsionError, match=rf"source layer {sources[-1]} is out of range; this model has blocks 0..3"):
         propagate(llama, PROMPTS, axis_for(llama), sources=sources)
+
+
+def ace_for(lm, source: int, seed: int = 3):
+    from torsion.steering import get_method
+
+    means = torch.randn(lm.n_layers, lm.d_model, generator=torch.Generator().manual_seed(seed))
+    return get_method("ace", vectors=axis_for(lm, 1), means=means, layers=[source], positions="all")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_replacement_method_is_injected_and_its_norm_ratio_divides_by_mean_delta(llama, fast):
+    """ACE at block 1: ``‖h' − h‖ = |α − (h − μ)·v̂|`` per token (β = 1), averaged over every steered token."""
+    source, alpha, prompt = 1, 0.7, ["tell me a story about the dragon and knight"]  # one prompt: no padding
+    method = ace_for(llama, source)
+    seen = []
+    handle = llama.layout.component_module("resid", source).register_forward_hook(
+        lambda _m, _i, out: seen.append(output_tensor(out).double()))
+    with torch.inference_mode():
+        llama.layout.decoder(**encode(llama, prompt), use_cache=False)
+    handle.remove()
+    unit = F.normalize(method.vectors[source].double(), dim=0)
+    expected = (alpha - (seen[0][0] - method.means[source].double()) @ unit).abs().mean()
+    result = propagate(llama, prompt, axis_for(llama, 1), sources=[source], alpha=alpha, method=method, fast=fast)
+    assert result["applied_norm"]["1"] == pytest.approx(float(expected), rel=1e-5)
+    assert result["method"]["name"] == "ace" and result["conventions"]["method"] == "ace"
+    assert "‖h' − h‖" in result["conventions"]["norm_ratio"]
+    full = propagate(llama, prompt, axis_for(llama, 1), sources=[source], alpha=alpha, method=method, fast=False)
+    for got, want in zip(result["rows"], full["rows"]):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_an_explicit_flat_method_equals_the_default(llama):
+    from torsion.steering import get_method
+
+    axis = axis_for(llama)
+    default = propagate(llama, PROMPTS, axis, sources=[1, 2], alpha=-1.5, positions="last")
+    flat = get_method("flat", vectors=axis, layers=[0], positions="last")
+    explicit = propagate(llama, PROMPTS, axis, sources=[1, 2], alpha=-1.5, positions="last", method=flat)
+    assert explicit["rows"] == default["rows"] and explicit["applied_norm"] == default["applied_norm"]
+    assert default["applied_norm"]["2"] == pytest.approx(1.5 * float(axis[2].double().norm()))
+
+
+def test_a_method_without_layers_cannot_be_injected_at_one_block(llama):
+    from torsion.steering import get_method
+
+    with pytest.raises(TorsionError, match="steers every block at once"):
+        propagate(llama, PROMPTS, axis_for(llama), sources=[1], method=get_method("ablation", directions=axis_for(llama)))
+
+
+def test_run_propagation_takes_a_method_by_name(llama, tmp_path):
+    run = RunDir(tmp_path / "run")
+    write_prompts_jsonl(run.prompts_path, [replace(make_prompt(f"{p} {i}", "x", "test"), split="train")
+                                           for i, p in enumerate(PROMPTS)])
+    save_vectors(run.vectors_path, {"md/resid": SteeringVector(axis_for(llama, 1))}, run_meta={})
+    run.update_manifest(seed=5)
+    means = ace_for(llama, 1).means
+    result = run_propagation(run.root, llama, sources=[1, 2], n_prompts=2, alpha=0.5, steering="ace",
+                             steering_params={"means": means, "beta": 0.5})
+    assert result["method"]["name"] == "ace" and result["method"]["params"]["beta"] == 0.5
+    assert json.loads(run.analysis_path("propagation").read_text())["method"]["name"] == "ace"
+    assert result["applied_norm"]["1"] > 0 and result["applied_norm"]["1"] != pytest.approx(0.25)

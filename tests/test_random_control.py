@@ -238,3 +238,49 @@ def test_both_kl_directions_at_once_equal_two_kl_divergence_calls_bit_for_bit():
     forward, backward = kl_divergences(masked, steered[0])
     assert torch.equal(forward, kl_divergence(masked, steered[0])) and torch.isfinite(forward).all()
     assert torch.equal(backward, kl_divergence(steered[0], masked)) and backward[0] == torch.inf
+
+
+def test_any_method_steering_arm_comes_from_its_factory_and_sets_the_random_norm(monkeypatch):
+    """ACE (a replacement method): its ±α KLs are first_token_kl of its factory, and the random
+    directions have the +α arm's mean ``‖h' − h‖``, measured independently here."""
+    from torsion.metrics import first_token_kl
+    from torsion.steering import get_method
+
+    lm = tiny_lm("llama", n_layers=N_LAYERS)
+    means = torch.randn(N_LAYERS, lm.d_model, generator=torch.Generator().manual_seed(4))
+    ace = get_method("ace", vectors=axis_for(lm), means=means, layers=[2], positions="last")
+    alpha, seen = 0.8, {}
+    real_fast_kls = random_control_module.fast_kls
+    monkeypatch.setattr(random_control_module, "fast_kls",
+                        lambda lm_, prompts, steps, **kw: (seen.update(steps), real_fast_kls(lm_, prompts, steps, **kw))[1])
+    result = random_control(lm, UNPADDED, axis_for(lm), layers=[2], alpha=alpha, n_random=N_RANDOM, method=ace)
+    states = []  # block 2's resid output at the last token, per prompt (one batch, no padding)
+    handle = lm.layout.component_module("resid", 2).register_forward_hook(
+        lambda _m, _i, out: states.append(out[0][:, -1].double() if isinstance(out, tuple) else out[:, -1].double()))
+    next_token_logprobs(lm, UNPADDED, len(UNPADDED))
+    handle.remove()
+    unit = axis_for(lm)[2].double() / axis_for(lm)[2].double().norm()
+    expected = (alpha - (states[0] - means[2].double()) @ unit).abs().mean()
+    assert result["applied_norm"]["2"] == pytest.approx(float(expected), rel=1e-5)
+    norms = seen[2][2:].double().norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, float(expected)), rtol=1e-5, atol=0)
+    for arm, strength in (("+alpha", alpha), ("-alpha", -alpha)):
+        own = first_token_kl(lm, UNPADDED, ace.factory(lm, strength))
+        assert result["layers"]["2"][arm]["kl_base_to_steered"]["steering"] == pytest.approx(own["kl_base_to_steered"])
+    assert result["method"]["name"] == "ace" and result["fast_path"] is True
+    naive = random_control(lm, UNPADDED, axis_for(lm), layers=[2], alpha=alpha, n_random=N_RANDOM, method=ace,
+                           fast=False)
+    np.testing.assert_allclose(all_kls(result), all_kls(naive), rtol=1e-4, atol=1e-7)
+
+
+def test_analyze_parser_takes_a_steering_method_and_refuses_an_unknown_one(capsys, tmp_path):
+    from torsion.cli import build_parser
+
+    (tmp_path / "manifest.json").write_text("{}")
+    run = str(tmp_path)
+    args = build_parser().parse_args(["analyze", "random-control", run, "--method", "ace", "--param", "beta=0.5"])
+    assert args.method == "ace" and args.param == ["beta=0.5"]
+    assert build_parser().parse_args(["analyze", "propagation", run]).method == "flat"
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["analyze", "propagation", run, "--method", "splin-a"])
+    assert exit_info.value.code == 2 and "unknown steering method" in capsys.readouterr().err

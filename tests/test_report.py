@@ -237,3 +237,39 @@ def test_importing_torsion_sets_no_global_state():
         done = subprocess.run([sys.executable, "-c", code, f"{folder}/figure.png"], capture_output=True, text=True,
                               timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_importing_every_torsion_module_sets_no_global_state():
+    """Every module under torsion, imported in a fresh interpreter, leaves matplotlib's backend, torch's and
+    numpy's global RNG state and Optuna's verbosity as they were, and never imports pyplot."""
+    import subprocess
+    import sys
+
+    code = textwrap.dedent("""
+        import importlib, pkgutil, sys
+        import matplotlib, numpy, optuna, torch
+        matplotlib.use("svg")
+        optuna.logging.set_verbosity(optuna.logging.DEBUG)
+        torch.manual_seed(1234)
+        numpy.random.seed(99)
+        rng, np_rng = torch.random.get_rng_state().clone(), numpy.random.get_state()[1].copy()
+        import torsion
+        imported, missing = [], []
+        for info in pkgutil.walk_packages(torsion.__path__, "torsion."):
+            try:
+                importlib.import_module(info.name)
+                imported.append(info.name)
+            except ModuleNotFoundError as error:  # an optional dependency of this environment
+                if (error.name or "").startswith("torsion"):
+                    raise
+                missing.append(f"{info.name} ({error.name})")
+        assert len(imported) > 60, imported
+        assert matplotlib.get_backend().lower() == "svg", matplotlib.get_backend()
+        assert "matplotlib.pyplot" not in sys.modules, "some torsion module imports pyplot"
+        assert optuna.logging.get_verbosity() == optuna.logging.DEBUG, optuna.logging.get_verbosity()
+        assert torch.equal(torch.random.get_rng_state(), rng), "torch's global RNG state changed"
+        assert (numpy.random.get_state()[1] == np_rng).all(), "numpy's global RNG state changed"
+        print(len(imported), "modules;", "missing optional:", missing)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -256,3 +256,20 @@ def test_bad_ablation_direction_is_a_torsion_error():
     with pytest.raises(TorsionError, match="direction at layer 2 is zero or non-finite"), \
             ablate_direction(lm, zero_layer):
         pass
+
+
+def test_ablation_weight_errors_name_the_weight_not_alpha():
+    lm = tiny_lm("llama", n_layers=4)
+    direction = torch.ones(lm.d_model)
+    with pytest.raises(TorsionError, match=r"^got 2 weight values for 4 layers; pass one weight or one per layer$"):
+        with ablate_direction(lm, direction, weight=[1.0, 0.5]):
+            pass
+    with pytest.raises(TorsionError, match=r"^weight for layer 0 is nan; pass a finite number$"):
+        with ablate_direction(lm, direction, weight=float("nan")):
+            pass
+
+
+def test_generate_steered_refuses_batch_size_zero_in_one_line():
+    lm = tiny_lm("llama", n_layers=4)
+    with pytest.raises(TorsionError, match=r"^batch_size = 0; pass at least 1 prompt per batch$"):
+        generate_steered(lm, ["hi"], vectors=torch.ones(4, lm.d_model), layers=[1], alpha=1.0, batch_size=0)

@@ -274,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     manifold.add_argument("--smoothing", type=nonneg_float, default=0.0,
                           help="spline smoothing (default 0: interpolate)")
     manifold.add_argument("--component", default="resid", choices=["resid", "attn", "mlp"])
+    manifold.add_argument("--structural", default="drop", choices=["drop", "soft", "ignore"],
+                          help="fit: a knot analysis/stability.json flags structural is dropped (default), "
+                          "down-weighted to 0.25 in the smoothing splines (soft; needs --smoothing > 0; spline A only moves with "
+                          "more knots than its degree + 1) or kept "
+                          "(ignore); the manifold file records which and why")
     manifold.add_argument("--t-grid", type=finite_float, nargs="+", default=None,
                           help="coherence: the t values swept (default -0.5 -0.25 0 1 1.25 1.5)")
     manifold.add_argument("--n-prompts", type=positive_int, default=8,
@@ -315,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         "per-category vectors. arditi: ablate the refusal direction on held-out harmful prompts and add "
         "it on neutral ones. asymmetry (after `torsion optimize` with both objectives): the write-up's "
         "refuse/comply asymmetry table, and dense (every block) against flat top-k steering at matched KL. "
-        "motion: an alpha sweep of the flat method on held-out prompts, with the orthogonal fraction of the "
+        "motion: a strength sweep of a steering method (--method, default flat) on held-out prompts, with the orthogonal fraction of the "
         "decoding-time shift against the steered and readout axes (also analysis/motion.safetensors). hedge: "
         "the hedge's position t and bow on the refuse-to-comply segment, with its on-line null. stability: "
         "learning curves k/n^a + floor of every MD vector and behaviour-bin knot. "
@@ -332,9 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "layers (categories); default: 4 evenly spaced blocks in the back half")
     analyze.add_argument("--component", default="resid", choices=["resid", "attn", "mlp"])
     analyze.add_argument("--alpha", type=finite_float, nargs="+", default=None,
-                         help="steering strength on the run's MD vector (default -1 for propagation, 1 otherwise); "
+                         help="steering strength of --method (flat: alpha on the run's MD vector; t for the splines; default -1 "
+                         "for propagation, 1 otherwise); "
                          "arditi takes several (a dose-response of the addition); motion and hedge take a sweep "
-                         "(default -1 -2 -3 -4)")
+                         "(default: 4 strengths of the method's comply search range; flat: -1 -2 -3 -4)")
     analyze.add_argument("--n-prompts", type=positive_int, default=None,
                          help="prompts used by the causal analyses (default 16 propagation, motion and hedge, 32 "
                          "random-control and asymmetry, 48 arditi); methods: train prompts per search trial (default 24)")
@@ -353,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="stability: subsamples per pool size (default 200)")
     analyze.add_argument("--scope", default="global", type=nonempty_text,
                          help="asymmetry: which searches, global (default) or a category name")
+    steering = analyze.add_argument_group("propagation, random-control, motion, hedge: the steering method")
+    steering.add_argument("--method", type=method_name, default="flat",
+                          help="the injected method (default flat on the run's MD vector); its strength is --alpha "
+                          "(t for spline-a/spline-b, which read --manifold or RUN_DIR/manifold.safetensors)")
+    steering.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                          help="another method parameter, e.g. beta=0.5 (JSON values); repeatable")
     compare = analyze.add_argument_group("methods")
     compare.add_argument("--methods", type=_comma_list(method_name, "method"), default=None,
                          help="comma-separated (default flat,dense,ablation,weighted-ablation,ace,spline-a,spline-b)")
@@ -366,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--top-k", type=positive_int, default=4,
                          help="blocks steered by flat, ace and the splines: best train-split AUC (default 4)")
     compare.add_argument("--manifold", type=existing_file, default=None,
-                         help="the splines' manifold file (default RUN_DIR/manifold.safetensors, fitted when absent)")
+                         help="the splines' manifold file (default RUN_DIR/manifold.safetensors; methods fits it "
+                         "when absent)")
     compare.add_argument("--n-mcq", type=_checked(int, lambda n: n >= 0, "a whole number >= 0"), default=40,
                          help="MCQ items for the capability check (default 40; 0 skips it)")
     compare.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generation batch (default 8)")

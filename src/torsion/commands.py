@@ -10,6 +10,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from torsion.errors import TorsionError
 
@@ -121,13 +122,13 @@ def vector(args: argparse.Namespace) -> int:
 
 
 def orthogonalize(args: argparse.Namespace) -> int:
+    from torsion.conventions import check_blocks
     from torsion.models import load_model
     from torsion.orthogonalize import orthogonalize_weights, save_model_dir
     from torsion.vectors import load_vector
 
     vector = load_vector(args.vector, args.key)  # a wrong file, key or layer fails before the model loads
-    if not 0 <= args.layer < vector.n_layers:
-        raise TorsionError(f"layer {args.layer} is out of range; the vector has layers 0..{vector.n_layers - 1}")
+    check_blocks(args.layer, vector.n_layers, what="--layer")
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     vector = load_vector(args.vector, args.key, d_model=lm.d_model)
     edited = orthogonalize_weights(lm, vector.directions[args.layer], inplace=True)
@@ -209,6 +210,23 @@ def _or_default(value: int | None, default: int) -> int:
     return default if value is None else value
 
 
+def _steering_options(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """``--method``/``--param``/``--manifold`` as keyword arguments of the causal analyses (checked up front)."""
+    from torsion.steering.cli import parse_params
+    from torsion.steering.from_run import check_manifold
+    from torsion.store import RunDir
+
+    method = getattr(args, "method", "flat") or "flat"
+    params = parse_params(getattr(args, "param", []))
+    if args.name not in ("propagation", "random-control", "motion", "hedge"):
+        if method != "flat" or params:
+            raise TorsionError(f"--method and --param apply to propagation, random-control, motion and hedge, "
+                               f"not {args.name}; drop them")
+        return {}
+    check_manifold(RunDir(run_dir), method, args.manifold)
+    return {"steering": method, "steering_params": params, "manifold": args.manifold}
+
+
 def analyze(args: argparse.Namespace) -> int:
     import json
 
@@ -216,6 +234,7 @@ def analyze(args: argparse.Namespace) -> int:
 
     run_dir = args.run_dir
     run_seed = _check_run_for(args.name, run_dir, args.layers, args.component)
+    steering = _steering_options(args, run_dir)  # a spline without its manifold fails before a model loads
     seed = run_seed if args.seed is None else args.seed
     if args.name == "rotation":
         from torsion.analysis.rotation import run_rotation
@@ -266,14 +285,14 @@ def analyze(args: argparse.Namespace) -> int:
 
             result = run_propagation(run_dir, lm, sources=args.layers, component=args.component,
                                      alpha=-1.0 if args.alpha is None else _one_alpha(args.alpha),
-                                     n_prompts=_or_default(args.n_prompts, 16), seed=seed)
+                                     n_prompts=_or_default(args.n_prompts, 16), seed=seed, **steering)
         elif args.name == "random-control":
             from torsion.analysis.random_control import run_random_control
 
             result = run_random_control(run_dir, lm, layers=args.layers, component=args.component,
                                         alpha=1.0 if args.alpha is None else _one_alpha(args.alpha),
                                         n_random=args.n_random, n_prompts=_or_default(args.n_prompts, 32),
-                                        seed=seed)
+                                        seed=seed, **steering)
         elif args.name == "methods":
             from torsion.analysis.methods import run_methods
 
@@ -288,7 +307,8 @@ def analyze(args: argparse.Namespace) -> int:
             from torsion.analysis.motion_run import run_hedge, run_motion
 
             options = {"alphas": args.alpha, "layers": args.layers, "readout_blocks": args.readout_blocks,
-                       "k": args.k, "n_prompts": _or_default(args.n_prompts, 16), "seed": seed, "B": args.bootstrap}
+                       "k": args.k, "n_prompts": _or_default(args.n_prompts, 16), "seed": seed, "B": args.bootstrap,
+                       **steering}
             result = (run_motion(run_dir, lm, **options) if args.name == "motion"
                       else run_hedge(run_dir, lm, P=args.permutations, n_random=args.n_random, **options))
         else:
@@ -523,7 +543,7 @@ def manifold(args: argparse.Namespace) -> int:
         return 0
 
     result = fit_run_manifold(args.run_dir, variant=args.variant, layers=args.layers, k=args.k, m=args.m,
-                              smoothing=args.smoothing, component=args.component)
+                              smoothing=args.smoothing, component=args.component, structural=args.structural)
     knots = ", ".join(f"{b['bin']} t={b['t']:g} n={b['n']}" for b in result["knots"]["bins"])
     dropped = ", ".join(f"{d['bin']} (n={d['n']})" for d in result["knots"]["dropped"]) or "none"
     print(f"# knots: {knots}; dropped: {dropped}", file=sys.stderr)

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from torsion.behaviour import evaluate_behaviour, result_rows
+from torsion.conventions import LAYER_INDEXING
 from torsion.data import Prompt, load_mcq, sample
 from torsion.errors import TorsionError
 from torsion.generate import GenerationSettings
@@ -48,6 +49,8 @@ from torsion.judge.base import Judge
 from torsion.judge.correction import Corrected
 from torsion.metrics import first_token_kl, mcq_accuracy, perplexity
 from torsion.models import LoadedModel
+from torsion.objective import (DEGENERATE_PENALTY, capability_penalty, objective_score,  # noqa: F401 (re-exported)
+                               strength_objective)
 from torsion.runs import labelled_prompts, neutral_halves, recorded_judge, row_behaviour, run_judge
 from torsion.search import best_params, open_study, redact_url, run_worker, storage_url
 from torsion.selection import DEFAULT_WINDOW, eligible_layers, select_layers
@@ -58,7 +61,6 @@ from torsion.vectors import load_vectors
 
 SCHEMA_VERSION = 1
 OBJECTIVES = ("comply", "refuse")
-DEGENERATE_PENALTY = 2.0  # methods.md: a degenerate response adds +2 to what either objective minimises
 # Settings that do not define the objective (methods.md): a resumed study may change them.
 NOT_OBJECTIVE = ("prune", "n_trials", "batch_size", "seed")
 
@@ -111,6 +113,8 @@ class SearchSettings:
                 raise TorsionError(f"{name} = {value} must be finite and >= 0")
         if self.n_prompts < 1 or self.n_kl_prompts < 1:
             raise TorsionError("--n-prompts and --n-kl-prompts must be at least 1")
+        if self.batch_size < 1:
+            raise TorsionError(f"batch_size = {self.batch_size}; pass at least 1 prompt per batch")
         if self.alpha_range is not None:
             low, high = self.alpha_range
             if not (math.isfinite(low) and math.isfinite(high) and low < high):
@@ -140,38 +144,6 @@ def check_vector(run_dir: Path, settings: SearchSettings) -> None:
     if settings.vector_key not in vectors:
         raise TorsionError(f"{RunDir(run_dir).vectors_path} has no vector {settings.vector_key!r}; choose --key and "
                            f"--category from: {', '.join(sorted(vectors))}")
-
-
-def objective_score(objective: str, rows: Sequence[Corrected]) -> float | None:
-    """The behaviour term of an objective: the mean over judged rows of each row's minimised score.
-
-    comply: the corrected score (degenerate +2); refuse: minus the corrected score, except that a
-    degenerate row counts −2 as its score, i.e. +2 minimised (methods.md). None if nothing was judged.
-    """
-    sign = {"comply": 1.0, "refuse": -1.0}[objective]
-    terms = [DEGENERATE_PENALTY if r.degenerate else sign * r.score for r in rows if r.judged]
-    return sum(terms) / len(terms) if terms else None
-
-
-def strength_objective(objective: str, rows: Sequence[Corrected], kl: float, *, kl_weight: float, kl_cap: float,
-                       penalty: float = 0.0) -> float:
-    """methods.md: comply ``mean_score + w·min(KL, cap)``, refuse ``−mean_score + w·min(KL, cap)``,
-    degenerate responses penalised in both (:func:`objective_score`), plus a capability penalty."""
-    score = objective_score(objective, rows)
-    if score is None:
-        raise TorsionError("every response of the trial was a judge error; check the judge")
-    return score + kl_weight * min(kl, kl_cap) + penalty
-
-
-def capability_penalty(base: dict[str, float], steered: dict[str, float], *, mcq_weight: float,
-                       perplexity_weight: float) -> float:
-    """``w_mcq · max(0, acc_base − acc) + w_ppl · max(0, log(ppl / ppl_base))``; 0 for a metric not measured."""
-    penalty = 0.0
-    if mcq_weight and "mcq_accuracy" in steered:
-        penalty += mcq_weight * max(0.0, base["mcq_accuracy"] - steered["mcq_accuracy"])
-    if perplexity_weight and "perplexity" in steered:
-        penalty += perplexity_weight * max(0.0, math.log(steered["perplexity"] / base["perplexity"]))
-    return penalty
 
 
 def prompt_sets(run: RunDir, settings: SearchSettings) -> dict[str, list[Prompt]]:
@@ -352,7 +324,7 @@ def run_optimize(run_dir: Path, lm: LoadedModel, settings: SearchSettings, *, st
         "storage": redact_url(url), "objective": settings.objective, "scope": settings.scope,
         "settings": json.loads(json.dumps(asdict(settings))), "vector_key": settings.vector_key,
         "judge": judge.name, "method": method_record,
-        "conventions": {"layer_indexing": "block", "method": method.name,
+        "conventions": {"layer_indexing": LAYER_INDEXING, "method": method.name,
                         "strength": f"{strength_name}: {(type(method).__doc__ or '').strip().splitlines()[0]}",
                         "component": component, "positions": settings.positions,
                         "kl": "kl_base_to_steered, first token, neutral probe half",

@@ -35,6 +35,10 @@ def labelled_prompts(run: RunDir) -> tuple[list[Prompt], list[dict]]:
     prompts = read_prompts_jsonl(run.prompts_path)
     by_id = {row["id"]: row for row in run.responses()}
     missing = [p.id for p in prompts if p.id not in by_id]
+    if missing and run.stage_done("generate"):  # generation finished: the files disagree, rerunning adds nothing
+        raise TorsionError(f"{len(missing)} prompts of {run.root} have no response (e.g. {missing[0]}) although "
+                           f"its generate stage is done: {run.prompts_path.name} or {run.responses_path.name} was "
+                           "changed; restore them, or run again into a new directory")
     if missing:
         raise TorsionError(f"{len(missing)} prompts of {run.root} have no response yet (e.g. {missing[0]}); "
                            "finish the run with `torsion run` on the same directory")

@@ -86,16 +86,17 @@ def _check_layers(lm: LoadedModel, layers: int | Sequence[int]) -> tuple[int, ..
     return chosen
 
 
-def _check_alpha(alpha: float | Sequence[float], layers: tuple[int, ...]) -> tuple[float, ...]:
+def _check_alpha(alpha: float | Sequence[float], layers: tuple[int, ...], what: str = "alpha") -> tuple[float, ...]:
+    """One value per layer from one value or one per layer; ``what`` names them in errors (alpha, weight)."""
     values = (float(alpha),) if isinstance(alpha, Real) else tuple(map(float, alpha))
     if len(values) == 1:
         values = values * len(layers)
     if len(values) != len(layers):
-        raise TorsionError(f"got {len(values)} alpha values for {len(layers)} layers; "
-                           "pass one alpha or one per layer")
+        raise TorsionError(f"got {len(values)} {what} values for {len(layers)} layers; "
+                           f"pass one {what} or one per layer")
     for layer, value in zip(layers, values):
         if not math.isfinite(value):
-            raise TorsionError(f"alpha for layer {layer} is {value}; pass a finite number")
+            raise TorsionError(f"{what} for layer {layer} is {value}; pass a finite number")
     return values
 
 
@@ -271,7 +272,7 @@ def ablate_direction(lm: LoadedModel, direction: object,
         The unit directions ``[n_layers, d_model]``.
     """
     units = unit_directions(lm, direction)
-    weights = _check_alpha(weight, tuple(range(lm.n_layers)))
+    weights = _check_alpha(weight, tuple(range(lm.n_layers)), what="weight")
 
     def make_hook(unit: Tensor, w: float):
         def hook(_module: torch.nn.Module, _inputs: tuple, output: Any) -> Any:
@@ -306,6 +307,8 @@ def generate_steered(lm: LoadedModel, prompts: Sequence[str], *, vectors: object
     :meth:`SteeringRecord.conventions` (``alpha`` and ``applied_norm`` per layer, ``layers``,
     ``component``, ``positions``, ...). Batches are chat-templated and left-padded.
     """
+    if batch_size < 1:
+        raise TorsionError(f"batch_size = {batch_size}; pass at least 1 prompt per batch")
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
     rows: list[dict[str, Any]] = []
     with add_steering(lm, vectors, layers=layers, alpha=alpha, component=component,

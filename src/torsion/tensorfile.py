@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from torsion.errors import TorsionError
 from torsion.store import atomic_write_json
 
 
@@ -66,7 +67,14 @@ class RowWriter:
             (length,) = struct.unpack("<Q", handle.read(8))
             if handle.read(length) != header:
                 return 0  # a different capture (other prompts or settings): start over
-        return int(json.loads(self.checkpoint.read_text())["rows_done"])
+        try:
+            rows_done = json.loads(self.checkpoint.read_text())["rows_done"]
+            if isinstance(rows_done, bool) or not isinstance(rows_done, int) or not 0 <= rows_done <= self.n_rows:
+                raise ValueError(f"rows_done {rows_done!r}")
+        except (ValueError, KeyError, TypeError) as error:
+            raise TorsionError(f"capture checkpoint {self.checkpoint} is damaged ({type(error).__name__}); restart "
+                               f"the capture: delete it and {self.partial.name}, then rerun") from None
+        return rows_done
 
     def _create(self, header: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

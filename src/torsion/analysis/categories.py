@@ -26,12 +26,11 @@ from torch import Tensor
 from torsion.analysis.common import back_half_layers, run_vector
 from torsion.capture import load_activations
 from torsion.conventions import LAYER_INDEXING, check_blocks
-from torsion.data import read_prompts_jsonl
 from torsion.errors import TorsionError
 from torsion.geometry import angle_deg
-from torsion.judge.base import is_complied
+from torsion.runs import labelled_prompts, row_behaviour
 from torsion.selection import category_layers
-from torsion.store import RunDir, atomic_write_json, read_jsonl
+from torsion.store import RunDir, atomic_write_json
 from torsion.vectors import load_vectors
 
 SCHEMA_VERSION = 1
@@ -159,14 +158,14 @@ def run_categories(run_dir: str | Path, *, method: str = "md", component: str = 
         layers = scored or back_half_layers(n_layers)
     else:
         layers = check_blocks(layers, n_layers)
-    prompts = read_prompts_jsonl(run.prompts_path)
-    scores = {row["id"]: row.get("score") for row in read_jsonl(run.responses_path)}
+    prompts, responses = labelled_prompts(run)
     activations, metadata = load_activations(run.activations_path)
     if component not in activations:
         raise TorsionError(f"{run.activations_path} has no {component!r} activations; capture that component")
     train = [i for i, p in enumerate(prompts) if p.split == "train"]
     means, counts = complied_means(activations[component][train], [prompts[i].category for i in train],
-                                   [is_complied(scores.get(prompts[i].id)) for i in train],
+                                   [row_behaviour(responses[i]).complied and row_behaviour(responses[i]).fits
+                                    for i in train],
                                    min_complied=min_complied)
     anchors = {name: v.meta.get("anchor") for name, v in category_vectors.items()}
     result = category_geometry({name: v.directions for name, v in category_vectors.items()}, global_vector,

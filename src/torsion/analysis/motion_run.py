@@ -1,9 +1,10 @@
 """``torsion analyze motion`` and ``torsion analyze hedge`` on a run directory.
 
-Both read one α sweep of the flat method (``α · v_l`` on the run's MD vectors at the steered
-blocks) on held-out harmful prompts, with decoding-time capture at the readout blocks
+Both read one strength sweep of a steering method (default ``flat``: ``α · v_l`` on the run's MD
+vectors at the steered blocks; any method of :mod:`torsion.steering`) on held-out harmful prompts, with decoding-time capture at the readout blocks
 (:mod:`torsion.decoding_capture`). The sweep's captures are files under ``RUN_DIR/motion/``
-(``unsteered.safetensors``, ``alpha_<α>.safetensors`` and their responses), so a killed sweep
+(``unsteered.safetensors``, ``alpha_<α>.safetensors`` for flat, ``<method>_<strength>.safetensors``
+otherwise, and their responses), so a killed sweep
 resumes and the second command reuses the first one's generations.
 
 Example::
@@ -14,8 +15,10 @@ Example::
 
 from __future__ import annotations
 
+import json
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -33,12 +36,13 @@ from torsion.judge import get_judge
 from torsion.judge.base import Judge
 from torsion.judge.correction import Corrected
 from torsion.models import LoadedModel
-from torsion.steer import add_steering
+from torsion.steering.base import SteeringMethod
+from torsion.steering.from_run import run_method
 from torsion.store import RunDir, atomic_write_bytes, atomic_write_json
 from torsion.vectors import load_vectors
 
 SCHEMA_VERSION = 1
-DEFAULT_ALPHAS = (-1.0, -2.0, -3.0, -4.0)  # the comply search's range (-4 … 0) on the MD vectors
+N_STRENGTHS = 4  # the default grid: flat's comply range (-4 … 0) gives -1, -2, -3, -4
 POSITIONS = ("last", "generated")
 
 
@@ -50,13 +54,26 @@ def require_vectors(run_dir: Path) -> None:
                            "the same directory) before the motion or hedge analysis")
 
 
+def strength_grid(method: SteeringMethod, n: int = N_STRENGTHS) -> list[float]:
+    """``n`` strengths from the method's comply ``search_range``, stepping away from its end nearer 0.
+
+    Flat's ``(-4, 0)`` gives ``[-1, -2, -3, -4]``; ablation's ``(0, 1)`` gives ``[0.25, 0.5, 0.75, 1]``.
+    """
+    low, high = method.search_range("comply")
+    near, far = (low, high) if abs(low) <= abs(high) else (high, low)
+    return [near + (far - near) * i / n for i in range(1, n + 1)]
+
+
 def sweep(run_dir: Path, lm: LoadedModel, *, alphas: Sequence[float] | None = None,
           layers: Sequence[int] | None = None, readout_blocks: Sequence[int] | None = None, k: int = DEFAULT_K,
           n_prompts: int = 16, positions: str = "all", max_new_tokens: int = 24, batch_size: int = 8,
-          judge: Judge | None = None, seed: int = 0) -> dict[str, Any]:
-    """Generate the unsteered run and each ``α`` with decoding-time capture; judge every response.
+          judge: Judge | None = None, seed: int = 0, steering: str = "flat",
+          steering_params: dict[str, Any] | None = None, manifold: str | Path | None = None) -> dict[str, Any]:
+    """Generate the unsteered run and each strength with decoding-time capture; judge every response.
 
-    Defaults: ``alphas`` :data:`DEFAULT_ALPHAS`; ``layers`` the flat method's top-4 blocks by
+    ``steering`` names the method (:func:`torsion.steering.from_run.run_method` builds it from the
+    run with ``steering_params`` and ``manifold``); ``alphas`` are its strengths (``t`` for the
+    splines), default :func:`strength_grid`. Defaults: ``layers`` the flat method's top-4 blocks by
     train-split AUC (:func:`torsion.selection.select_layers`); readout blocks every block from
     the first steered block + 1 to the last. Prompts: a seeded sample of the holdout split.
     ``judge`` (default: the rule judge) labels every response; the false-positive correction is
@@ -74,33 +91,53 @@ def sweep(run_dir: Path, lm: LoadedModel, *, alphas: Sequence[float] | None = No
     readout = sorted(int(b) for b in readout_blocks) if readout_blocks else list(range(steered[0] + 1, lm.n_layers))
     readout = readout or [lm.n_layers - 1]
     check_readout(readout, k=k, n_layers=lm.n_layers, steered_blocks=steered)
-    alphas = [float(a) for a in (alphas or DEFAULT_ALPHAS)]
-    if 0.0 in alphas:
+    method, method_record = run_method(run, lm, steering, vectors=axes, layers=steered, component="resid",
+                                       positions=positions, params=steering_params, manifold=manifold)
+    alphas = [float(a) for a in (alphas or strength_grid(method))]
+    if 0.0 in alphas and method.name == "flat":
         raise TorsionError("alpha 0 is the unsteered arm, which the sweep always runs; drop 0 from --alpha")
     prompts = split_prompts(run, "holdout", n_prompts, seed)
     settings = GenerationSettings(max_new_tokens=max(max_new_tokens, k + 1), batch_size=batch_size)
     judge = judge or get_judge("rules")
     tag = {"readout_blocks": ",".join(map(str, readout)), "steered_blocks": ",".join(map(str, steered)),
            "positions_steered": positions, "n_prompts": str(len(prompts)), "seed": str(seed)}
+    if method.name != "flat":  # another method's captures are other files, and its parameters are checked
+        tag.update(method=method.name, method_sha256=method_record["tensors_sha256"],
+                   method_params=json.dumps(method.params(), sort_keys=True))
+    prefix = "alpha" if method.name == "flat" else method.name
     arms: dict[str, Any] = {}
     for alpha in [None, *alphas]:
         name = "unsteered" if alpha is None else str(alpha)
-        steer = None if alpha is None else (
-            lambda alpha=alpha: add_steering(lm, axes, layers=steered, alpha=alpha, positions=positions))
-        path = run.root / "motion" / ("unsteered.safetensors" if alpha is None else f"alpha_{alpha:g}.safetensors")
+        records: list[Any] = []
+        steer = None if alpha is None else _recording(method.factory(lm, alpha), records)
+        path = run.root / "motion" / ("unsteered.safetensors" if alpha is None else f"{prefix}_{alpha:g}.safetensors")
         tensors, responses = capture_generation_to_file(
             lm, prompts, path, readout_blocks=readout, k=k, settings=settings, steer=steer, steered_blocks=steered,
             metadata={**tag, "alpha": name})
         labels = [v.label for v in judge.judge(prompts, responses)]
         record = None
         if steer is not None:
-            with steer() as applied:
-                record = applied.conventions()
+            if not records:  # resumed from the file: the record of an empty context (no ||h' - h|| measured)
+                with steer():
+                    pass
+            record = records[-1].conventions()
         arms[name] = {"tensors": tensors, "responses": responses, "labels": labels, "steering": record,
                       "behaviour": correct_rows(prompts, responses, labels)}
     return {"prompts": prompts, "alphas": alphas, "steered_blocks": steered, "readout_blocks": readout, "k": k,
-            "axes": axes, "arms": arms, "judge": judge.name, "settings": settings, "positions": positions,
+            "axes": axes, "method": method_record, "arms": arms, "judge": judge.name, "settings": settings, "positions": positions,
             "seed": seed}
+
+
+def _recording(factory: Callable[[], AbstractContextManager[Any]], records: list[Any]) -> Callable[[], Any]:
+    """``factory`` whose every context's record is appended to ``records`` (read after the work is done)."""
+
+    @contextmanager
+    def steer() -> Iterator[Any]:
+        with factory() as record:
+            records.append(record)
+            yield record
+
+    return steer
 
 
 def _states(arm: dict[str, Any], position: str) -> Tensor:
@@ -111,7 +148,8 @@ def _states(arm: dict[str, Any], position: str) -> Tensor:
 def _conventions(data: dict[str, Any]) -> dict[str, Any]:
     return {"layer_indexing": LAYER_INDEXING, "component": "resid", "positions": list(POSITIONS),
             "generated": f"mean resid over the first K = {data['k']} generated tokens, each read when fed back",
-            "vector": "md/resid", "steered_axis": f"block {data['steered_blocks'][0]} (the first steered block)",
+            "vector": "md/resid", "method": data["method"]["name"],
+            "strength_name": data["method"]["strength_name"], "steered_axis": f"block {data['steered_blocks'][0]} (the first steered block)",
             "split": "holdout", "steering_positions": data["positions"], "judge": data["judge"],
             "max_new_tokens": data["settings"].max_new_tokens, "interval": "basic bootstrap 95%, clipped to range"}
 
@@ -156,7 +194,7 @@ def run_motion(run_dir: Path, lm: LoadedModel, *, B: int = 1000, **sweep_options
     result = {"schema_version": SCHEMA_VERSION, "analysis": "motion", "conventions": _conventions(data),
               "seed": data["seed"], "B": B, "k": data["k"], "n_prompts": len(data["prompts"]), "d_model": lm.d_model,
               "steered_blocks": data["steered_blocks"], "readout_blocks": data["readout_blocks"],
-              "unsteered_rates": _rates(data, base), "alphas": result_alphas}
+              "unsteered_rates": _rates(data, base), "method": data["method"], "alphas": result_alphas}
     atomic_write_bytes(run.root / "analysis" / "motion.safetensors",
                        save(tensors, metadata={"layer_indexing": LAYER_INDEXING, "component": "resid"}))
     atomic_write_json(run.analysis_path("motion"), result)
@@ -210,12 +248,15 @@ def _causal(lm: LoadedModel, data: dict[str, Any], hedge_direction: tuple[int, T
     if n_random < 1:
         return {"run": False, "note": "skipped (n_random = 0)"}
     alpha = max(data["alphas"], key=lambda a: per_alpha[f"{a:g}"]["hedge"])
-    applied_norm = float(np.mean(data["arms"][str(alpha)]["steering"]["applied_norm"]))
+    steering = data["arms"][str(alpha)]["steering"]
+    deltas = steering.get("mean_delta_norm")  # replacement methods: what they changed, not their additive term
+    applied_norm = float(np.mean(deltas if deltas and None not in deltas else steering["applied_norm"]))
     block, direction = hedge_direction
     result = causal_hedge_test(lm, data["prompts"], data["arms"]["unsteered"]["labels"], direction, block=block,
                                applied_norm=applied_norm, n_random=n_random, settings=data["settings"],
                                positions=data["positions"], seed=data["seed"])
-    return {"run": True, "norm_from_alpha": f"{alpha:g}", "note": "applied norm = mean ||alpha v_l|| of that alpha",
+    return {"run": True, "norm_from_alpha": f"{alpha:g}", "note": "applied norm = mean ||alpha v_l|| of that alpha "
+            "(replacement methods: mean ||h' - h||)",
             **result}
 
 

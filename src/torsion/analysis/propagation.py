@@ -1,11 +1,13 @@
 """Causal propagation of an injected steering step (methods.md, "Causal propagation").
 
-At each source block ``s``, ``Δ = α v_s`` is added to a component output; at every block
+At each source block ``s`` a steering method is applied to that block alone (default ``flat``:
+``Δ = α v_s`` added to a component output; any method with layers, :mod:`torsion.steering`); at every block
 ``l ≥ s`` the change at the last token, ``Δh_l = h_l(steered) − h_l(base)``, is compared with
 that layer's own axis ``v_l`` and with ``v_s``, for the component output and the residual
 stream. The fast path caches what every block received in the base pass and restarts the
 forward at block ``s``; the reference path runs the whole steered forward
-(:func:`~torsion.capture.capture_batch` under :func:`~torsion.steer.add_steering`).
+(:func:`~torsion.capture.capture_batch` under the method's ``apply``). ``norm_ratio`` divides by the
+method's applied norm (replacement methods: the mean ``‖h' − h‖`` at the steered tokens).
 
 Example::
 
@@ -29,7 +31,8 @@ from torsion.geometry import cosine
 from torsion.models import LoadedModel
 from torsion.replay import (FAST_PATH_TOLERANCE, BlockInputs, fast_path_check, recording_block_inputs,
                             relative_gap, run_blocks)
-from torsion.steer import add_steering
+from torsion.steering.base import MethodRecord, SteeringMethod, at_block, matched_norm
+from torsion.steering.flat import Flat
 from torsion.store import RunDir, atomic_write_json
 from torsion.vectors import load_vectors
 
@@ -81,21 +84,26 @@ def _propagation_metrics(deltas: Tensor, axis: Tensor, source_vector: Tensor, ap
 def propagate(lm: LoadedModel, prompts: Sequence[str], axis: Tensor, *, sources: Sequence[int],
               alpha: float = -1.0, component: str = "resid", positions: str = "all",
               resid_axis: Tensor | None = None, axis_name: str = "axis", resid_axis_name: str = "resid_axis",
-              batch_size: int = 8, fast: bool = True) -> dict[str, Any]:
-    """Inject ``α · axis[s]`` at each source block and measure ``Δh_l`` at the last token for ``l ≥ s``.
+              batch_size: int = 8, fast: bool = True, method: SteeringMethod | None = None) -> dict[str, Any]:
+    """Inject ``method`` at strength ``alpha`` at each source block and measure ``Δh_l`` at the last token for ``l ≥ s``.
 
     Args:
-        axis: ``[n_layers, d_model]``, the per-layer axis of ``component``; row ``s`` is injected.
+        axis: ``[n_layers, d_model]``, the per-layer axis of ``component``; the default method
+            (``flat``) injects ``α · axis[s]``, and ``cos_dh_source`` compares with ``axis[s]``.
         resid_axis: ``[n_layers, d_model]``, the axis the residual-stream ``Δh_l`` is compared with
             (default: ``axis``).
-        positions: ``all`` or ``last``, the positions the injection covers.
+        positions: ``all`` or ``last``, the positions the default method's injection covers.
+        method: any steering method with layers (:func:`torsion.steering.base.at_block` puts it on
+            block ``s`` alone); ``alpha`` is its one strength (``t`` for the splines).
         fast: restart the forward at block ``s`` from cached inputs. On the first batch an
             unsteered replay is checked against the base pass and the first source's steered replay
             against the full steered forward; either off by more than ``FAST_PATH_TOLERANCE``
             (relative) switches to the full forward for every source and batch.
 
     Returns:
-        The JSON-ready result: conventions, ``applied_norm`` per source, one row per ``(source, layer)``.
+        The JSON-ready result: conventions, ``applied_norm`` per source (the record's applied norm,
+        or its mean ``‖h' − h‖`` for replacement methods: the ``norm_ratio`` denominator), one row
+        per ``(source, layer)``.
     """
     if not prompts:
         raise TorsionError("no prompts to propagate over; pass at least one prompt")
@@ -108,9 +116,11 @@ def propagate(lm: LoadedModel, prompts: Sequence[str], axis: Tensor, *, sources:
     sources = sorted(set(check_blocks(sources, lm.n_layers, what="source layer")))
     if positions not in ("all", "last"):
         raise TorsionError(f"unknown positions {positions!r}; choose all or last")
+    method = method or Flat(axis, layers=(sources[0],), component=component, positions=positions)
+    at_source = {s: at_block(method, s) for s in sources}
     streams = {"component": component, "resid": "resid"}
     components = tuple(dict.fromkeys(streams.values()))
-    applied = {s: float(torch.linalg.vector_norm(axis[s].double() * alpha)) for s in sources}
+    records: dict[int, list[MethodRecord]] = {s: [] for s in sources}
     deltas: dict[int, dict[str, list[Tensor]]] = {s: {c: [] for c in components} for s in sources}
     gaps: dict[str, float] = {}  # the first batch's checks of the fast path
     fast_requested = fast
@@ -124,15 +134,17 @@ def propagate(lm: LoadedModel, prompts: Sequence[str], axis: Tensor, *, sources:
             fast = gaps["unsteered"] <= FAST_PATH_TOLERANCE
         for s in sources:
             steered_check = check and fast and s == sources[0]
-            with add_steering(lm, axis, layers=[s], alpha=alpha, component=component, positions=positions):
+            with at_source[s].apply(lm, alpha) as record:
                 replayed = _replayed_states(lm, inputs, components, s) if fast else None
                 full = None if fast and not steered_check else _full_states(lm, batch, components, s)
+            records[s].append(record)
             if steered_check:  # one steered replay against the full steered forward (methods.md)
                 gaps["steered"] = max(relative_gap(replayed[c], full[c]) for c in components)
                 fast = gaps["steered"] <= FAST_PATH_TOLERANCE
             steered = full if full is not None else replayed
             for c in components:
                 deltas[s][c].append(steered[c].double() - base[c][:, s:].double())
+    applied = {s: matched_norm(records[s]) for s in sources}
     rows = []
     for s in sources:
         stream_axes = {"component": axis, "resid": resid_axis}
@@ -142,13 +154,16 @@ def propagate(lm: LoadedModel, prompts: Sequence[str], axis: Tensor, *, sources:
             rows.append({"source": s, "layer": layer, **{f"{name}_{stream}": float(values[offset])
                                                          for stream, by_name in metrics.items()
                                                          for name, values in by_name.items()}})
+    denominator = "mean ‖h' − h‖ at the steered tokens" if method.replacement else "‖α v_s‖ (the applied norm)"
     return {
         "schema_version": SCHEMA_VERSION, "analysis": "propagation",
         "conventions": {"layer_indexing": LAYER_INDEXING, "component": component, "positions": positions,
                         "measured_at": "last token", "axis": axis_name, "resid_axis": resid_axis_name,
-                        "alpha": alpha, "cosine": "signed",
-                        "cos_dh_axis": "mean over prompts of cos(Δh_l, v_l)",
-                        "norm_ratio": "mean over prompts of ‖Δh_l‖ / ‖α v_s‖"},
+                        "alpha": alpha, "method": method.name, "strength_name": method.strength_name,
+                        "cosine": "signed", "cos_dh_axis": "mean over prompts of cos(Δh_l, v_l)",
+                        "norm_ratio": f"mean over prompts of ‖Δh_l‖ / {denominator}"},
+        "method": {"name": method.name, "strength": alpha,
+                   "params": {k: v for k, v in method.params().items() if k != "layers"}},
         "sources": sources, "applied_norm": {str(s): applied[s] for s in sources}, "rows": rows,
         "n_prompts": len(prompts), "fast_path": fast,
         "fast_path_check": fast_path_check(fast_requested, fast, gaps, fallback="the full steered forward"),
@@ -188,23 +203,35 @@ def propagation_table(result: dict[str, Any], *, stream: str = "component", metr
 def run_propagation(run_dir: str | Path, lm: LoadedModel, *, sources: Sequence[int] | None = None,
                     alpha: float = -1.0, component: str = "resid", positions: str = "all", method: str = "md",
                     split: str = "train", n_prompts: int | None = 16, seed: int | None = None,
-                    batch_size: int = 8, fast: bool = True) -> dict[str, Any]:
+                    batch_size: int = 8, fast: bool = True, steering: str = "flat",
+                    steering_params: dict[str, Any] | None = None,
+                    manifold: str | Path | None = None) -> dict[str, Any]:
     """Propagation on a run directory: writes ``analysis/propagation.json`` (the report draws its figure).
 
     The axis is the run's ``<method>/<component>`` vector, the residual stream is compared with
     ``<method>/resid``; prompts are a seeded sample of ``split`` (``seed`` defaults to the run's).
-    ``sources`` defaults to :func:`back_half_layers`.
+    ``sources`` defaults to :func:`back_half_layers`. ``steering`` names the injected steering
+    method (default ``flat`` on the axis), built from the run by
+    :func:`torsion.steering.from_run.run_method` with ``steering_params`` and ``manifold``.
     """
+    from torsion.steering.from_run import run_method
+
     run = RunDir(run_dir)
     vectors = load_vectors(run.vectors_path, d_model=lm.d_model)
     seed = int(run.manifest().get("seed", 0)) if seed is None else seed
     sources = back_half_layers(lm.n_layers) if sources is None else sources
+    sources = sorted(set(check_blocks(sources, lm.n_layers, what="source layer")))
     axis_name, resid_name = f"{method}/{component}", f"{method}/resid"
-    result = propagate(lm, split_prompts(run, split, n_prompts, seed), run_vector(vectors, axis_name),
+    axis = run_vector(vectors, axis_name)
+    injected, record = run_method(run, lm, steering, vectors=axis, layers=sources, component=component,
+                                  positions=positions, params=steering_params, manifold=manifold)
+    result = propagate(lm, split_prompts(run, split, n_prompts, seed), axis,
                        sources=sources, alpha=alpha, component=component, positions=positions,
                        resid_axis=run_vector(vectors, resid_name), axis_name=axis_name,
-                       resid_axis_name=resid_name, batch_size=batch_size, fast=fast)
+                       resid_axis_name=resid_name, batch_size=batch_size, fast=fast, method=injected)
     result["conventions"].update(prompts=f"{split} split, seeded sample stratified by category", split=split)
+    result["method"].update(tensors_sha256=record["tensors_sha256"], given_params={
+        key: "tensor" if isinstance(value, Tensor) else value for key, value in record["given_params"].items()})
     result["seed"] = seed
     path = run.analysis_path("propagation")
     atomic_write_json(path, result)

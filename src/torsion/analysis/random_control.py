@@ -43,6 +43,8 @@ from torsion.models import LoadedModel
 from torsion.replay import (FAST_PATH_TOLERANCE, BlockInputs, fast_path_check, last_token_inputs,
                             recording_block_inputs, relative_gap, replay_rows, run_blocks)
 from torsion.steer import add_steering
+from torsion.steering.base import MethodRecord, SteeringMethod, at_block, matched_norm
+from torsion.steering.flat import Flat
 from torsion.store import RunDir, atomic_write_json
 from torsion.vectors import load_vectors
 
@@ -165,7 +167,8 @@ def _replay_logprobs(lm: LoadedModel, inputs: BlockInputs, layer: int, steps: Te
 @torch.inference_mode()
 def fast_kls(lm: LoadedModel, prompts: Sequence[str], steps: dict[int, Tensor], *, component: str = "resid",
              positions: str = "all", batch_size: int = 16,
-             max_rows: int | None = None) -> tuple[dict[int, dict[str, Tensor]], dict[str, float]]:
+             max_rows: int | None = None,
+             check_row: int = 0) -> tuple[dict[int, dict[str, Tensor]], dict[str, float]]:
     """:func:`naive_kls` at several layers, from one base forward per prompt batch.
 
     With ``positions="all"`` every prompt token is replayed from the steered block on. With
@@ -176,12 +179,13 @@ def fast_kls(lm: LoadedModel, prompts: Sequence[str], steps: dict[int, Tensor], 
         steps: layer -> ``[n_steps, d_model]``.
         max_rows: most ``directions × prompts`` rows in one replay (default: what fits in a
             quarter of the free memory, :func:`~torsion.replay.replay_rows`).
+        check_row: the row of ``steps[first]`` the steered check replays (default the first).
 
     Returns:
         layer -> ``{kl_base_to_steered: [n_steps], kl_steered_to_base: [n_steps]}`` (means over
         prompts), and the first batch's checks at the first layer: ``unsteered`` (a replay
         without steering against the base forward's log-probs) and ``steered`` (the replay of
-        the layer's first step against the full steered forward's, without a cache). When a gap
+        the layer's ``check_row`` step against the full steered forward's, without a cache). When a gap
         exceeds ``FAST_PATH_TOLERANCE`` the replay is unsafe for this model and the KLs come
         back empty.
     """
@@ -203,7 +207,7 @@ def fast_kls(lm: LoadedModel, prompts: Sequence[str], steps: dict[int, Tensor], 
             replayed_tokens = n_tokens
         base = torch.log_softmax(logits.float(), dim=-1).cpu()  # [batch, vocab]
         if start == 0:
-            gaps = _check_replay(lm, batch, inputs, base, first, steps[first][0], component=component,
+            gaps = _check_replay(lm, batch, inputs, base, first, steps[first][check_row], component=component,
                                  positions=positions)
             if max(gaps.values()) > FAST_PATH_TOLERANCE:
                 bar.close()
@@ -244,12 +248,18 @@ def _check_replay(lm: LoadedModel, batch: Sequence[str], inputs: BlockInputs, ba
 def random_control(lm: LoadedModel, prompts: Sequence[str], vectors: Tensor, *, layers: Sequence[int],
                    alpha: float = 1.0, component: str = "resid", positions: str = "last", n_random: int = 50,
                    seed: int = 0, vector_name: str = "vector", batch_size: int = 16,
-                   fast: bool = True) -> dict[str, Any]:
-    """Steering KL of ``±α v_l`` against ``n_random`` norm-matched random directions at each layer.
+                   fast: bool = True, method: SteeringMethod | None = None) -> dict[str, Any]:
+    """Steering KL of a method at ``±α`` against ``n_random`` norm-matched random directions at each layer.
 
     Args:
-        vectors: ``[n_layers, d_model]``; row ``l`` is ``v_l``.
+        vectors: ``[n_layers, d_model]``; row ``l`` is ``v_l`` (the default method: ``flat``, ``±α v_l``).
         layers: the blocks to test, one at a time.
+        method: any steering method with layers, put on each block alone
+            (:func:`torsion.steering.base.at_block`); ``alpha`` is its one strength. A ``flat`` arm is
+            one more replayed row; any other method's arm runs its own full forwards
+            (:func:`~torsion.metrics.first_token_kl`, the method's factory), and its record's applied
+            norm (replacement methods: mean ``‖h' − h‖`` at the steered tokens, of the ``+α`` arm) is
+            the random directions' norm.
         positions: ``last`` steers the final prompt token only, ``all`` every prompt token.
         fast: batch the directions on a replay of the blocks from ``l`` on. It falls back to the
             naive loop, and says so, if on the first batch an unsteered replay does not reproduce
@@ -266,21 +276,35 @@ def random_control(lm: LoadedModel, prompts: Sequence[str], vectors: Tensor, *, 
     if positions not in ("all", "last"):
         raise TorsionError(f"unknown positions {positions!r}; choose all or last")
     layers = sorted(set(check_blocks(layers, lm.n_layers)))
-    applied = {layer: float(torch.linalg.vector_norm(vectors[layer].double() * alpha)) for layer in layers}
-    for layer, norm in applied.items():
-        if not norm > 0:
-            raise TorsionError(f"‖α v‖ is {norm} at layer {layer}; use a non-zero alpha and a layer where v ≠ 0")
-    steps = {}  # [+α v, −α v, +r_1 … +r_N, −r_1 … −r_N], [2 + 2N, d_model]
+    method = method or Flat(vectors, layers=(layers[0],), component=component, positions=positions)
+    flat = type(method) is Flat
+    arms_kl: dict[int, dict[str, Tensor]] = {}  # non-flat methods: layer -> {direction: [+α, −α]}
+    applied, arm_norms = {}, {}
     for layer in layers:
-        steering = (vectors[layer].double() * alpha).float()
+        if flat:
+            applied[layer] = float(torch.linalg.vector_norm(at_block(method, layer).vectors[layer].double() * alpha))
+            arm_norms[layer] = (applied[layer], applied[layer])
+        else:
+            arms_kl[layer], arm_norms[layer] = _method_kls(lm, prompts, at_block(method, layer), alpha, batch_size)
+            applied[layer] = arm_norms[layer][0]
+        if not applied[layer] > 0:
+            raise TorsionError(f"the applied norm is {applied[layer]} at layer {layer}; use a non-zero alpha and "
+                               "a layer where the method changes the state")
+    steps = {}  # [+α v, −α v, +r_1 … +r_N, −r_1 … −r_N], [2 + 2N, d_model]; zero rows for a non-flat arm
+    for layer in layers:
+        steering = (at_block(method, layer).vectors[layer].double() * alpha).float() if flat \
+            else torch.zeros(lm.d_model)
         randoms = random_directions(lm.d_model, n_random, applied[layer], seed=seed)
         steps[layer] = torch.cat([steering[None], -steering[None], randoms, -randoms])
-    kls, gaps = fast_kls(lm, prompts, steps, component=component, positions=positions,
-                         batch_size=batch_size) if fast else ({}, {})
+    kls, gaps = fast_kls(lm, prompts, steps, component=component, positions=positions, batch_size=batch_size,
+                         check_row=0 if flat else 2) if fast else ({}, {})
     used_fast = bool(kls)
     if not kls:
         kls = {layer: naive_kls(lm, prompts, layer, steps[layer], component=component, positions=positions,
                                 batch_size=batch_size) for layer in layers}
+    for layer, by_direction in arms_kl.items():  # the method's own arms replace the zero rows
+        for name in KL_DIRECTIONS:
+            kls[layer][name] = torch.cat([by_direction[name], kls[layer][name][2:]])
     results = {}
     for layer in layers:
         arms = {}
@@ -288,7 +312,8 @@ def random_control(lm: LoadedModel, prompts: Sequence[str], vectors: Tensor, *, 
             index = 0 if sign > 0 else 1
             by_direction = {name: summarize_kls(float(kls[layer][name][index]), kls[layer][name][randoms].tolist())
                             for name in KL_DIRECTIONS}
-            arms[arm] = {"alpha": sign * alpha, "applied_norm": applied[layer], **by_direction,
+            own = {} if flat else {"steering_norm": arm_norms[layer][index]}
+            arms[arm] = {"alpha": sign * alpha, "applied_norm": applied[layer], **own, **by_direction,
                          "geometric_privilege": by_direction["kl_base_to_steered"]["geometric_privilege"]}
         results[str(layer)] = arms
     return {
@@ -297,11 +322,16 @@ def random_control(lm: LoadedModel, prompts: Sequence[str], vectors: Tensor, *, 
             "layer_indexing": LAYER_INDEXING, "component": component, "positions": positions,
             "steered_positions": STEERED_POSITIONS[positions], "vector": vector_name,
             "kl": "first token, neutral prompts", "kl_directions": list(KL_DIRECTIONS),
-            "norm_matched": "random directions scaled to ||alpha v||",
+            "method": method.name, "strength_name": method.strength_name,
+            "norm_matched": "random directions scaled to ||alpha v||" if not method.replacement else
+                            "random directions scaled to the +alpha arm's mean ||h' - h|| at the steered tokens",
+            **({} if flat else {"steering_norm": "the arm's own applied norm (replacement methods: mean ||h' - h||)"}),
             "random_directions": "Gaussian from a seeded torch.Generator, normalised, scaled to ||alpha v||; "
                                  "the same draws at every layer, negated for -alpha",
             "percentile_rank": "percent of random directions with a strictly lower KL",
             "geometric_privilege": "steering kl_base_to_steered < min of the random kl_base_to_steered"},
+        "method": {"name": method.name, "strength": alpha,
+                   "params": {k: v for k, v in method.params().items() if k != "layers"}},
         "layers": results, "n_random": n_random, "seed": seed, "alpha": alpha,
         "applied_norm": {str(layer): applied[layer] for layer in layers}, "n_prompts": len(prompts),
         "fast_path": used_fast,
@@ -310,25 +340,59 @@ def random_control(lm: LoadedModel, prompts: Sequence[str], vectors: Tensor, *, 
     }
 
 
+def _method_kls(lm: LoadedModel, prompts: Sequence[str], method: SteeringMethod, alpha: float,
+                batch_size: int) -> tuple[dict[str, Tensor], tuple[float, float]]:
+    """First-token KLs ``{direction: [2]}`` of ``method`` at ``+α`` and ``−α`` (its factory, full forwards),
+    and each arm's matched norm (the record's applied norm, or mean ``‖h' − h‖`` for replacement methods)."""
+    out: dict[str, list[float]] = {name: [] for name in KL_DIRECTIONS}
+    norms = []
+    for strength in (alpha, -alpha):
+        records: list[MethodRecord] = []
+        factory = method.factory(lm, strength)
+
+        @contextmanager
+        def recorded(factory: SteerFactory = factory, records: list = records) -> Iterator[MethodRecord]:
+            with factory() as record:
+                records.append(record)
+                yield record
+
+        kl = first_token_kl(lm, prompts, recorded, batch_size=batch_size)
+        for name in KL_DIRECTIONS:
+            out[name].append(kl[name])
+        norms.append(matched_norm(records))
+    return {name: torch.tensor(values, dtype=torch.float64) for name, values in out.items()}, (norms[0], norms[1])
+
+
 def run_random_control(run_dir: str | Path, lm: LoadedModel, *, layers: Sequence[int] | None = None,
                        alpha: float = 1.0, component: str = "resid", method: str = "md", positions: str = "last",
                        n_random: int = 50, seed: int | None = None, n_prompts: int | None = 32,
-                       batch_size: int = 16, fast: bool = True) -> dict[str, Any]:
+                       batch_size: int = 16, fast: bool = True, steering: str = "flat",
+                       steering_params: dict[str, Any] | None = None,
+                       manifold: str | Path | None = None) -> dict[str, Any]:
     """Random control on a run directory: writes ``analysis/random_control.json`` (the report draws its figure).
 
     ``v`` is the run's ``<method>/<component>`` vector; the prompts are a seeded sample of
     ``n_prompts`` from the shipped neutral set (all of it when None); ``seed`` defaults to the
-    run's; ``layers`` to :func:`back_half_layers`.
+    run's; ``layers`` to :func:`back_half_layers`. ``steering`` names the steering method
+    (default ``flat`` on ``v``), built from the run by :func:`torsion.steering.from_run.run_method`
+    with ``steering_params`` and ``manifold``.
     """
+    from torsion.steering.from_run import run_method
+
     run = RunDir(run_dir)
     name = f"{method}/{component}"
     vectors = run_vector(load_vectors(run.vectors_path, d_model=lm.d_model), name)
     seed = int(run.manifest().get("seed", 0)) if seed is None else seed
     prompts = [p.prompt for p in sample(load_source("neutral"), n_prompts, seed=seed)]
-    result = random_control(lm, prompts, vectors, layers=back_half_layers(lm.n_layers) if layers is None else layers,
-                            alpha=alpha, component=component, positions=positions, n_random=n_random, seed=seed,
-                            vector_name=name, batch_size=batch_size, fast=fast)
+    layers = sorted(set(check_blocks(back_half_layers(lm.n_layers) if layers is None else layers, lm.n_layers)))
+    steered, record = run_method(run, lm, steering, vectors=vectors, layers=layers, component=component,
+                                 positions=positions, params=steering_params, manifold=manifold)
+    result = random_control(lm, prompts, vectors, layers=layers, alpha=alpha, component=component,
+                            positions=positions, n_random=n_random, seed=seed, vector_name=name,
+                            batch_size=batch_size, fast=fast, method=steered)
     result["conventions"]["prompts"] = "shipped neutral set, seeded sample stratified by category"
+    result["method"].update(tensors_sha256=record["tensors_sha256"], given_params={
+        key: "tensor" if isinstance(value, Tensor) else value for key, value in record["given_params"].items()})
     path = run.analysis_path("random_control")
     atomic_write_json(path, result)
     return result

@@ -194,13 +194,48 @@ def load_model_file(path: str | Path | None = None) -> dict[str, Any]:
         text = (Path(path).read_text(encoding="utf-8") if path is not None
                 else resources.files("torsion.judge").joinpath("data", SHIPPED).read_text(encoding="utf-8"))
         model = json.loads(text)
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: bad JSON, bad UTF-8, a number too long to parse
         raise TorsionError(f"cannot read learned-judge weights {path or SHIPPED}: {error}; retrain with "
                            "`torsion judge train LABELLED.jsonl`") from None
-    if model.get("version") != VERSION:
-        raise TorsionError(f"{path or SHIPPED} holds {model.get('version')!r} weights, not {VERSION}; retrain with "
+    version = model.get("version") if isinstance(model, dict) else None
+    if version != VERSION:
+        raise TorsionError(f"{path or SHIPPED} holds {version!r} weights, not {VERSION}; retrain with "
+                           "`torsion judge train LABELLED.jsonl`")
+    problem = _weights_problem(model)
+    if problem:
+        raise TorsionError(f"learned-judge weights {path or SHIPPED} are damaged ({problem}); retrain with "
                            "`torsion judge train LABELLED.jsonl`")
     return model
+
+
+def _numbers(value: Any, n: int) -> bool:
+    """``value`` is a list of ``n`` finite numbers."""
+    return (isinstance(value, list) and len(value) == n
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
+def _weights_problem(model: dict[str, Any]) -> str | None:
+    """What is wrong with a weights dict's shapes and types (None when :class:`LearnedJudge` can use it)."""
+    options, classes, names = model.get("options"), model.get("classes"), model.get("features")
+    if not (isinstance(options, dict) and isinstance(options.get("chars"), bool)
+            and isinstance(options.get("rules"), bool)):
+        return "options need boolean 'chars' and 'rules'"
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)
+            and len(set(classes)) == len(classes) and all(c in LABEL_SCORES for c in classes)):
+        return f"classes must be at least 2 distinct labels out of {', '.join(LABEL_SCORES)}"
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(set(names)) == len(names)):
+        return "features must be distinct strings"
+    if not _numbers(model.get("idf"), len(names)):
+        return "idf must be one finite number per feature"
+    coef = model.get("coef")
+    if coef is not None:
+        if not (isinstance(coef, list) and len(coef) == len(classes) and all(_numbers(r, len(names)) for r in coef)):
+            return "coef must be one row of finite numbers per class, one per feature"
+    elif not (len(classes) == 2 and _numbers(model.get("binary_coef"), len(names))):
+        return "binary_coef must be one finite number per feature, with exactly 2 classes"
+    if not (_numbers(model.get("intercept"), len(classes)) or _numbers(model.get("intercept"), 1)):
+        return "intercept must be one finite number per class (or one for 2 classes)"
+    return None
 
 
 def read_labelled(path: str | Path) -> list[dict]:

@@ -11,7 +11,9 @@ Tensors (float32; ``<block>`` is a decoder block index, layer ``l`` = block ``l`
 ``__metadata__``: ``format`` = ``torsion.manifold/1`` and ``manifold``, a JSON object with
 ``model_id``, ``weights_sha256``, ``d_model``, ``n_layers``, ``component``, ``layer_indexing``,
 ``k``, ``m``, ``smoothing``, ``variants``, ``knots`` (kept bins with ``t`` and ``n``; dropped
-bins with their counts), ``coherence`` (``null``, or the endpoint sweep with
+bins with their counts and reason), ``stability`` (what ``analysis/stability.json`` flagged
+structural and what was dropped or made soft), ``knot_weights`` (null or one smoothing weight
+per kept knot), ``coherence`` (``null``, or the endpoint sweep with
 ``last_coherent_t`` ``{"low", "high"}``), the run directory and ``torsion_version``. The
 splines themselves are refitted from the knots on load (deterministic).
 """
@@ -85,9 +87,11 @@ def load_manifold(path: str | Path) -> Manifold:
                            "pass the output of `torsion manifold fit`")
     meta = json.loads(metadata["manifold"])
     smoothing = float(meta.get("smoothing", 0.0))
+    weights = meta.get("knot_weights")
+    weights = tuple(float(w) for w in weights) if weights else None
     blocks_a = sorted({int(key.split("/")[1]) for key in tensors if key.startswith("a/")})
     a = {layer: BlockCurve(layer, tensors[f"a/{layer}/basis"], tensors[f"a/{layer}/mean"],
-                           tensors[f"a/{layer}/knots"], tensors[f"a/{layer}/knots_t"], smoothing)
+                           tensors[f"a/{layer}/knots"], tensors[f"a/{layer}/knots_t"], smoothing, weights)
          for layer in blocks_a}
     b = None
     if "b/basis" in tensors:
@@ -96,5 +100,5 @@ def load_manifold(path: str | Path) -> Manifold:
         b = Surface(tuple(blocks_b), tensors["b/basis"],
                     torch.stack([tensors[f"b/{layer}/mean"] for layer in blocks_b]),
                     torch.stack([tensors[f"b/{layer}/knots"] for layer in blocks_b]),
-                    tensors["b/knots_t"], int(meta["n_layers"]), smoothing)
+                    tensors["b/knots_t"], int(meta["n_layers"]), smoothing, weights)
     return Manifold(a, b, meta)

@@ -59,13 +59,19 @@ def pca_basis(centred: Tensor, k: int) -> Tensor:
     return (basis * signs).float()
 
 
-def make_curve(knots_t: np.ndarray, coords: np.ndarray, smoothing: float = 0.0) -> Curve:
-    """A library spline through ``coords`` ``[n_knots, k]`` at ``knots_t`` ``[n_knots]``; extrapolates linearly-or-cubically."""
+def make_curve(knots_t: np.ndarray, coords: np.ndarray, smoothing: float = 0.0,
+               weights: Sequence[float] | None = None) -> Curve:
+    """A library spline through ``coords`` ``[n_knots, k]`` at ``knots_t`` ``[n_knots]``; extrapolates linearly-or-cubically.
+
+    ``weights`` ``[n_knots]`` weigh each knot's residual in the smoothing spline (``smoothing > 0``;
+    a soft knot has weight < 1); an interpolating spline (``smoothing = 0``) passes through every knot.
+    """
     degree = min(3, len(knots_t) - 1)
     if smoothing == 0:
         spline = make_interp_spline(knots_t, coords, k=degree)
         return lambda t: np.asarray(spline(t))
-    splines = [make_splrep(knots_t, coords[:, j], k=degree, s=smoothing) for j in range(coords.shape[1])]
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)
+    splines = [make_splrep(knots_t, coords[:, j], w=w, k=degree, s=smoothing) for j in range(coords.shape[1])]
     return lambda t: np.array([float(s(t)) for s in splines])
 
 
@@ -79,9 +85,11 @@ class BlockCurve:
     knots: Tensor
     knots_t: Tensor
     smoothing: float = 0.0
+    knot_weights: tuple[float, ...] | None = None
 
     def curve(self) -> Curve:
-        return make_curve(self.knots_t.double().numpy(), self.knots.double().numpy(), self.smoothing)
+        return make_curve(self.knots_t.double().numpy(), self.knots.double().numpy(), self.smoothing,
+                          self.knot_weights)
 
 
 def _check_layers(knots: Knots, layers: Sequence[int]) -> tuple[int, ...]:
@@ -92,14 +100,16 @@ def _check_layers(knots: Knots, layers: Sequence[int]) -> tuple[int, ...]:
     return chosen
 
 
-def fit_a(knots: Knots, layers: Sequence[int], *, k: int = 8, smoothing: float = 0.0) -> dict[int, BlockCurve]:
+def fit_a(knots: Knots, layers: Sequence[int], *, k: int = 8, smoothing: float = 0.0,
+          knot_weights: Sequence[float] | None = None) -> dict[int, BlockCurve]:
     """Spline A at each block of ``layers``: its own PCA basis and curve through its knots."""
     fits = {}
     mean = knots.mean
     for layer in _check_layers(knots, layers):
         basis = pca_basis(knots.rows[:, layer] - mean[layer], k)
         coords = (knots.centroids[:, layer] - mean[layer]) @ basis.T  # [n_knots, k]
-        fits[layer] = BlockCurve(layer, basis, mean[layer].clone(), coords, knots.t.float(), smoothing)
+        fits[layer] = BlockCurve(layer, basis, mean[layer].clone(), coords, knots.t.float(), smoothing,
+                                 None if knot_weights is None else tuple(map(float, knot_weights)))
     return fits
 
 
@@ -118,24 +128,27 @@ class Surface:
     knots_t: Tensor
     n_layers: int
     smoothing: float = 0.0
+    knot_weights: tuple[float, ...] | None = None  # [n_knots]: a soft knot's smoothing is smoothing / w**2
 
     def depth(self, layer: float) -> float:
         return float(layer) / max(self.n_layers - 1, 1)
 
     def interpolator(self, exclude: int | None = None) -> RBFInterpolator:
         """The thin-plate surface over every block's knots, or all but block ``exclude``."""
-        points, values = [], []
+        points, values, smoothing = [], [], []
+        weights = self.knot_weights or (1.0,) * self.knots_t.numel()
         for index, layer in enumerate(self.layers):
             if layer == exclude:
                 continue
             for j, t in enumerate(self.knots_t.tolist()):
                 points.append((t, self.depth(layer)))
                 values.append(self.knots[index, j].double().numpy())
+                smoothing.append(self.smoothing / weights[j] ** 2)
         if len(points) < 3:
             raise TorsionError(f"spline B needs at least 3 (t, layer) knots, got {len(points)}; "
                                "fit it on more blocks")
         return RBFInterpolator(np.array(points), np.array(values), kernel="thin_plate_spline",
-                               smoothing=self.smoothing)
+                               smoothing=np.array(smoothing) if self.knot_weights else self.smoothing)
 
     def evaluate(self, t: float, layer: int, interpolator: RBFInterpolator | None = None) -> np.ndarray:
         """``S(t, l)``, ``[k]``."""
@@ -149,7 +162,8 @@ class Surface:
         return self.means[self.layers.index(layer)]
 
 
-def fit_b(knots: Knots, layers: Sequence[int], *, k: int = 8, n_layers: int, smoothing: float = 0.0) -> Surface:
+def fit_b(knots: Knots, layers: Sequence[int], *, k: int = 8, n_layers: int, smoothing: float = 0.0,
+          knot_weights: Sequence[float] | None = None) -> Surface:
     """Spline B over ``layers``: one PCA basis of the pooled per-block-centred rows, knots in it."""
     chosen = _check_layers(knots, layers)
     if len(chosen) < 2:
@@ -159,7 +173,8 @@ def fit_b(knots: Knots, layers: Sequence[int], *, k: int = 8, n_layers: int, smo
     basis = pca_basis(pooled, k)
     means = torch.stack([mean[layer] for layer in chosen])
     coords = torch.stack([(knots.centroids[:, layer] - mean[layer]) @ basis.T for layer in chosen])
-    return Surface(chosen, basis, means, coords, knots.t.float(), n_layers, smoothing)
+    return Surface(chosen, basis, means, coords, knots.t.float(), n_layers, smoothing,
+                   None if knot_weights is None else tuple(map(float, knot_weights)))
 
 
 def leave_one_block_out(knots: Knots, fits_a: dict[int, BlockCurve], surface: Surface) -> dict:

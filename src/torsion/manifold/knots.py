@@ -19,7 +19,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -63,12 +63,13 @@ class Knots:
 
 
 def fit_knots(acts: Tensor, labels: Sequence[str], scores: Sequence[float], *, m: int = 5,
-              neutral: Tensor | None = None) -> Knots:
+              neutral: Tensor | None = None, exclude: Mapping[str, str] | None = None) -> Knots:
     """Bin centroids from ``acts`` ``[n_rows, n_layers, d_model]`` with one label and score per row.
 
     ``labels`` name each row's bin (``strong_refuse`` … ``strong_comply``; other labels are
     ignored); ``scores`` are the scores that enter the bin's mean (corrected scores where the
     correction changed them). ``neutral`` ``[n, n_layers, d_model]``, if given, is the neutral bin.
+    ``exclude`` maps bins to leave out to the reason, recorded in ``dropped`` (:func:`structural_bins`).
     """
     if m < 1:
         raise TorsionError(f"m={m}: a bin needs at least 1 row; pass m >= 1")
@@ -85,6 +86,9 @@ def fit_knots(acts: Tensor, labels: Sequence[str], scores: Sequence[float], *, m
             index = [i for i, label in enumerate(labels) if label == name]
             rows = acts[index].float()
             mean_score = sum(scores[i] for i in index) / len(index) if index else LABEL_SCORES[name]
+        if exclude and name in exclude:
+            dropped.append({"bin": name, "n": int(rows.shape[0]), "reason": exclude[name]})
+            continue
         if rows.shape[0] < m:
             dropped.append({"bin": name, "n": int(rows.shape[0]), "reason": f"fewer than m={m} rows"})
             continue
@@ -121,8 +125,22 @@ def behaviour_labels(prompts: Sequence[Any], responses: Sequence[dict]) -> tuple
     return [by_score.get(score, "") for score in scores], scores
 
 
-def knots_from_run(run: Any, *, m: int = 5, component: str = "resid", neutral: Tensor | None = None) -> Knots:
-    """Knots from a run directory's fit rows (train split) and ``activations.safetensors``."""
+def structural_bins(entries: Sequence[Mapping[str, Any]], *, component: str,
+                    layers: Sequence[int] | None = None) -> dict[str, str]:
+    """Bins that ``analysis/stability.json`` flags ``structural`` for ``component`` (at any of ``layers``,
+    default any block), each with the reason a manifold file records."""
+    blocks: dict[str, list[int]] = {}
+    for entry in entries:
+        if (entry.get("kind") == "bin" and entry.get("component") == component and entry.get("structural") is True
+                and (layers is None or entry.get("block") in layers)):
+            blocks.setdefault(str(entry.get("name")), []).append(int(entry.get("block", -1)))
+    return {name: f"structural in analysis/stability.json at blocks {sorted(b)} (learning-curve floor's lower CI "
+                  "above the threshold: more prompts will not steady it)" for name, b in blocks.items()}
+
+
+def knots_from_run(run: Any, *, m: int = 5, component: str = "resid", neutral: Tensor | None = None,
+                   exclude: Mapping[str, str] | None = None) -> Knots:
+    """Knots from a run directory's fit rows (train split) and ``activations.safetensors``, less ``exclude``."""
     from torsion.capture import load_activations
     from torsion.runs import fit_rows, labelled_prompts
 
@@ -138,4 +156,4 @@ def knots_from_run(run: Any, *, m: int = 5, component: str = "resid", neutral: T
                            "re-run the capture stage")
     rows = fit_rows(prompts, responses)
     labels, scores = behaviour_labels([prompts[i] for i in rows], [responses[i] for i in rows])
-    return fit_knots(acts[rows], labels, scores, m=m, neutral=neutral)
+    return fit_knots(acts[rows], labels, scores, m=m, neutral=neutral, exclude=exclude)

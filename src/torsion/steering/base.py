@@ -190,6 +190,30 @@ class SteeringMethod:
         return save_method(self, path)
 
 
+def matched_norm(records: list[MethodRecord]) -> float:
+    """One block's norm over several ``apply`` contexts of one method (the first steered block of each):
+    the applied norm, or for replacement methods the mean ``‖h' − h‖`` over every steered token of every
+    context (weighted by tokens; 0 when none was steered)."""
+    if not records[0].replacement:
+        return float(records[0].applied_norms[0])
+    total = sum(float(r.mean_delta_norms()[0] or 0.0) * r.steered_tokens[0] for r in records)
+    count = sum(r.steered_tokens[0] for r in records)
+    return total / count if count else 0.0
+
+
+def at_block(method: SteeringMethod, block: int) -> SteeringMethod:
+    """``method`` steering block ``block`` alone (its ``layers`` replaced, or its ``at_layers`` where its tensors
+    are aligned with them); a method without layers fails in one line."""
+    import dataclasses
+
+    if hasattr(method, "at_layers"):
+        return method.at_layers((int(block),))
+    if not any(f.name == "layers" for f in fields(method)):
+        raise TorsionError(f"{method.name} steers every block at once, so it cannot be injected at one block; "
+                           "choose a method with layers (flat, ace, spline-a, spline-b)")
+    return dataclasses.replace(method, layers=(int(block),))
+
+
 def check_same_model(meta: Mapping[str, Any], lm: LoadedModel, *, what: str) -> None:
     """Refuse ``meta`` recorded for another model: weights hash when both sides know it, else model id."""
     theirs, ours = meta.get("weights_sha256"), lm.weights_sha256

@@ -97,7 +97,8 @@ def run_method(run: RunDir, lm: LoadedModel, name: str, *, vectors: Tensor, laye
         if cls.name == "ace":
             from torsion.steering.ace import complied_means
 
-            chosen.setdefault("means", complied_means(run.root, chosen["component"]))
+            if "means" not in chosen:  # not setdefault: computing it needs the run's labelled activations
+                chosen["means"] = complied_means(run.root, chosen["component"])
         method = get_method(cls.name, vectors=vectors, **chosen)
     method.validate(lm)
     record = {"name": cls.name, "strength_name": cls.strength_name, "params": method.params(),

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -44,6 +45,12 @@ def normalise_common(method: Any) -> None:
     object.__setattr__(method, "beta", float(method.beta))
     object.__setattr__(method, "smoothing", float(method.smoothing))
     object.__setattr__(method, "knots_t", torch.as_tensor(method.knots_t).detach().float().cpu())
+    if method.knot_weights is not None:
+        weights = tuple(float(w) for w in method.knot_weights)
+        if len(weights) != method.knots_t.numel() or not all(0 < w < float("inf") for w in weights):
+            raise TorsionError(f"{method.name} knot_weights {list(weights)} need one positive finite weight per "
+                               "knot; refit the manifold")
+        object.__setattr__(method, "knot_weights", weights)
     if not method.layers:
         raise TorsionError(f"{method.name} needs at least one layer to steer; pass layers=[...]")
     if method.knots_t.ndim != 1 or method.knots_t.numel() < 2:
@@ -77,6 +84,7 @@ class SplineA(SteeringMethod):
     knots_t: Tensor
     beta: float = 1.0
     smoothing: float = 0.0
+    knot_weights: tuple[float, ...] | None = None
     t_range: tuple[float, float] | None = None
     allow_extrapolation: bool = False
     component: str = "resid"
@@ -97,6 +105,16 @@ class SplineA(SteeringMethod):
         """The coherent ``t`` range (last coherent ``t`` per side, else the outer knots), for either objective."""
         return self.t_range
 
+    def at_layers(self, layers: Sequence[int]) -> SplineA:
+        """This spline on a subset of its ``layers`` (the tensors sliced to match)."""
+        missing = [layer for layer in layers if layer not in self.layers]
+        if missing:
+            raise TorsionError(f"spline-a has no fit for block {missing[0]}; it covers {list(self.layers)}, "
+                               "refit the manifold with --layers")
+        rows = torch.tensor([self.layers.index(layer) for layer in layers])
+        return dataclasses.replace(self, layers=tuple(int(layer) for layer in layers), basis=self.basis[rows],
+                                   mean=self.mean[rows], knots=self.knots[rows])
+
     d_model = property(lambda self: self.basis.shape[2])
     n_layers_needed = property(lambda self: max(self.layers) + 1)
     steered_layers = property(lambda self: self.layers)
@@ -112,13 +130,15 @@ class SplineA(SteeringMethod):
         fits = [manifold.a[layer] for layer in chosen]
         params.setdefault("t_range", manifold.t_range())
         params.setdefault("smoothing", float(manifold.meta.get("smoothing", 0.0)))
+        params.setdefault("knot_weights", fits[0].knot_weights)
         return cls(chosen, torch.stack([f.basis for f in fits]), torch.stack([f.mean for f in fits]),
                    torch.stack([f.knots for f in fits]), fits[0].knots_t, meta=_provenance(manifold), **params)
 
     def targets(self, t: float) -> Tensor:
         """``s_l(t)`` for each steered block, ``[n, k]``."""
         knots_t = self.knots_t.double().numpy()
-        return torch.stack([torch.from_numpy(make_curve(knots_t, self.knots[i].double().numpy(), self.smoothing)(t))
+        return torch.stack([torch.from_numpy(make_curve(knots_t, self.knots[i].double().numpy(), self.smoothing,
+                                                       self.knot_weights)(t))
                             for i in range(len(self.layers))]).float()
 
     def _context(self, lm: LoadedModel, strength: float) -> AbstractContextManager[MethodRecord]:

@@ -44,6 +44,7 @@ class SplineB(SteeringMethod):
     depth_layers: int
     beta: float = 1.0
     smoothing: float = 0.0
+    knot_weights: tuple[float, ...] | None = None
     t_range: tuple[float, float] | None = None
     allow_extrapolation: bool = False
     component: str = "resid"
@@ -69,7 +70,7 @@ class SplineB(SteeringMethod):
 
     def surface(self) -> Surface:
         return Surface(self.surface_layers, self.basis, self.means, self.knots, self.knots_t, self.depth_layers,
-                       self.smoothing)
+                       self.smoothing, self.knot_weights)
 
     @classmethod
     def from_manifold(cls, manifold: Manifold, layers: Sequence[int] | None = None, **params: Any) -> SplineB:
@@ -79,6 +80,7 @@ class SplineB(SteeringMethod):
             raise TorsionError("the manifold file has no spline B; refit with `torsion manifold fit --variant b`")
         params.setdefault("t_range", manifold.t_range())
         params.setdefault("smoothing", surface.smoothing)
+        params.setdefault("knot_weights", surface.knot_weights)
         return cls(tuple(layers) if layers is not None else surface.layers, surface.layers, surface.basis,
                    surface.means, surface.knots, surface.knots_t, surface.n_layers, meta=_provenance(manifold),
                    **params)
