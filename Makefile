@@ -48,6 +48,7 @@ bench: assets
 	$(BIN)/python benchmarks/bench_bootstrap.py
 	$(BIN)/python benchmarks/bench_steer_overhead.py
 	$(BIN)/python benchmarks/bench_random_control.py
+	$(BIN)/python benchmarks/bench_generate.py  # --full (once, long): 256 prompts with the batch-of-one reference
 	$(BIN)/python benchmarks/bench_peers.py  # builds .venv-peers (transformers 4, numpy 1) on first use
 
 clean:

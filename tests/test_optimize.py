@@ -67,8 +67,8 @@ def _settings(**overrides):
 
 def _spy(monkeypatch):
     seen = []
-    original = behaviour.generate_batch
-    monkeypatch.setattr(behaviour, "generate_batch", lambda lm, batch, s: seen.extend(batch) or original(lm, batch, s))
+    original = behaviour.iter_generate
+    monkeypatch.setattr(behaviour, "iter_generate", lambda lm, batch, s: seen.extend(batch) or original(lm, batch, s))
     return seen
 
 

@@ -100,8 +100,8 @@ def test_arditi_check_selects_on_train_and_tests_on_holdout(tmp_path, tiny_model
     out = tmp_path / "run"
     run_pipeline(_config(tiny_model_dir, prompt_file), out, judge=OracleJudge(), log=lambda m: None)
     seen = []
-    original = behaviour.generate_batch
-    monkeypatch.setattr(behaviour, "generate_batch", lambda lm, batch, s: seen.extend(batch) or original(lm, batch, s))
+    original = behaviour.iter_generate
+    monkeypatch.setattr(behaviour, "iter_generate", lambda lm, batch, s: seen.extend(batch) or original(lm, batch, s))
     from torsion.judge import RuleJudge
 
     result = arditi.run_arditi(out, load_model(str(tiny_model_dir)), alphas=(0.0, 2.0), n_neutral=6, max_new_tokens=3,

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from torsion.generate import GenerationSettings, generate_batch
+from torsion.generate import GenerationSettings, iter_generate
 from torsion.judge.base import LABEL_SCORES, Judge
 from torsion.judge.correction import FP_ECHO, FP_REFUSE, Corrected, corrected, genuine_rate, refusal_rate, \
     row_correction, share
@@ -83,18 +83,21 @@ def evaluate_behaviour(lm: LoadedModel, prompts: Sequence[str], steer: SteerFact
     the steering record's conventions when ``steer`` yields one (``alpha``, ``applied_norm``, a
     method's ``mean_delta_norm``, ...), read when generation is done.
     """
-    responses: list[str] = []
-    labels: list[str] = []
+    responses: list[str] = [""] * len(prompts)
+    labels: list[str] = [""] * len(prompts)
+    done: list[int] = []  # indices generated so far: length buckets, shortest prompts first
     conventions: dict[str, Any] | None = None
     with (steer() if steer is not None else nullcontext()) as record:
-        batches = range(0, len(prompts), settings.batch_size)
-        for step, start in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False)):
-            batch = list(prompts[start:start + settings.batch_size])
-            generated = generate_batch(lm, batch, settings)
-            responses += generated
-            labels += [v.label for v in judge.judge(batch, generated)]
-            if on_batch is not None:
-                on_batch(step, correct_rows(prompts[:len(labels)], responses, labels))
+        with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
+            for step, (indices, generated) in enumerate(iter_generate(lm, prompts, settings)):
+                verdicts = judge.judge([prompts[i] for i in indices], generated)
+                for index, text, verdict in zip(indices, generated, verdicts):
+                    responses[index], labels[index] = text, verdict.label
+                done += indices
+                bar.update(len(indices))
+                if on_batch is not None:
+                    on_batch(step, correct_rows([prompts[i] for i in done], [responses[i] for i in done],
+                                                [labels[i] for i in done]))
         if record is not None and hasattr(record, "conventions"):  # read last: replacement methods measure as they go
             conventions = record.conventions()
     rows = correct_rows(prompts, responses, labels)

@@ -52,6 +52,8 @@ def _checked(convert: Callable[[str], object], test: Callable[[object], bool], n
 
 
 positive_int = _checked(int, lambda n: n >= 1, "a whole number >= 1")
+batch_size_arg = _checked(lambda t: t if t == "auto" else int(t), lambda v: v == "auto" or v >= 1,
+                          "a whole number >= 1 or auto")
 block_index = _checked(int, lambda n: n >= 0, "a block index >= 0")
 seed_int = _checked(int, lambda n: 0 <= n < 2 ** 63, "a whole number >= 0")
 port_int = _checked(int, lambda n: 0 <= n <= 65535, "a port number 0..65535")
@@ -246,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a prompt source: neutral, harmbench, donotanswer, or a file")
     steer.add_argument("--limit", type=positive_int, default=None, help="use the first N prompts of --prompts")
     steer.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens per response (default 48)")
-    steer.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch (default 8)")
+    steer.add_argument("--batch-size", type=batch_size_arg, default="auto",
+                       help="prompts per batch, or auto (default: by measured throughput and free memory)")
     steer.add_argument("--out", type=output_path, default=None, help="write JSONL rows here instead of printing")
     steer.set_defaults(func=commands.steer)
 

@@ -504,11 +504,8 @@ def steer_method(args: argparse.Namespace) -> int:
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     method = build_method(args, lm, name)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    rows = []
     with method.apply(lm, strength) as record:
-        for start in range(0, len(prompts), args.batch_size):
-            batch = prompts[start:start + args.batch_size]
-            rows += [{"prompt": p, "response": r} for p, r in zip(batch, generate_batch(lm, batch, settings))]
+        rows = [{"prompt": p, "response": r} for p, r in zip(prompts, generate_batch(lm, prompts, settings))]
         conventions = record.conventions()
     source = {"method_file": str(args.method_file) if args.method_file else None,
               "manifold": str(args.manifold) if args.manifold else None,

@@ -31,7 +31,8 @@ class RunConfig:
     # generation and labels
     max_new_tokens: int = 32
     temperature: float = 0.0
-    generation_batch_size: int = 8
+    # "auto": torsion.generate.auto_batch_size (the measured throughput plateau, bounded by free memory)
+    generation_batch_size: int | str = "auto"
     judge: str = "rules"
     # capture
     components: tuple[str, ...] = ("resid", "attn", "mlp")
@@ -80,6 +81,6 @@ PROFILES: dict[str, dict] = {
     # 256 prompts (128 per source): the default
     "quick": {},
     # every prompt of both sources, and the steering-method comparison; hours on CPU, minutes on a GPU
-    "paper": {"n_per_source": None, "max_new_tokens": 64, "generation_batch_size": 16, "random_control_prompts": 64,
+    "paper": {"n_per_source": None, "max_new_tokens": 64, "random_control_prompts": 64,
               "compare_methods": COMPARED_METHODS},
 }

@@ -297,24 +297,20 @@ def ablate_direction(lm: LoadedModel, direction: object,
             handle.remove()
 
 
-@torch.inference_mode()
 def generate_steered(lm: LoadedModel, prompts: Sequence[str], *, vectors: object, layers: int | Sequence[int],
                      alpha: float | Sequence[float], component: str = "resid", positions: str = "last",
-                     max_new_tokens: int = 48, batch_size: int = 8) -> list[dict[str, Any]]:
+                     max_new_tokens: int = 48, batch_size: int | str = "auto") -> list[dict[str, Any]]:
     """Greedy steered generation; one row per prompt, in order.
 
     Each row has ``prompt``, ``response`` and the steering conventions of
     :meth:`SteeringRecord.conventions` (``alpha`` and ``applied_norm`` per layer, ``layers``,
-    ``component``, ``positions``, ...). Batches are chat-templated and left-padded.
+    ``component``, ``positions``, ...). Generation is :func:`torsion.generate.generate_batch`
+    (chat-templated, left-padded length buckets) inside :func:`add_steering`.
     """
     if batch_size < 1:
         raise TorsionError(f"batch_size = {batch_size}; pass at least 1 prompt per batch")
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    rows: list[dict[str, Any]] = []
     with add_steering(lm, vectors, layers=layers, alpha=alpha, component=component,
                       positions=positions) as record:
-        for start in range(0, len(prompts), batch_size):
-            batch = list(prompts[start:start + batch_size])
-            responses = generate_batch(lm, batch, settings)
-            rows += [{"prompt": p, "response": r, **record.conventions()} for p, r in zip(batch, responses)]
-    return rows
+        responses = generate_batch(lm, prompts, settings)
+    return [{"prompt": p, "response": r, **record.conventions()} for p, r in zip(prompts, responses)]
