@@ -129,11 +129,13 @@ def test_sampling_is_reproducible_from_the_seed_and_leaves_the_global_rng_alone(
     assert other_seed != first
 
 
-def test_steer_cli_takes_auto_or_a_whole_number(capsys):
+def test_steer_cli_takes_auto_or_a_whole_number(capsys, tmp_path):
     from torsion.cli import build_parser
 
-    parse = lambda *extra: build_parser().parse_args(["steer", "--vector", "v", "--layers", "1", "--alpha", "1",
-                                                      "--prompt", "hi", *extra])
+    vector = tmp_path / "v.safetensors"
+    vector.write_bytes(b"")  # the parser checks that the file exists; nothing reads it here
+    parse = lambda *extra: build_parser().parse_args(["steer", "--vector", str(vector), "--layers", "1",
+                                                      "--alpha", "1", "--prompt", "hi", *extra])
     assert parse().batch_size == "auto" and parse("--batch-size", "12").batch_size == 12
     with pytest.raises(SystemExit):
         parse("--batch-size", "0")
