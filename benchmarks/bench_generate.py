@@ -9,7 +9,7 @@ Both arms run in one process, interleaved chunk by chunk, on the quick profile's
 
 Default mode (a few minutes): a prompt subset through both arms, plus where the time goes:
 prefill per token and decode per step at batch sizes 1-64, the LM head's share, padding and
-finished rows still decoded. ``--full`` (once; tens of minutes on 2 cores): all 256 prompts
+finished rows still decoded. ``--full`` (once; over an hour on 2 shared cores): all 256 prompts
 through the baseline, the new path and the batch-of-one reference, the identical-output
 share, and for each differing row the reference's top-2 logit margin where it diverges.
 Writes ``benchmarks/results/generate.json`` (``--full`` adds a ``full`` section).
@@ -220,6 +220,7 @@ def main() -> None:
         def write(results: dict) -> None:
             reference = results["batch_of_one"]["ids"]
             report = {"model": lm.model_id, "n_prompts_done": len(reference), "n_prompts": len(prompts),
+                      "prompts_per_chunk": args.chunk,
                       **{k: summary(v) for k, v in results.items()}}
             for name in ("baseline", "batch_of_one"):
                 if name in report:
@@ -249,7 +250,8 @@ def main() -> None:
         same = [a == b for a, b in zip(results["baseline"]["ids"], results["new"]["ids"])]
         lengths = [len(r) for r in tokenize_prompts(lm, subset)]
         models[spec] = {
-            "model": lm.model_id, "n_prompts": len(subset), "auto_batch_size": auto_batch_size(
+            "model": lm.model_id, "n_prompts": len(subset), "prompts_per_chunk": -(-len(subset) // 2),
+            "auto_batch_size": auto_batch_size(
                 lm, max(lengths) + NEW_TOKENS),
             **{k: summary(v) for k, v in results.items()},
             "ratio_new_over_baseline_tokens_per_s": round(
