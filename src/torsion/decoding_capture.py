@@ -164,6 +164,8 @@ def capture_generation_to_file(lm: LoadedModel, prompts: Sequence[str], path: Pa
     check_readout(readout_blocks, k=k, n_layers=lm.n_layers, steered_blocks=steered_blocks)
     if settings.max_new_tokens < k + 1:
         settings = replace(settings, max_new_tokens=k + 1)
+    # the recorder reads rows in batch order while decoding: one fixed batch at a time
+    settings = replace(settings, keep_rows=True, batch_size=8 if settings.batch_size == "auto" else settings.batch_size)
     n, shape = len(prompts), (len(prompts), len(readout_blocks), lm.d_model)
     responses_path = path.with_name(path.name + ".responses.jsonl")
     meta = {"layer_indexing": LAYER_INDEXING, "component": "resid", "positions": "last,generated",

@@ -64,6 +64,9 @@ class GenerationSettings:
     top_p: float = 1.0
     seed: int = 0
     batch_size: int | str = AUTO
+    # one bucket per batch_size prompts in the given order, finished rows fed the pad token until all
+    # end (as model.generate): for hooks that read per-row states while decoding (decoding_capture)
+    keep_rows: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size != AUTO and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
@@ -173,15 +176,19 @@ def decode_bucket(lm: LoadedModel, rows: Sequence[list[int]], settings: Generati
     cache = DynamicCache(config=lm.model.config)
     logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                       use_cache=True, logits_to_keep=1).logits[:, -1]
+    stopped = torch.zeros(len(rows), dtype=torch.bool, device=lm.device)
     for step in range(settings.max_new_tokens):
         tokens = _next_tokens(logits, settings, [generators[r] for r in alive])
         finished = torch.isin(tokens, eos)
+        if settings.keep_rows:
+            tokens = tokens.masked_fill(stopped, pad_id)
+            finished = stopped = finished | stopped
         for row, token, done in zip(alive, tokens.tolist(), finished.tolist()):
             if not done:
                 new_ids[row].append(token)
         if step == settings.max_new_tokens - 1 or bool(finished.all()):
             break
-        if bool(finished.any()):
+        if bool(finished.any()) and not settings.keep_rows:
             keep = (~finished).nonzero()[:, 0]
             cache.batch_select_indices(keep)
             mask, positions, tokens = mask[keep], positions[keep], tokens[keep]
@@ -217,7 +224,8 @@ def iter_generate_ids(lm: LoadedModel, prompts: Sequence[str],
         size = auto_batch_size(lm, max(lengths) + settings.max_new_tokens)
     sampled = settings.temperature > 0
     generators = row_generators(prompts, settings.seed, lm.device) if sampled else None
-    for indices in buckets(lengths, size):
+    order = [list(range(start, min(start + size, len(rows)))) for start in range(0, len(rows), size)]
+    for indices in order if settings.keep_rows else buckets(lengths, size):
         yield indices, decode_bucket(lm, [rows[i] for i in indices], settings,
                                      [generators[i] for i in indices] if sampled else None)
 
