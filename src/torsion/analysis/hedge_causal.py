@@ -57,12 +57,9 @@ def _arm(lm: LoadedModel, prompts: Sequence[str], direction: Tensor, block: int,
     vectors = torch.zeros(lm.n_layers, lm.d_model, dtype=torch.float64)
     vectors[block] = direction.double()
     judge = get_judge("rules")
-    labels: list[str] = []
     with add_steering(lm, vectors, layers=[block], alpha=1.0, positions=positions):
-        for start in range(0, len(prompts), settings.batch_size):
-            batch = list(prompts[start:start + settings.batch_size])
-            labels += [v.label for v in judge.judge(batch, generate_batch(lm, batch, settings))]
-    return labels
+        responses = generate_batch(lm, list(prompts), settings)  # length buckets inside, prompt order out
+    return [v.label for v in judge.judge(list(prompts), responses)]
 
 
 def causal_hedge_test(lm: LoadedModel, prompts: Sequence[str], base_labels: Sequence[str], hedge_direction: Tensor,
