@@ -87,6 +87,20 @@ def test_changed_settings_are_refused(tmp_path, tiny_model_dir, prompt_file):
         run_pipeline(_config(tiny_model_dir, prompt_file), out, judge=OracleJudge(), log=lambda m: None)
 
 
+def test_a_resume_may_change_only_the_batch_sizes(tmp_path, tiny_model_dir, prompt_file):
+    from torsion.pipeline import _check_config
+    from torsion.errors import TorsionError
+    from torsion.store import RunDir
+
+    config = _config(tiny_model_dir, prompt_file)
+    run = RunDir(tmp_path / "run")
+    run.update_manifest(config={**config.to_dict(), "generation_batch_size": 8, "capture_batch_size": 4})
+    _check_config(run, config)  # batch sizes change speed, not results: accepted
+    run.update_manifest(config={**config.to_dict(), "generation_batch_size": 8, "max_new_tokens": 99})
+    with pytest.raises(TorsionError, match=r"different settings \(max_new_tokens\)"):
+        _check_config(run, config)
+
+
 def test_arditi_check_selects_on_train_and_tests_on_holdout(tmp_path, tiny_model_dir, prompt_file, monkeypatch):
     import torsion.analysis.arditi as arditi
     import torsion.behaviour as behaviour

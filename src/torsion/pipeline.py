@@ -63,12 +63,17 @@ def dataset_sha256(prompts) -> str:
     return digest.hexdigest()
 
 
+# settings that change how fast a stage runs, never what it computes (greedy tokens and captured
+# activations do not depend on the batch): a resume may change them
+THROUGHPUT_SETTINGS = frozenset({"generation_batch_size", "capture_batch_size"})
+
+
 def _check_config(run: RunDir, config: RunConfig) -> None:
     previous = run.manifest().get("config")
     if previous is None:
         return
     current = config.to_dict()
-    changed = sorted(k for k in previous if previous[k] != current.get(k))
+    changed = sorted(k for k in previous if previous[k] != current.get(k) and k not in THROUGHPUT_SETTINGS)
     if changed:
         raise TorsionError(
             f"{run.root} was made with different settings ({', '.join(changed)}); "
