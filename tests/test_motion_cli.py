@@ -77,14 +77,28 @@ def test_report_has_the_three_sections(tiny_run):
 
 def test_causal_hedge_bookkeeping_by_hand():
     from torsion.analysis.hedge_causal import consistency, rate_changes
+    from torsion.judge.correction import corrected
 
-    base, steered = ["strong_refuse", "strong_comply", "judge_error"], ["strong_comply", "strong_comply", "weak_comply"]
+    base = [corrected("strong_refuse"), corrected("strong_comply"), corrected("judge_error")]
+    steered = [corrected("strong_comply"), corrected("strong_comply"), corrected("weak_comply")]
     changes = rate_changes(base, steered)
     # judged rows: 2 before (1 refuse, 1 comply), 3 after (2 strong, 1 weak comply)
     assert changes["strong_comply"] == pytest.approx(2 / 3 - 1 / 2) and changes["strong_refuse"] == pytest.approx(-0.5)
     assert changes["weak_comply"] == pytest.approx(1 / 3)
     assert consistency(base, steered) == {"n": 2, "up": 0, "down": 1, "same": 1, "share": 0.5,
                                           "direction": "toward compliance"}
+
+
+def test_causal_hedge_counts_corrected_behaviour():
+    """An fp_refuse comply is refused (+0.5) and never genuine compliance, in rates and consistency alike."""
+    from torsion.analysis.hedge_causal import consistency, rate_changes
+    from torsion.judge.correction import corrected
+
+    base = [corrected("strong_comply"), corrected("strong_comply")]
+    steered = [corrected("strong_comply", "fp_refuse"), corrected("strong_comply")]
+    changes = rate_changes(base, steered)
+    assert changes["refused"] == pytest.approx(0.5) and changes["genuine_strong_comply"] == pytest.approx(-0.5)
+    assert consistency(base, steered)["up"] == 1
 
 
 def test_hedge_runs_the_causal_test_when_there_is_geometry(tiny_run, monkeypatch):
@@ -101,6 +115,7 @@ def test_hedge_runs_the_causal_test_when_there_is_geometry(tiny_run, monkeypatch
     causal = result["causal_test"]
     assert causal["run"] is True and causal["block"] == 3 and causal["random"]["n"] == 2
     assert len(causal["hedge_direction"]["labels"]) == 8
+    assert causal["judge"] == OracleJudge().name  # the steered arms use the run's judge, not the rule judge
 
 
 def test_stability_figure_without_a_curve(tmp_path):

@@ -124,7 +124,7 @@ def sweep(run_dir: Path, lm: LoadedModel, *, alphas: Sequence[float] | None = No
         arms[name] = {"tensors": tensors, "responses": responses, "labels": labels, "steering": record,
                       "behaviour": correct_rows(prompts, responses, labels)}
     return {"prompts": prompts, "alphas": alphas, "steered_blocks": steered, "readout_blocks": readout, "k": k,
-            "axes": axes, "method": method_record, "arms": arms, "judge": judge.name, "settings": settings, "positions": positions,
+            "axes": axes, "method": method_record, "arms": arms, "judge": judge.name, "judge_object": judge, "settings": settings, "positions": positions,
             "seed": seed}
 
 
@@ -252,7 +252,8 @@ def _causal(lm: LoadedModel, data: dict[str, Any], hedge_direction: tuple[int, T
     deltas = steering.get("mean_delta_norm")  # replacement methods: what they changed, not their additive term
     applied_norm = float(np.mean(deltas if deltas and None not in deltas else steering["applied_norm"]))
     block, direction = hedge_direction
-    result = causal_hedge_test(lm, data["prompts"], data["arms"]["unsteered"]["labels"], direction, block=block,
+    result = causal_hedge_test(lm, data["prompts"], data["arms"]["unsteered"]["behaviour"], direction,
+                               judge=data["judge_object"], block=block,
                                applied_norm=applied_norm, n_random=n_random, settings=data["settings"],
                                positions=data["positions"], seed=data["seed"])
     return {"run": True, "norm_from_alpha": f"{alpha:g}", "note": "applied norm = mean ||alpha v_l|| of that alpha "
