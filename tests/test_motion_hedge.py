@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from torsion.analysis.hedge import hedge_geometry_test, position_and_bow, prompts_needed
-from torsion.analysis.motion import basic_interval, compliance_destination, motion_stats, orthogonal_fraction
+from torsion.analysis.motion import compliance_destination, motion_stats, orthogonal_fraction
+from torsion.stats import basic_interval
 
 
 def test_orthogonal_fraction_of_planted_shifts():

@@ -10,8 +10,8 @@ import torch
 
 from torsion.analysis import rotation
 from torsion.analysis.rotation import (
+    ANGLE_RANGE,
     analyze_rotation,
-    basic_interval,
     batched_mean_difference,
     equal_tailed_p_value,
     dispersion_bootstrap,
@@ -22,6 +22,7 @@ from torsion.analysis.rotation import (
 )
 from torsion.errors import TorsionError
 from torsion.geometry import adjacent_angles, angle_deg, cosine, random_angle_reference
+from torsion.stats import basic_interval
 from torsion.vectors import mean_difference
 
 
@@ -327,11 +328,13 @@ def test_null_p_value_is_equal_tailed_for_a_skewed_null():
 
 
 def test_basic_interval_by_hand_and_clipped_to_the_angle_range():
-    np.testing.assert_allclose(basic_interval(30.0, np.array([28.0, 40.0])), [20.0, 32.0])  # [60 - 40, 60 - 28]
-    np.testing.assert_allclose(basic_interval(10.0, np.array([12.0, 25.0])), [0.0, 8.0])  # [-5, 8] -> [0, 8]
-    np.testing.assert_allclose(basic_interval(175.0, np.array([165.0, 178.0])), [172.0, 180.0])  # 185 -> 180
-    np.testing.assert_allclose(basic_interval(np.array([[10.0], [30.0]]), np.array([[12.0, 25.0], [28.0, 40.0]])),
-                               [[0.0, 8.0], [20.0, 32.0]])
+    # two replicates a < b: q2.5 = a + 0.025 (b - a), q97.5 = a + 0.975 (b - a)
+    np.testing.assert_allclose(basic_interval(30.0, np.array([28.0, 68.0]), **ANGLE_RANGE), [0.0, 31.0])  # [-7, 31]
+    np.testing.assert_allclose(basic_interval(30.0, np.array([20.0, 60.0])), [1.0, 39.0])  # [60 - 59, 60 - 21]
+    np.testing.assert_allclose(basic_interval(175.0, np.array([165.0, 185.0]), **ANGLE_RANGE),
+                               [165.5, 180.0])  # [350 - 184.5, 350 - 165.5] = [165.5, 184.5]
+    np.testing.assert_allclose(basic_interval(np.array([10.0, 30.0]), np.array([[0.0, 20.0], [40.0, 60.0]])),
+                               [[-19.0, 19.0], [1.0, 39.0]])  # per column: [20 - 39, 20 - 1], [60 - 59, 60 - 21]
 
 
 def test_basic_interval_of_a_near_zero_angle_stays_non_negative():

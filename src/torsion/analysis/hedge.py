@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from torsion.analysis.motion import basic_interval
 from torsion.analysis.rotation import _resample_counts
 from torsion.geometry import angle_deg
+from torsion.stats import basic_interval, percentile_interval
 
 MIN_GROUP = 5  # m: a group smaller than this gets counts and no geometry
 GROUPS = ("refused", "strong_comply", "hedge")  # a, b, h
@@ -97,10 +97,10 @@ def hedge_geometry_test(states: Tensor, groups: Sequence[str], *, B: int = 1000,
     null_bows = _null_bows(x, rows, centroids, float(t), P=P, seed=seed + 1)
     result.update(
         geometry="ok", B=B,
-        t={"estimate": float(t), "ci95_basic": basic_interval(float(t), t_boot.numpy()),
-           "ci95_percentile": np.percentile(t_boot.numpy(), [2.5, 97.5]).tolist()},
-        bow={"estimate": float(bow), "ci95_basic": basic_interval(float(bow), bow_boot.numpy(), lower=0.0),
-             "ci95_percentile": np.percentile(bow_boot.numpy(), [2.5, 97.5]).tolist()},
+        t={"estimate": float(t), "ci95_basic": basic_interval(float(t), t_boot.numpy()).tolist(),
+           "ci95_percentile": percentile_interval(t_boot.numpy()).tolist()},
+        bow={"estimate": float(bow), "ci95_basic": basic_interval(float(bow), bow_boot.numpy(), lower=0.0).tolist(),
+             "ci95_percentile": percentile_interval(bow_boot.numpy()).tolist()},
         segment_length=float(torch.linalg.vector_norm(b - a)),
         centroid_wobble_deg=wobble,
         bow_null={"P": P, "mean": float(null_bows.mean()), "p95": float(np.percentile(null_bows, 95)),

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from torsion.analysis.rotation import _resample_counts
 from torsion.errors import TorsionError
 from torsion.geometry import angle_deg
+from torsion.stats import basic_interval, percentile_interval
 
 
 def unit(v: Tensor) -> Tensor:
@@ -40,22 +40,6 @@ def orthogonal_fraction(u: Tensor, axis: Tensor) -> Tensor:
     u, direction = u.double(), unit(axis)
     along = (u * direction).sum(-1, keepdim=True) * direction
     return torch.linalg.vector_norm(u - along, dim=-1) / torch.linalg.vector_norm(u, dim=-1).clamp_min(1e-300)
-
-
-def basic_interval(estimate: np.ndarray | float, replicates: np.ndarray, *, lower: float | None = None,
-                   upper: float | None = None) -> list:
-    """The basic bootstrap 95% interval ``[2θ̂ − q97.5, 2θ̂ − q2.5]``, clipped to ``[lower, upper]``.
-
-    Args:
-        estimate: ``[...]`` the full-data statistic.
-        replicates: ``[B, ...]`` the bootstrap statistics.
-
-    Returns:
-        ``[lo, hi]`` for a scalar statistic, else ``[..., 2]`` as nested lists.
-    """
-    q_lo, q_hi = np.percentile(np.asarray(replicates, dtype=np.float64), [2.5, 97.5], axis=0)
-    interval = np.stack([2 * np.asarray(estimate) - q_hi, 2 * np.asarray(estimate) - q_lo], axis=-1)
-    return np.clip(interval, lower, upper).tolist() if lower is not None or upper is not None else interval.tolist()
 
 
 def _statistics(u: Tensor, axis_steered: Tensor, axis_readout: Tensor) -> dict[str, Tensor]:
@@ -104,8 +88,8 @@ def motion_stats(steered: Tensor, unsteered: Tensor, axis_steered: Tensor, axis_
         lower, upper = BOUNDS.get(name, (None, None))
         replicates = boot[name].numpy()
         result[name] = {"estimate": float(value),
-                        "ci95_basic": basic_interval(float(value), replicates, lower=lower, upper=upper),
-                        "ci95_percentile": np.percentile(replicates, [2.5, 97.5]).tolist()}
+                        "ci95_basic": basic_interval(float(value), replicates, lower=lower, upper=upper).tolist(),
+                        "ci95_percentile": percentile_interval(replicates).tolist()}
     result["u"] = u.float()
     return result
 

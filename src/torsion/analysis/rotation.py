@@ -32,6 +32,7 @@ from torsion.errors import TorsionError
 from torsion.geometry import adjacent_angles, angle_from_cosine, cosine, random_angle_reference
 from torsion.judge.base import is_refused
 from torsion.runs import fit_rows, fit_scores, labelled_prompts
+from torsion.stats import basic_interval, percentile_interval
 from torsion.store import RunDir, atomic_write_json
 from torsion.vectors import mean_difference
 
@@ -41,6 +42,7 @@ RELIABLE_MEDIAN_ANGLE_DEG = 45.0  # median split-half same-layer angle below whi
 CHUNK_FLOATS = 1 << 22  # float32 elements of batched MD vectors held at once (16 MiB)
 DISPERSION_NOTE = "resamples per-pair angles; ignores prompt sampling"
 NULL_STATISTIC = "mean adjacent angle (deg)"
+ANGLE_RANGE = {"lower": 0.0, "upper": 180.0}  # where an angle's basic interval is clipped (methods.md)
 
 Labels = Tensor | np.ndarray | Sequence[int]
 
@@ -103,25 +105,11 @@ def prompt_bootstrap(x: Tensor, labels: Labels, *, B: int = 1000, seed: int) -> 
     angles = _map_mean_differences(x, first, second, adjacent_angles).numpy()  # [B, n_layers - 1]
     means = angles.mean(1)
     observed = adjacent_angles(mean_difference(x[refused], x[~refused])).numpy()
-    mean_ci = np.percentile(means, [2.5, 97.5])
-    pair_ci = np.percentile(angles, [2.5, 97.5], axis=0).T  # [n_layers - 1, 2]
-    return {"B": B, "mean_ci95": mean_ci.tolist(), "pair_ci95": pair_ci.tolist(),
-            "mean_ci95_basic": basic_interval(observed.mean(), mean_ci).tolist(),
-            "pair_ci95_basic": basic_interval(observed[:, None], pair_ci).tolist(),
+    return {"B": B, "mean_ci95": percentile_interval(means).tolist(),
+            "pair_ci95": percentile_interval(angles).tolist(),  # [n_layers - 1, 2]
+            "mean_ci95_basic": basic_interval(observed.mean(), means, **ANGLE_RANGE).tolist(),
+            "pair_ci95_basic": basic_interval(observed, angles, **ANGLE_RANGE).tolist(),
             "bias_deg": float(means.mean() - observed.mean()), "means_deg": means.tolist()}
-
-
-def basic_interval(estimate: float | np.ndarray, percentile_ci: np.ndarray) -> np.ndarray:
-    """The basic bootstrap interval of an angle: ``[2θ̂ − q97.5, 2θ̂ − q2.5]``, clipped to ``[0°, 180°]``.
-
-    Args:
-        estimate: θ̂, a scalar or ``[n, 1]``.
-        percentile_ci: ``[q2.5, q97.5]`` of the resampled angles, ``[2]`` or ``[n, 2]``.
-
-    Returns:
-        ``[2]`` or ``[n, 2]`` degrees, lower bound first.
-    """
-    return np.clip(2 * estimate - percentile_ci[..., ::-1], 0.0, 180.0)
 
 
 def equal_tailed_p_value(null: np.ndarray, observed: float) -> float:
@@ -146,7 +134,7 @@ def dispersion_bootstrap(pair_angles: Tensor | Sequence[float], *, B: int = 1000
     angles = torch.as_tensor(pair_angles, dtype=torch.float64)
     draws = torch.randint(0, len(angles), (B, len(angles)), generator=torch.Generator().manual_seed(seed))
     means = angles[draws].mean(1).numpy()
-    return {"B": B, "mean_ci95": np.percentile(means, [2.5, 97.5]).tolist(), "note": DISPERSION_NOTE}
+    return {"B": B, "mean_ci95": percentile_interval(means).tolist(), "note": DISPERSION_NOTE}
 
 
 def shuffled_label_null(x: Tensor, labels: Labels, *, P: int = 200, seed: int) -> dict[str, Any]:
