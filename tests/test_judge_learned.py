@@ -171,6 +171,21 @@ def test_rejudge_keeps_old_labels_and_invalidates_label_stages(tmp_path):
     assert len(json.loads(run.responses_path.read_text().splitlines()[0])["previous"]) == 1
 
 
+def test_a_rejudge_killed_after_writing_labels_still_invalidates_on_rerun(tmp_path, monkeypatch):
+    """Stages that read labels must not stay done over relabelled responses if the rejudge dies midway."""
+    run = make_run(tmp_path / "run")
+
+    def killed(self, **fields):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunDir, "update_manifest", killed)
+        with pytest.raises(KeyboardInterrupt):
+            rejudge_run(run.root, RuleJudge())
+    rejudge_run(run.root, RuleJudge())
+    assert run.stage_done("capture") and not run.stage_done("vectors") and not run.stage_done("report")
+
+
 def test_rejudge_and_train_from_the_command_line(tmp_path, capsys):
     run = make_run(tmp_path / "run")
     assert main(["judge", "rejudge", str(run.root), "--judge", "rules"]) == 0

@@ -117,12 +117,12 @@ def rejudge_run(run_dir: str | Path, judge: Judge) -> dict[str, Any]:
         prompt = prompts[row["id"]]
         row.update(label=verdict.label, score=verdict.score, judge=verdict.judge, reasons=list(verdict.reasons),
                    correction=row_correction(prompt, row["response"], verdict.score))
+    done = [stage for stage in LABEL_STAGES if run.stage_done(stage)]
+    if pending:  # before the new labels land: a rejudge killed midway must not leave stale stages done
+        run.invalidate(*done)
     atomic_write_text(run.responses_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     history = run.manifest().get("rejudged", [])
     history.append({"judge": judge.name, "rows": len(pending), "changed": changed,
                     "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     run.update_manifest(judge_version=judge.name, rejudged=history)
-    done = [stage for stage in LABEL_STAGES if run.stage_done(stage)]
-    if pending:
-        run.invalidate(*done)
     return {"rows": len(pending), "changed": changed, "judge": judge.name, "invalidated": done if pending else []}
