@@ -213,3 +213,22 @@ def test_metrics_and_behaviour_take_any_method(tiny_run, lm):
     assert first_token_kl(lm, texts, ablation.factory(lm, 0.0))["kl_base_to_steered"] == 0.0
     result = evaluate_behaviour(lm, texts, ace.factory(lm, 3.0), GenerationSettings(max_new_tokens=3), judge=RULES)
     assert result["steering"]["method"] == "ace" and all(n > 0 for n in result["steering"]["mean_delta_norm"])
+
+
+def test_a_comparison_checkpoint_is_not_reused_over_refit_vectors(tiny_run, lm):
+    """Vectors refit under the same judge (say, after review decisions) must not get the old rows back."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    settings = CompareSettings(methods=("flat",), objectives=("comply",), sampler="grid", n_trials=1,
+                               curve_points=2, top_k=2, n_prompts=3, n_kl_prompts=2, n_mcq=0, batch_size=3)
+    first = run_methods(tiny_run, lm, settings, judge=RULES, log=lambda m: None)
+    path = RunDir(tiny_run).vectors_path
+    with safe_open(str(path), framework="pt") as handle:
+        tensors, metadata = {k: handle.get_tensor(k) * 2 for k in handle.keys()}, handle.metadata()
+    save_file(tensors, str(path), metadata=metadata)
+    try:
+        again = run_methods(tiny_run, lm, settings, judge=RULES, log=lambda m: None)
+    except TorsionError:  # the strength search's study refuses the new vectors: loud, not stale
+        return
+    assert again["spec_key"] != first["spec_key"]

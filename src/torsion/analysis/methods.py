@@ -15,8 +15,9 @@ rate (comply: genuine strong comply, refuse: refused) only when the intervals ar
 
 Resumable: every finished (method, objective) row and curve point is appended to
 ``analysis/methods.checkpoint.jsonl`` under a hash of the settings that define it (all but the
-method and objective lists, the judge, the model's weights; for splines the manifold file); a rerun reuses
-them, also when it compares more or fewer methods, and a killed search resumes from its study.
+method and objective lists, the judge, the model's weights, the run's vectors file; for splines the
+manifold file); a rerun reuses them, also when it compares more or fewer methods, and a killed
+search resumes from its study.
 
 Example::
 
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from torsion.assets import sha256_file
 from torsion.behaviour import class_rates, evaluate_behaviour, result_rows
 from torsion.config import COMPARED_METHODS
 from torsion.conventions import LAYER_INDEXING
@@ -44,7 +46,7 @@ from torsion.optimize import OBJECTIVES, SearchSettings, baseline_rates, mcq_ite
     run_generation_settings, run_optimize, search_method
 from torsion.runs import run_judge
 from torsion.search import grid_points
-from torsion.steering.from_run import SPLINES, every_position, file_sha256, manifold_path
+from torsion.steering.from_run import SPLINES, every_position, manifold_path
 from torsion.steering.registry import method_class
 from torsion.store import RunDir, append_jsonl, atomic_write_json, read_jsonl
 
@@ -109,7 +111,7 @@ def ensure_manifold(run_dir: Path, settings: CompareSettings, log: Callable[[str
         log(f"no {path.name}: fitting the run's manifold (knots from its train rows, splines A and B)")
         fit_run_manifold(run.root)
         fitted = True
-    return {"file": str(path), "sha256": file_sha256(path), "fitted_by_this_comparison": fitted}
+    return {"file": str(path), "sha256": sha256_file(path), "fitted_by_this_comparison": fitted}
 
 
 def _pick(rates: dict[str, Any]) -> dict[str, Any]:
@@ -225,7 +227,8 @@ def run_methods(run_dir: Path, lm: LoadedModel, settings: CompareSettings, *, ju
     judge = judge or run_judge(run)
     found = manifold if manifold is not None else ensure_manifold(run.root, settings, log)
     shared = {k: v for k, v in asdict(settings).items() if k not in ("methods", "objectives")}  # rows carry those
-    spec = {"settings": shared, "judge": judge.name, "weights_sha256": lm.weights_sha256}
+    vectors = sha256_file(run.vectors_path) if run.vectors_path.is_file() else None  # refit after a review: recompute
+    spec = {"settings": shared, "judge": judge.name, "weights_sha256": lm.weights_sha256, "vectors_sha256": vectors}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     checkpoint = run.analysis_path("methods").with_name(CHECKPOINT)
     done = {tuple(line["entry"]): line["value"] for line in (read_jsonl(checkpoint) if checkpoint.is_file() else [])

@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections import Counter
@@ -36,6 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from torsion.assets import sha256_file
 from torsion.errors import TorsionError
 from torsion.judge.base import LABEL_SCORES, Verdict
 from torsion.judge.patterns import words
@@ -79,10 +79,6 @@ def features(prompt: str, response: str, idf: dict[str, float], options: dict[st
     if options["rules"]:
         values.update((t, 1.0) for t in rule_terms(response, prompt))
     return values
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def fit(rows: Sequence[dict], options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -258,7 +254,7 @@ def train_file(labelled: str | Path, out: str | Path, options: dict[str, Any] | 
     """Train on ``labelled`` and write the model JSON (with the file's sha256) to ``out``; return the model."""
     rows = read_labelled(labelled)
     model = fit(rows, options)
-    model["training"] = {"file": Path(labelled).name, "sha256": file_sha256(labelled), "rows": len(rows)}
+    model["training"] = {"file": Path(labelled).name, "sha256": sha256_file(Path(labelled)), "rows": len(rows)}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(out).with_suffix(".tmp")
     tmp.write_text(json.dumps(model, separators=(",", ":")), encoding="utf-8")

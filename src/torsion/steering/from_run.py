@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 from torch import Tensor
 
+from torsion.assets import sha256_file
 from torsion.errors import TorsionError
 from torsion.models import LoadedModel
 from torsion.steering.base import SteeringMethod
@@ -30,14 +31,6 @@ from torsion.store import RunDir
 SPLINES = ("spline-a", "spline-b")
 ABLATIONS = ("ablation", "weighted-ablation")
 MANIFOLD_FILE = "manifold.safetensors"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tensors_sha256(method: SteeringMethod) -> str:
@@ -84,7 +77,7 @@ def run_method(run: RunDir, lm: LoadedModel, name: str, *, vectors: Tensor, laye
         path = check_manifold(run, cls.name, manifold)
         chosen.setdefault("positions", positions)
         method = cls.from_manifold(load_manifold(path), chosen.pop("layers", layers), **chosen)
-        record.update(manifold=str(path), manifold_sha256=file_sha256(path))
+        record.update(manifold=str(path), manifold_sha256=sha256_file(path))
     elif cls.name in ABLATIONS:
         if cls.name == "weighted-ablation":
             chosen.setdefault("peak_position", sum(layers) / len(layers))
