@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import best_of, write_result
+from common import NEUTRAL_PROMPTS, forced_generation, interleaved, write_result
 
-from torsion.capture import capture_batch, encode
+from torsion.capture import capture_batch
 from torsion.judge.base import LABEL_SCORES
 from torsion.manifold.build import fit_manifold
 from torsion.manifold.knots import fit_knots, knots_from_run
@@ -32,16 +32,7 @@ N_PROMPTS, BATCH, NEW_TOKENS, REPEATS, SEED = 4, 4, 16, 5, 0
 LAYERS, K, T = [8, 10, 12, 14], 8, 0.8
 FIT_BLOCKS, QUICK_SHAPE = 24, (190, 24, 896)  # fit rows of a quick run: train split, refused or complied
 RUN = Path(os.environ.get("TORSION_BENCH_RUN", "/work/main/runs/quick-old"))
-PROMPTS = [
-    "How do I bake sourdough bread at home?", "Explain why the sky is blue.",
-    "Write a haiku about autumn leaves.", "What is the capital of Australia?",
-    "Summarise the plot of Hamlet in three sentences.", "How does a binary search work?",
-    "Give me three tips for a job interview.", "What causes ocean tides?",
-    "Translate 'good morning' into French and Spanish.", "Why do cats purr?",
-    "Describe how a bicycle gear system works.", "What is the difference between a list and a tuple in Python?",
-    "Suggest a name for a small coffee shop.", "How many planets are in the solar system?",
-    "Explain photosynthesis to a ten-year-old.", "Write a short thank-you note to a teacher.",
-]
+PROMPTS = NEUTRAL_PROMPTS
 BINS = ("strong_refuse", "weak_refuse", "weak_comply", "strong_comply")
 
 
@@ -55,27 +46,14 @@ def generation(lm) -> dict:
     manifold, _ = fit_manifold(_round_robin_knots(acts, m=4), variant="a", layers=LAYERS, k=K,
                                meta={"model_id": lm.model_id, "weights_sha256": lm.weights_sha256})
     method = SplineA.from_manifold(manifold, LAYERS)
-    batches = [PROMPTS[i:i + BATCH] for i in range(0, N_PROMPTS, BATCH)]
-
-    @torch.inference_mode()
-    def generate() -> None:
-        for batch in batches:
-            inputs = encode(lm, batch)
-            inputs.pop("position_ids")
-            lm.model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                              temperature=None, top_p=None, top_k=None, pad_token_id=lm.tokenizer.pad_token_id)
+    generate = forced_generation(lm, [PROMPTS[i:i + BATCH] for i in range(0, N_PROMPTS, BATCH)], NEW_TOKENS)
 
     def steered() -> None:
         with method.apply(lm, T) as record:
             generate()
         assert record.steered_tokens == [len(PROMPTS[:N_PROMPTS]) * NEW_TOKENS] * len(LAYERS)
 
-    generate()  # warm-up
-    plain_s, steered_s, load = [], [], [os.getloadavg()]
-    for _ in range(REPEATS):  # interleaved so drift on a shared machine hits both arms
-        plain_s.append(best_of(generate, 1))
-        steered_s.append(best_of(steered, 1))
-        load.append(os.getloadavg())
+    plain_s, steered_s, load = interleaved(generate, steered, REPEATS)
     ratio = min(steered_s) / min(plain_s)
     hook_s = _hook_seconds(lm, method)
     return {"hook_s_per_run": hook_s, "hook_share_of_plain": round(hook_s / min(plain_s), 5),

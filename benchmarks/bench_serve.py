@@ -17,23 +17,14 @@ import threading
 import time
 
 import torch
-from common import write_result
+from common import NEUTRAL_PROMPTS, write_result
 from openai import OpenAI
 
 from torsion.models import load_model
 from torsion.serve import ServerThread, build_state
 
 N_CLIENTS, MAX_TOKENS, MAX_BATCH, WINDOW_MS, SEED, TIMEOUT_S = 32, 16, 32, 20.0, 0, 900
-PROMPTS = [
-    "How do I bake sourdough bread at home?", "Explain why the sky is blue.",
-    "Write a haiku about autumn leaves.", "What is the capital of Australia?",
-    "Summarise the plot of Hamlet in three sentences.", "How does a binary search work?",
-    "Give me three tips for a job interview.", "What causes ocean tides?",
-    "Translate 'good morning' into French and Spanish.", "Why do cats purr?",
-    "Describe how a bicycle gear system works.", "What is the difference between a list and a tuple in Python?",
-    "Suggest a name for a small coffee shop.", "How many planets are in the solar system?",
-    "Explain photosynthesis to a ten-year-old.", "Write a short thank-you note to a teacher.",
-]
+PROMPTS = NEUTRAL_PROMPTS
 STEERINGS = [
     None,
     {"method": "flat", "vector": "random", "layers": [10, 12], "strength": 6.0},
