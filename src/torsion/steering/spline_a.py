@@ -26,48 +26,14 @@ from torsion.errors import TorsionError
 from torsion.manifold.file import Manifold
 from torsion.manifold.fit import make_curve
 from torsion.models import LoadedModel
-from torsion.steering.base import MethodRecord, SteeringMethod
-from torsion.steering.hooks import block_device, replace_steering, subspace_target
+from torsion.steering.base import MethodRecord
 from torsion.steering.registry import register
-
-
-def check_t(name: str, t: float, t_range: tuple[float, float], allow_extrapolation: bool) -> None:
-    """Refuse ``t`` outside ``t_range`` (the coherent range) unless extrapolation is allowed."""
-    low, high = t_range
-    if not allow_extrapolation and not low <= t <= high:
-        raise TorsionError(f"{name} t={t} is outside the coherent range [{low:g}, {high:g}] (last coherent t, "
-                           "else the outer knots); pass a t inside it or --allow-extrapolation")
-
-
-def normalise_common(method: Any) -> None:
-    """Shared field checks of the spline methods: beta, smoothing, t range, knot positions."""
-    object.__setattr__(method, "layers", tuple(int(layer) for layer in method.layers))
-    object.__setattr__(method, "beta", float(method.beta))
-    object.__setattr__(method, "smoothing", float(method.smoothing))
-    object.__setattr__(method, "knots_t", torch.as_tensor(method.knots_t).detach().float().cpu())
-    if method.knot_weights is not None:
-        weights = tuple(float(w) for w in method.knot_weights)
-        if len(weights) != method.knots_t.numel() or not all(0 < w < float("inf") for w in weights):
-            raise TorsionError(f"{method.name} knot_weights {list(weights)} need one positive finite weight per "
-                               "knot; refit the manifold")
-        object.__setattr__(method, "knot_weights", weights)
-    if not method.layers:
-        raise TorsionError(f"{method.name} needs at least one layer to steer; pass layers=[...]")
-    if method.knots_t.ndim != 1 or method.knots_t.numel() < 2:
-        raise TorsionError(f"{method.name} needs at least two knots, got knots_t of shape "
-                           f"{list(method.knots_t.shape)}; refit the manifold with more bins")
-    t_range = method.t_range
-    if t_range is None:
-        t_range = (float(method.knots_t.min()), float(method.knots_t.max()))
-    low, high = (float(v) for v in t_range)
-    if not low <= high:
-        raise TorsionError(f"{method.name} t_range [{low}, {high}] is empty; pass low <= high")
-    object.__setattr__(method, "t_range", (low, high))
+from torsion.steering.spline_common import SplineMethod, manifold_provenance, check_t, normalise_common, subspace_context
 
 
 @register
 @dataclass(frozen=True, eq=False)
-class SplineA(SteeringMethod):
+class SplineA(SplineMethod):
     """Spline A on ``layers``.
 
     ``basis`` ``[n, k, d]``, ``mean`` ``[n, d]`` and ``knots`` ``[n, n_knots, k]`` are aligned
@@ -75,20 +41,11 @@ class SplineA(SteeringMethod):
     """
 
     name = "spline-a"
-    replacement = True
-    strength_name = "t"
     layers: tuple[int, ...]
     basis: Tensor
     mean: Tensor
     knots: Tensor
     knots_t: Tensor
-    beta: float = 1.0
-    smoothing: float = 0.0
-    knot_weights: tuple[float, ...] | None = None
-    t_range: tuple[float, float] | None = None
-    allow_extrapolation: bool = False
-    component: str = "resid"
-    positions: str = "last"
 
     def _normalise(self) -> None:
         normalise_common(self)
@@ -100,10 +57,6 @@ class SplineA(SteeringMethod):
             raise TorsionError(f"spline-a tensors disagree: basis {list(self.basis.shape)}, mean "
                                f"{list(self.mean.shape)}, knots {list(self.knots.shape)} for {n} layers; "
                                "refit the manifold")
-
-    def search_range(self, objective: str) -> tuple[float, float]:
-        """The coherent ``t`` range (last coherent ``t`` per side, else the outer knots), for either objective."""
-        return self.t_range
 
     def at_layers(self, layers: Sequence[int]) -> SplineA:
         """This spline on a subset of its ``layers`` (the tensors sliced to match)."""
@@ -117,7 +70,6 @@ class SplineA(SteeringMethod):
 
     d_model = property(lambda self: self.basis.shape[2])
     n_layers_needed = property(lambda self: max(self.layers) + 1)
-    steered_layers = property(lambda self: self.layers)
 
     @classmethod
     def from_manifold(cls, manifold: Manifold, layers: Sequence[int] | None = None, **params: Any) -> SplineA:
@@ -132,7 +84,7 @@ class SplineA(SteeringMethod):
         params.setdefault("smoothing", float(manifold.meta.get("smoothing", 0.0)))
         params.setdefault("knot_weights", fits[0].knot_weights)
         return cls(chosen, torch.stack([f.basis for f in fits]), torch.stack([f.mean for f in fits]),
-                   torch.stack([f.knots for f in fits]), fits[0].knots_t, meta=_provenance(manifold), **params)
+                   torch.stack([f.knots for f in fits]), fits[0].knots_t, meta=manifold_provenance(manifold), **params)
 
     def targets(self, t: float) -> Tensor:
         """``s_l(t)`` for each steered block, ``[n, k]``."""
@@ -146,20 +98,3 @@ class SplineA(SteeringMethod):
         targets = self.targets(strength)
         return subspace_context(lm, self, strength, [self.basis[i] for i in range(len(self.layers))],
                                 list(self.mean), targets)
-
-
-def subspace_context(lm: LoadedModel, method: Any, strength: float, bases: Sequence[Tensor],
-                     means: Sequence[Tensor], targets: Tensor) -> AbstractContextManager[MethodRecord]:
-    """The replacement hooks of a spline method: one :func:`subspace_target` per steered block."""
-    norms = tuple(abs(method.beta) * float(torch.linalg.vector_norm(s.double())) for s in targets)
-    record = MethodRecord(method.name, strength, method.layers, (strength,) * len(method.layers), norms,
-                          method.component, method.positions, replacement=True)
-    transforms = [] if method.beta == 0 else [  # β = 0: no hook at all
-        subspace_target(U, mu, s, method.beta, block_device(lm, method.component, layer))
-        for layer, U, mu, s in zip(method.layers, bases, means, targets)]
-    return replace_steering(lm, transforms, record)
-
-
-def _provenance(manifold: Manifold) -> dict[str, Any]:
-    keys = ("model_id", "weights_sha256", "run_dir", "component", "k", "m", "knots")
-    return {key: manifold.meta[key] for key in keys if key in manifold.meta}

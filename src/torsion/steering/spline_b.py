@@ -18,14 +18,14 @@ from torsion.errors import TorsionError
 from torsion.manifold.file import Manifold
 from torsion.manifold.fit import Surface
 from torsion.models import LoadedModel
-from torsion.steering.base import MethodRecord, SteeringMethod
+from torsion.steering.base import MethodRecord
 from torsion.steering.registry import register
-from torsion.steering.spline_a import _provenance, check_t, normalise_common, subspace_context
+from torsion.steering.spline_common import SplineMethod, manifold_provenance, check_t, normalise_common, subspace_context
 
 
 @register
 @dataclass(frozen=True, eq=False)
-class SplineB(SteeringMethod):
+class SplineB(SplineMethod):
     """``basis`` ``[k, d]``; ``means`` ``[m, d]`` and ``knots`` ``[m, n_knots, k]`` aligned with ``surface_layers``.
 
     ``layers`` (steered) must be among ``surface_layers``; ``depth_layers`` is the model depth
@@ -33,8 +33,6 @@ class SplineB(SteeringMethod):
     """
 
     name = "spline-b"
-    replacement = True
-    strength_name = "t"
     layers: tuple[int, ...]
     surface_layers: tuple[int, ...]
     basis: Tensor
@@ -42,13 +40,6 @@ class SplineB(SteeringMethod):
     knots: Tensor
     knots_t: Tensor
     depth_layers: int
-    beta: float = 1.0
-    smoothing: float = 0.0
-    knot_weights: tuple[float, ...] | None = None
-    t_range: tuple[float, float] | None = None
-    allow_extrapolation: bool = False
-    component: str = "resid"
-    positions: str = "last"
 
     def _normalise(self) -> None:
         normalise_common(self)
@@ -60,13 +51,8 @@ class SplineB(SteeringMethod):
             raise TorsionError(f"spline-b steers block {outside[0]} but the surface was fitted on blocks "
                                f"{list(self.surface_layers)}; steer fitted blocks or refit with --layers")
 
-    def search_range(self, objective: str) -> tuple[float, float]:
-        """The coherent ``t`` range (last coherent ``t`` per side, else the outer knots), for either objective."""
-        return self.t_range
-
     d_model = property(lambda self: self.basis.shape[1])
     n_layers_needed = property(lambda self: max(self.surface_layers) + 1)
-    steered_layers = property(lambda self: self.layers)
 
     def surface(self) -> Surface:
         return Surface(self.surface_layers, self.basis, self.means, self.knots, self.knots_t, self.depth_layers,
@@ -82,7 +68,7 @@ class SplineB(SteeringMethod):
         params.setdefault("smoothing", surface.smoothing)
         params.setdefault("knot_weights", surface.knot_weights)
         return cls(tuple(layers) if layers is not None else surface.layers, surface.layers, surface.basis,
-                   surface.means, surface.knots, surface.knots_t, surface.n_layers, meta=_provenance(manifold),
+                   surface.means, surface.knots, surface.knots_t, surface.n_layers, meta=manifold_provenance(manifold),
                    **params)
 
     def targets(self, t: float) -> Tensor:
