@@ -36,6 +36,7 @@ from torsion.conventions import LAYER_INDEXING
 from torsion.errors import TorsionError
 from torsion.generate import GenerationSettings, generate_batch
 from torsion.models import LoadedModel
+from torsion.steer import forward_is_prefill
 from torsion.store import append_jsonl, read_jsonl
 from torsion.tensorfile import RowWriter
 
@@ -78,12 +79,8 @@ class DecodingRecorder:
         self.sums = [None] * len(self.readout_blocks)
 
     def before_forward(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        tokens = kwargs.get("input_ids")
-        if tokens is None:
-            tokens = args[0] if args else kwargs["inputs_embeds"]
-        cache = kwargs.get("past_key_values")
-        cached = cache.get_seq_length() if cache is not None else 0
-        if tokens.shape[1] > 1 or cached == 0:  # prefill (the rule of torsion.steer's phase tracker)
+        prefill, tokens = forward_is_prefill(args, kwargs)
+        if prefill:  # the rule of torsion.steer's phase tracker
             self.step = -1
             self.counts = torch.zeros(tokens.shape[0])
             self.live = torch.ones(tokens.shape[0], dtype=torch.bool)

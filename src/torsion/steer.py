@@ -100,6 +100,18 @@ def _check_alpha(alpha: float | Sequence[float], layers: tuple[int, ...], what: 
     return values
 
 
+def forward_is_prefill(args: tuple, kwargs: dict) -> tuple[bool, Tensor]:
+    """The phase rule of a decoder forward (its pre-hook ``args``, ``kwargs``), and its input tokens
+    ``[batch, seq]`` (or embeddings ``[batch, seq, d_model]``): prefill when it processes more than
+    one token or its KV cache is empty (or absent), else a generation step (:class:`_PhaseTracker`)."""
+    tokens = kwargs.get("input_ids")
+    if tokens is None:
+        tokens = args[0] if args else kwargs["inputs_embeds"]
+    cache = kwargs.get("past_key_values")
+    cached = cache.get_seq_length() if cache is not None else 0
+    return tokens.shape[1] > 1 or cached == 0, tokens
+
+
 @dataclass
 class _PhaseTracker:
     """Decides once per decoder forward whether the steering hooks add.
@@ -118,12 +130,7 @@ class _PhaseTracker:
     next_step: int = 0
 
     def before_forward(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        tokens = kwargs.get("input_ids")
-        if tokens is None:
-            tokens = args[0] if args else kwargs["inputs_embeds"]
-        cache = kwargs.get("past_key_values")
-        cached = cache.get_seq_length() if cache is not None else 0
-        if tokens.shape[1] > 1 or cached == 0:
+        if forward_is_prefill(args, kwargs)[0]:
             self.next_step = 0
             self.active = self.phase != "generation"
             return
