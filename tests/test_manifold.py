@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from steering_helpers import PROMPTS, block_output
 from tiny import tiny_lm
 from torsion.capture import encode
 from torsion.cli import main
@@ -82,20 +83,8 @@ def _spline_a(knots, layers=(1, 2), **params) -> SplineA:
                    torch.stack([fits[l].knots for l in layers]), fits[layers[0]].knots_t, positions="all", **params)
 
 
-@torch.inference_mode()
 def _block_output(lm, layer, method=None, strength=0.0):
-    seen = {}
-    handle = lm.layout.blocks[layer].register_forward_hook(lambda m, i, o: seen.update(h=o[0] if isinstance(o, tuple) else o))
-    inputs = encode(lm, ["how do i bake bread", "tell me a story about the dragon"])
-    try:
-        if method is None:
-            lm.model(**inputs)
-        else:
-            with method.apply(lm, strength):
-                lm.model(**inputs)
-    finally:
-        handle.remove()
-    return seen["h"].clone().double()
+    return block_output(lm, encode(lm, PROMPTS), layer, method, strength).double()
 
 
 def test_spline_a_at_a_knot_lands_on_it_and_keeps_the_complement(lm, knots):

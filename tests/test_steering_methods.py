@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from steering_helpers import PROMPTS, block_output
 from tiny import tiny_lm
 from torsion.capture import encode
 from torsion.errors import TorsionError
@@ -12,8 +13,6 @@ from torsion.metrics import first_token_kl
 from torsion.steer import ablate_direction
 from torsion.steering import get_method, load_method, method_names
 from torsion.steering.weighted_ablation import kernel_weights
-
-PROMPTS = ["how do i bake bread", "tell me a story about the dragon"]
 
 
 @pytest.fixture(scope="module")
@@ -36,22 +35,6 @@ def _logits(lm, inputs, method=None, strength=0.0):
         return lm.model(**inputs).logits
     with method.apply(lm, strength):
         return lm.model(**inputs).logits
-
-
-@torch.inference_mode()
-def _block_output(lm, inputs, layer, method=None, strength=0.0):
-    """Block ``layer``'s output ``[batch, seq, d]`` as downstream sees it (after any steering hook)."""
-    seen = {}
-    handle = lm.layout.blocks[layer].register_forward_hook(lambda m, i, o: seen.update(h=o[0] if isinstance(o, tuple) else o))
-    try:
-        if method is None:
-            lm.model(**inputs)
-        else:
-            with method.apply(lm, strength):
-                lm.model(**inputs)
-    finally:
-        handle.remove()
-    return seen["h"].clone()
 
 
 def _methods():
@@ -89,19 +72,19 @@ def test_replacement_methods_at_zero_mixing_are_bit_identical(lm, inputs):
 
 def test_flat_adds_alpha_v_at_its_blocks(lm, inputs):
     method = _methods()["flat"]
-    h = _block_output(lm, inputs, 1)
-    steered = _block_output(lm, inputs, 1, method, 2.5)
+    h = block_output(lm, inputs, 1)
+    steered = block_output(lm, inputs, 1, method, 2.5)
     torch.testing.assert_close(steered, h + 2.5 * method.vectors[1], atol=1e-5, rtol=0)
 
 
 def test_ace_equals_its_closed_form(lm, inputs):
     method = _methods()["ace"]
     alpha = 1.7
-    h = _block_output(lm, inputs, 2).double()
+    h = block_output(lm, inputs, 2).double()
     v, mu = method.vectors[2].double(), method.means[2].double()
     unit = v / v.norm()
     expected = h - ((h - mu) @ unit)[..., None] * unit + alpha * unit
-    steered = _block_output(lm, inputs, 2, method, alpha).double()
+    steered = block_output(lm, inputs, 2, method, alpha).double()
     torch.testing.assert_close(steered, expected, atol=1e-5, rtol=0)
     # the coordinate along v̂, measured from μ, is α
     torch.testing.assert_close((steered - mu) @ unit, torch.full(h.shape[:2], alpha, dtype=torch.float64),
@@ -110,10 +93,10 @@ def test_ace_equals_its_closed_form(lm, inputs):
 
 def test_ace_record_measures_the_mean_change(lm, inputs):
     method = _methods()["ace"]
-    h = _block_output(lm, inputs, 2)
+    h = block_output(lm, inputs, 2)
     with torch.inference_mode(), method.apply(lm, 0.5) as record:
         lm.model(**inputs)
-    steered = _block_output(lm, inputs, 2, method, 0.5)
+    steered = block_output(lm, inputs, 2, method, 0.5)
     expected = torch.linalg.vector_norm(steered - h, dim=-1).mean().item()
     assert record.mean_delta_norms()[0] == pytest.approx(expected, rel=1e-4)
     assert record.conventions()["applied_norm"] == [0.5]
