@@ -10,8 +10,8 @@ Views, hand label against judge label (``torsion.judge.views``):
   a stance (a judge's degenerate there is wrong).
 
 Each judge is scored on every row with its label for that row coming from a judge that never saw
-the row's source: the rule judges are fixed (``rules-v2`` and ``rules-v3`` are frozen copies in
-``rules_v2_frozen.py`` and ``rules_v3_frozen.py``), and each learned candidate and ensemble
+the row's source: the rule judges are fixed (``rules-v2`` and ``rules-v3`` are read from git history
+by ``frozen_rules.py``, at the commits recorded as ``frozen_rule_judges``), and each learned candidate and ensemble
 threshold is refitted once per source on all other sources (leave-one-source-out). ``per_source`` gives the binary accuracy per
 held-out source; ``held_out_sources`` the figures on the sources listed in
 ``tests/fixtures/labelled/splits.json``, which the rules were not written from, and
@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from common import write_result
-from rules_v2_frozen import RuleJudge as RuleJudgeV2
-from rules_v3_frozen import RuleJudge as RuleJudgeV3
+from frozen_rules import FROZEN, frozen_rule_judge
 
 from torsion.judge.learned import EnsembleJudge, LearnedJudge, fit, grouped_predictions
 from torsion.judge.rules import RuleJudge
@@ -104,10 +103,11 @@ def timed(judge, rows: Sequence[dict]) -> float:
 
 
 def main() -> None:
+    RuleJudgeV2, RuleJudgeV3 = (frozen_rule_judge(FROZEN[name]) for name in ("rules-v2", "rules-v3"))
     rows = [json.loads(line) for line in (FIXTURES / "responses.jsonl").read_text().splitlines() if line.strip()]
     held_out = set(json.loads((FIXTURES / "splits.json").read_text())["held_out_sources"])
     result: dict = {"rows": len(rows), "sources": len({r["source"] for r in rows}),
-                    "held_out_sources": sorted(held_out), "judges": {}}
+                    "held_out_sources": sorted(held_out), "frozen_rule_judges": FROZEN, "judges": {}}
     prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
     for judge in (RuleJudgeV2(), RuleJudgeV3(), RuleJudge()):
         result["judges"][judge.name] = report(rows, [v.label for v in judge.judge(prompts, responses)], held_out)
