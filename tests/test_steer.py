@@ -269,6 +269,13 @@ def test_ablation_weight_errors_name_the_weight_not_alpha():
             pass
 
 
+def test_generate_steered_with_the_default_auto_batch_size():
+    lm = tiny_lm("llama", n_layers=4)
+    rows = generate_steered(lm, ["hi", "hello there"], vectors=torch.ones(4, lm.d_model), layers=[1], alpha=1.0,
+                            max_new_tokens=2)
+    assert [row["prompt"] for row in rows] == ["hi", "hello there"] and rows[0]["layers"] == [1]
+
+
 def test_generate_steered_refuses_batch_size_zero_in_one_line():
     lm = tiny_lm("llama", n_layers=4)
     with pytest.raises(TorsionError, match=r"^batch_size = 0; pass at least 1 prompt per batch$"):

@@ -314,7 +314,7 @@ def generate_steered(lm: LoadedModel, prompts: Sequence[str], *, vectors: object
     ``component``, ``positions``, ...). Generation is :func:`torsion.generate.generate_batch`
     (chat-templated, left-padded length buckets) inside :func:`add_steering`.
     """
-    if batch_size < 1:
+    if isinstance(batch_size, int) and batch_size < 1:  # "auto" and other values: GenerationSettings checks
         raise TorsionError(f"batch_size = {batch_size}; pass at least 1 prompt per batch")
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
     with add_steering(lm, vectors, layers=layers, alpha=alpha, component=component,
