@@ -141,7 +141,7 @@ def test_analyze_methods_end_to_end_and_resume(tiny_run, lm, monkeypatch):
     # a rerun resumes from the checkpoint: nothing is generated again
     import torsion.behaviour as behaviour
 
-    monkeypatch.setattr(behaviour, "generate_batch", lambda *a, **k: pytest.fail("a finished comparison regenerated"))
+    monkeypatch.setattr(behaviour, "iter_generate", lambda *a, **k: pytest.fail("a finished comparison regenerated"))
     again = run_methods(tiny_run, lm, settings, judge=RULES, log=lambda m: None)
     assert again["methods"] == saved["methods"] and again["curves"] == saved["curves"]
     assert again["manifold"]["fitted_by_this_comparison"]
