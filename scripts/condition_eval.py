@@ -15,7 +15,6 @@ and writes ``RUN_DIR/analysis/condition_<category>.json``: refusal and genuine-c
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from torsion.models import load_model
 from torsion.runs import labelled_prompts, run_judge
 from torsion.serve.condition import fit_condition
 from torsion.steering import get_method
-from torsion.store import RunDir, atomic_write_json
+from torsion.store import RunDir, atomic_write_json, read_json
 from torsion.vectors import load_vector
 
 
@@ -44,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     run = RunDir(args.run_dir)
-    search = json.loads((run.root / "analysis" / f"optimize_{args.study}.json").read_text())
+    search_path = run.root / "analysis" / f"optimize_{args.study}.json"
+    if not search_path.is_file():
+        raise TorsionError(f"{search_path} does not exist; run `torsion optimize {run.root} --objective comply` "
+                           "first, or name another study with --study")
+    search = read_json(search_path)
     alpha, layers = search["alpha"], search["layers"]
     condition = fit_condition(run, args.category)
     prompts, responses = labelled_prompts(run)
