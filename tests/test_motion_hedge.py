@@ -103,3 +103,12 @@ def test_small_groups_get_counts_and_the_prompts_needed():
     assert result["geometry"] is None and result["counts"] == {"refused": 10, "strong_comply": 10, "hedge": 2}
     assert result["prompts_needed"] == 75  # 5 hedges at 2 in 30
     assert prompts_needed({"hedge": 0}, 30, 5) == 50  # rule of three
+    assert "about 75 prompts at these rates" in result["note"]
+
+
+def test_an_unseen_group_gives_a_lower_bound_not_an_estimate():
+    states, groups = _planted(0, 0.0, n=10)
+    groups = groups[:20] + ["other"] * 10
+    result = hedge_geometry_test(states, groups, B=50, P=50, seed=0)
+    assert result["counts"]["hedge"] == 0 and result["prompts_needed"] == 50  # 5 * 30 / 3
+    assert "at least 50 prompts" in result["note"] and "about" not in result["note"]

@@ -81,9 +81,11 @@ def hedge_geometry_test(states: Tensor, groups: Sequence[str], *, B: int = 1000,
     result: dict[str, Any] = {"counts": counts, "m": m}
     if min(counts.values()) < m:
         short = [g for g, c in counts.items() if c < m]
-        result.update(geometry=None, prompts_needed=prompts_needed(counts, len(groups), m),
-                      note=f"group(s) {', '.join(short)} below m = {m}: no geometry; about "
-                           f"{prompts_needed(counts, len(groups), m)} prompts at these rates would reach m")
+        needed = prompts_needed(counts, len(groups), m)
+        estimate = (f"at least {needed} prompts (a group was never seen: rule-of-three upper rate)"
+                    if 0 in counts.values() else f"about {needed} prompts at these rates")
+        result.update(geometry=None, prompts_needed=needed,
+                      note=f"group(s) {', '.join(short)} below m = {m}: no geometry; {estimate} would reach m")
         return result
     x = states.double()
     origin = x[torch.cat(list(rows.values()))].mean(0)

@@ -140,7 +140,7 @@ def hedge_section(result: dict[str, Any], run_dir: Path) -> str:
         count_text = f"{counts['refused']} / {counts['strong_comply']} / {counts['hedge']}"
         if entry.get("geometry") != "ok":
             rows.append([escape(block), count_text, "n/a", "n/a", "n/a",
-                         escape(f"below m = {entry['m']}: about {entry['prompts_needed']} prompts needed")])
+                         escape(entry.get("note") or f"below m = {entry['m']}: about {entry['prompts_needed']} prompts needed")])
             continue
         rows.append([escape(block), count_text,
                      f"{number(entry['t']['estimate'], '.2f')} {interval(entry['t']['ci95_basic'])}",
