@@ -49,6 +49,10 @@ bench: assets
 	$(BIN)/python benchmarks/bench_steer_overhead.py
 	$(BIN)/python benchmarks/bench_random_control.py
 	$(BIN)/python benchmarks/bench_generate.py  # --full (once, long): 256 prompts with the batch-of-one reference
+	$(BIN)/python benchmarks/bench_judge.py  # rules-v2/v3 loaded from git history beside the current judges
+	$(BIN)/python benchmarks/bench_manifold.py
+	$(BIN)/python benchmarks/bench_stability.py
+	$(BIN)/python benchmarks/bench_serve.py
 	$(BIN)/python benchmarks/bench_peers.py  # builds .venv-peers (transformers 4, numpy 1) on first use
 
 clean:
