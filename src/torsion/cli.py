@@ -72,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=commands.run)
 
     steer = subcommands.add_parser(
-        "steer", help="generate with a steering vector added at chosen layers",
+        "steer", help="generate with a steering vector or any steering method at chosen layers",
         description="Add alpha_l * v_l at the output of a component of each chosen block and generate "
-        "(greedy). Prints, or writes JSONL rows with the raw alpha and the applied norm ||alpha_l v_l|| per layer.",
+        "(greedy), or steer with any method (--method flat|dense|ablation|weighted-ablation|ace|spline-a|spline-b). "
+        "Prints, or writes JSONL rows with the raw strength and the applied norm per layer.",
         epilog="example: torsion steer --vector runs/x/vectors.safetensors --key md/resid --layers 10 12 "
         "--alpha -4 --prompts neutral --limit 8")
     add_model_options(steer, "embedded:qwen2.5-coder-0.5b")
