@@ -34,6 +34,17 @@ A killed run resumes where it stopped: re-run the same command.
 """
 
 
+class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends an option's default to its help, unless the default is None (the profile
+    decides) or the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="torsion",
@@ -60,15 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="the main job: prompts, generation, labels, capture, vectors, analyses, report",
         description="Run (or resume) the main job into a run directory. Profiles: smoke (48 prompts, "
         "mechanics only), quick (default, 256 prompts), paper (every prompt).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    run.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"])
+        formatter_class=DefaultsFormatter)
+    run.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper"],
+                     help="sizes and settings of the run; the options below override them")
     add_model_options(run)
     run.add_argument("--out", type=output_dir, default=None, help="run directory (default runs/<model>-<profile>)")
     run.add_argument("--seed", type=seed_int, default=None, help="seed for sampling, splits and resampling (default 0)")
     run.add_argument("--sources", nargs="+", default=None, metavar="SOURCE",
                      help="prompt sources: donotanswer, harmbench, neutral, a .csv/.json/.jsonl file, or hf:NAME")
-    run.add_argument("--n-per-source", type=positive_int, default=None, help="prompts sampled from each source")
-    run.add_argument("--max-new-tokens", type=positive_int, default=None, help="tokens generated per response")
+    run.add_argument("--n-per-source", type=positive_int, default=None, help="prompts sampled from each source (default: the profile's)")
+    run.add_argument("--max-new-tokens", type=positive_int, default=None, help="tokens generated per response (default: the profile's)")
     run.set_defaults(func=commands.run)
 
     steer = subcommands.add_parser(
