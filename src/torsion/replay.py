@@ -218,13 +218,13 @@ def available_memory(device: torch.device) -> int:
 
 
 def replay_rows(lm: LoadedModel, *, tokens: int, kv_tokens: int, n_blocks: int, share: float = 0.25,
-                most: int = 1024) -> int:
-    """How many rows (directions × prompts) one replay and its KL may hold in ``share`` of the free memory.
+                reserved: int = 0, most: int = 1024) -> int:
+    """How many rows (directions × prompts) one replay may hold in ``share`` of the free memory.
 
     A row costs, roughly: its block activations (``tokens × (6 d_model + 3 d_mlp)`` elements)
-    and attention scores (``tokens × heads × kv_tokens`` float32), its copy of the prefix KV cache
-    for ``n_blocks`` blocks, and about 64 bytes per vocabulary entry for the logits, log-probs and
-    the float64 KL terms. At least 1, at most ``most``.
+    and attention scores (``tokens × heads × kv_tokens`` float32), and its copy of the prefix KV
+    cache for ``n_blocks`` blocks. ``reserved`` bytes of the share are kept for what does not grow
+    with the rows (the random control's LM-head block). At least 1, at most ``most``.
     """
     config = lm.model.config
     element = next(lm.model.parameters()).element_size()
@@ -233,5 +233,5 @@ def replay_rows(lm: LoadedModel, *, tokens: int, kv_tokens: int, n_blocks: int, 
     head_dim = int(getattr(config, "head_dim", None) or lm.d_model // heads)
     mlp = int(getattr(config, "intermediate_size", None) or 4 * lm.d_model)
     per_row = (tokens * (6 * lm.d_model + 3 * mlp) * element + tokens * heads * kv_tokens * 4
-               + kv_tokens * 2 * kv_heads * head_dim * element * n_blocks + int(config.vocab_size) * 64)
-    return max(1, min(most, int(share * available_memory(lm.device)) // per_row))
+               + kv_tokens * 2 * kv_heads * head_dim * element * n_blocks)
+    return max(1, min(most, (int(share * available_memory(lm.device)) - reserved) // per_row))

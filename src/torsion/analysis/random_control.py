@@ -50,6 +50,9 @@ from torsion.vectors import load_vectors
 
 SCHEMA_VERSION = 1
 KL_DIRECTIONS = ("kl_base_to_steered", "kl_steered_to_base")
+# rows per LM-head matmul in the fast path: on CPU a [256, d_model] x [d_model, 152k] matmul runs
+# at ~3x the rate of a [16, ...] one; its float32 logits take 155 MB for Qwen's vocabulary
+HEAD_ROWS = 256
 REPLAYED_TOKENS = {"last": "the final prompt token, on the prefix's KV cache from the base pass",
                    "all": "every prompt token"}
 STEERED_POSITIONS = {"last": "the final prompt token only (the position the first-token KL reads)",
@@ -134,21 +137,30 @@ def _adding_rows(module: torch.nn.Module, steps: Tensor, positions: str) -> Iter
 def _head_logprobs(lm: LoadedModel, hidden: Tensor) -> Tensor:
     """Next-token log-probs ``[rows, vocab]`` float32 from the last block's output ``[rows, seq, d_model]``.
 
-    Mirrors the model's ``logits_to_keep=1`` path: final norm over the sequence, LM head on the
-    last position, then any final logit soft-cap. The last position is made contiguous first: an
-    LM-head matmul on the strided slice is about 10x slower on CPU.
+    Mirrors the model's ``logits_to_keep=1`` path: final norm, LM head on the last position, then
+    any final logit soft-cap. The norm acts per position, so only the last one is normed.
     """
-    normed = hidden if lm.layout.final_norm is None else lm.layout.final_norm(hidden)
-    logits = lm.model.get_output_embeddings()(normed[:, -1:].contiguous())[:, -1]
+    return torch.log_softmax(_head_logits(lm, _final_normed(lm, hidden)).float(), dim=-1).cpu()
+
+
+def _final_normed(lm: LoadedModel, hidden: Tensor) -> Tensor:
+    """The final norm of the last position of ``hidden`` ``[rows, seq, d_model]``: ``[rows, d_model]``, contiguous
+    (an LM-head matmul on a strided slice is about 10x slower on CPU)."""
+    last = hidden[:, -1:].contiguous()
+    return (last if lm.layout.final_norm is None else lm.layout.final_norm(last))[:, 0]
+
+
+def _head_logits(lm: LoadedModel, normed: Tensor) -> Tensor:
+    """LM head and any final logit soft-cap: ``[rows, vocab]`` from ``[rows, d_model]``."""
+    logits = lm.model.get_output_embeddings()(normed)
     cap = getattr(lm.model.config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return torch.log_softmax(logits.float(), dim=-1).cpu()
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-def _replay_logprobs(lm: LoadedModel, inputs: BlockInputs, layer: int, steps: Tensor, *, component: str,
-                     positions: str) -> Tensor:
-    """Log-probs ``[n_steps, batch, vocab]``: blocks ``layer … L-1`` replayed once per row of ``steps``.
+def _replay_hidden(lm: LoadedModel, inputs: BlockInputs, layer: int, steps: Tensor, *, component: str,
+                   positions: str) -> Tensor:
+    """The last block's output ``[n_steps * batch, seq, d_model]``: blocks ``layer … L-1`` replayed once per
+    row of ``steps``.
 
     Rows are step-major (row ``i * batch + b`` is step ``i`` on prompt ``b``). A ``resid`` step
     leaves block ``layer`` itself unchanged, so its replay starts from that block's base output.
@@ -157,11 +169,53 @@ def _replay_logprobs(lm: LoadedModel, inputs: BlockInputs, layer: int, steps: Te
     rows = steps.repeat_interleave(batch, 0)  # [n_steps * batch, d_model]
     if component == "resid":
         hidden = _add_rows(inputs.output(layer).repeat(repeat, 1, 1), rows, positions)
-        output = run_blocks(lm, inputs, layer + 1, hidden, repeat=repeat)
-    else:
-        with _adding_rows(lm.layout.component_module(component, layer), rows, positions):
-            output = run_blocks(lm, inputs, layer, inputs.hidden(layer).repeat(repeat, 1, 1), repeat=repeat)
-    return _head_logprobs(lm, output).reshape(repeat, batch, -1)
+        return run_blocks(lm, inputs, layer + 1, hidden, repeat=repeat)
+    with _adding_rows(lm.layout.component_module(component, layer), rows, positions):
+        return run_blocks(lm, inputs, layer, inputs.hidden(layer).repeat(repeat, 1, 1), repeat=repeat)
+
+
+def _replay_logprobs(lm: LoadedModel, inputs: BlockInputs, layer: int, steps: Tensor, *, component: str,
+                     positions: str) -> Tensor:
+    """Log-probs ``[n_steps, batch, vocab]`` of :func:`_replay_hidden` (the runtime checks compare them)."""
+    output = _replay_hidden(lm, inputs, layer, steps, component=component, positions=positions)
+    return _head_logprobs(lm, output).reshape(len(steps), inputs.hidden(layer).shape[0], -1)
+
+
+def _steered_kls(lm: LoadedModel, hidden: Tensor, base: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`~torsion.metrics.kl_divergences` of the base log-probs ``base`` ``[batch, vocab]`` against the
+    next-token distribution of each row of ``hidden`` ``[n_steps * batch, seq, d_model]`` (step-major).
+
+    The LM head runs on :data:`HEAD_ROWS` rows at a time, and each row's log-softmax and float64
+    KL terms are computed on their own, while they sit in the CPU cache: the same arithmetic as
+    ``kl_divergences`` up to the order of the sums (~1e-16), at a third of its time on a whole
+    ``[rows, vocab]`` block (benchmarks/results/random_control.json). A row with a non-finite
+    log-prob is recomputed by ``kl_divergences`` itself (its ``p = 0`` rule).
+
+    Returns:
+        ``(KL(base ‖ steered), KL(steered ‖ base))``, each ``[n_steps, batch]`` float64 on the CPU.
+    """
+    batch = base.shape[0]
+    repeat = hidden.shape[0] // batch
+    normed = _final_normed(lm, hidden)
+    logp = base.double().to(normed.device)
+    p = logp.exp()
+    out = torch.empty(2, hidden.shape[0], dtype=torch.float64, device=normed.device)
+    for start in range(0, hidden.shape[0], HEAD_ROWS):
+        logits = _head_logits(lm, normed[start:start + HEAD_ROWS]).float()
+        for offset, row_logits in enumerate(logits):
+            row, prompt = start + offset, (start + offset) % batch
+            logq = torch.log_softmax(row_logits, dim=-1).double()
+            q = logq.exp()
+            difference = logq.sub_(logp[prompt])  # log q − log p
+            out[0, row] = -torch.dot(p[prompt], difference)
+            out[1, row] = torch.dot(q, difference)
+        block = out[:, start:start + len(logits)]
+        for offset in (~torch.isfinite(block).all(0)).nonzero()[:, 0].tolist():
+            row = start + offset
+            block[0, offset], block[1, offset] = (kl[0] for kl in kl_divergences(
+                logp[row % batch:row % batch + 1], torch.log_softmax(logits[offset:offset + 1], dim=-1)))
+    out = out.cpu().reshape(2, repeat, batch)
+    return out[0], out[1]
 
 
 @torch.inference_mode()
@@ -212,14 +266,15 @@ def fast_kls(lm: LoadedModel, prompts: Sequence[str], steps: dict[int, Tensor], 
             if max(gaps.values()) > FAST_PATH_TOLERANCE:
                 bar.close()
                 return {}, gaps
-        rows = max_rows or replay_rows(lm, tokens=replayed_tokens, kv_tokens=n_tokens, n_blocks=lm.n_layers - first)
+        rows = max_rows or replay_rows(lm, tokens=replayed_tokens, kv_tokens=n_tokens, n_blocks=lm.n_layers - first,
+                                       reserved=HEAD_ROWS * 2 * int(lm.model.config.vocab_size) * 4)
         chunk = max(1, rows // len(batch))
         for layer, layer_steps in steps.items():
             pieces: dict[str, list[Tensor]] = {name: [] for name in KL_DIRECTIONS}
-            for i in range(0, len(layer_steps), chunk):  # KL per chunk: [chunk, batch, vocab] is the peak
-                steered = _replay_logprobs(lm, inputs, layer, layer_steps[i:i + chunk], component=component,
-                                           positions=positions)
-                base_to_steered, steered_to_base = kl_divergences(base[None], steered)  # base broadcasts
+            for i in range(0, len(layer_steps), chunk):
+                hidden = _replay_hidden(lm, inputs, layer, layer_steps[i:i + chunk], component=component,
+                                        positions=positions)
+                base_to_steered, steered_to_base = _steered_kls(lm, hidden, base)
                 pieces["kl_base_to_steered"].append(base_to_steered)
                 pieces["kl_steered_to_base"].append(steered_to_base)
             for name in KL_DIRECTIONS:
