@@ -8,10 +8,12 @@ Both arms run in one process, interleaved chunk by chunk, on the quick profile's
 - ``new``: :func:`torsion.generate.iter_generate_ids` with ``batch_size="auto"``.
 
 Default mode (a few minutes): a prompt subset through both arms, plus where the time goes:
-prefill per token and decode per step at batch sizes 1-64, the LM head's share, padding and
-finished rows still decoded. ``--full`` (once; over an hour on 2 shared cores): all 256 prompts
-through the baseline, the new path and the batch-of-one reference, the identical-output
-share, and for each differing row the reference's top-2 logit margin where it diverges.
+prefill per token and decode per step at batch sizes 1-64 (CPU time, split into the decoder
+blocks, the LM head and the rest; the peak memory each batch adds), padding and finished rows
+still decoded. ``--sweep``: only the per-batch-size part, into each model's ``by_batch_size``.
+``--full`` (once; over an hour on 2 shared cores): all 256 prompts through the baseline, the
+new path and the batch-of-one reference, the identical-output share, and for each differing
+row the reference's top-2 logit margin where it diverges.
 Writes ``benchmarks/results/generate.json`` (``--full`` adds a ``full`` section).
 """
 
@@ -34,8 +36,8 @@ from torsion.models import LoadedModel, load_model
 
 MODELS = ("embedded:qwen2.5-coder-0.5b", "embedded:smollm2-135m")
 NEW_TOKENS, BASELINE_BATCH, SEED = 32, 8, 0
-BATCH_SIZES = (1, 4, 16, 32, 64)
-DECODE_STEPS = 4  # timed decode steps per batch size
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+DECODE_STEPS = 3  # timed decode steps per batch size (the best counts)
 
 
 def peak_rss_reset() -> None:
@@ -130,47 +132,100 @@ def summary(record: dict) -> dict:
             "loadavg_1min": record["load"]}
 
 
+class StepClock:
+    """Process CPU seconds spent inside the decoder blocks and inside the LM head, from forward hooks.
+
+    What a forward spends outside both (embedding, masks, cache bookkeeping, the final norm,
+    Python dispatch) is its total minus these two.
+    """
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.blocks = self.head = 0.0
+        self._started = 0.0
+        first, last, head = lm.layout.blocks[0], lm.layout.blocks[-1], lm.model.get_output_embeddings()
+        self.handles = [first.register_forward_pre_hook(self._start),
+                        last.register_forward_hook(lambda *_: self._stop("blocks")),
+                        head.register_forward_pre_hook(self._start),
+                        head.register_forward_hook(lambda *_: self._stop("head"))]
+
+    def _start(self, *_args: object) -> None:
+        self._started = time.process_time()
+
+    def _stop(self, part: str) -> None:
+        setattr(self, part, getattr(self, part) + time.process_time() - self._started)
+
+    def reset(self) -> None:
+        self.blocks = self.head = 0.0
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def rss_mib() -> float:
+    """``VmRSS`` of /proc/self/status: the resident set now, MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
 @torch.inference_mode()
 def where_time_goes(lm: LoadedModel, prompts: Sequence[str], batch_sizes: Sequence[int]) -> dict:
-    """Prefill per token and decode per step at each batch size; the LM head's share of both."""
+    """Prefill per token and decode per step at each batch size, on median-length prompts, split into blocks,
+    LM head and the rest; the peak resident memory the batch added.
+
+    Times are process CPU seconds (steadier than wall time on a shared machine; with one torch
+    thread they are the compute's own), the decode step the best of ``DECODE_STEPS``. Memory is
+    the peak RSS (``VmHWM``, reset before) minus the RSS before the batch: torch's CPU tensors
+    are invisible to tracemalloc.
+    """
     rows = tokenize_prompts(lm, prompts)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    head = lm.model.get_output_embeddings()
+    clock = StepClock(lm)
     out = {}
-    for batch in batch_sizes:
-        chosen = [prompts[i] for i in order[len(order) // 2 - batch // 2:][:batch]]  # median-length prompts
-        inputs = encode(lm, chosen)
-        tokens = int(inputs["attention_mask"].sum())
-        start = time.perf_counter()
-        output = lm.model(**inputs, use_cache=True, logits_to_keep=1)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        lm.model(**inputs, use_cache=False)  # every position through the LM head, as without logits_to_keep
-        prefill_all_logits = time.perf_counter() - start
-        cache, steps = output.past_key_values, DECODE_STEPS
-        mask, positions = inputs["attention_mask"], inputs["position_ids"][:, -1:]
-        token = output.logits[:, -1].argmax(-1, keepdim=True)
-        start = time.perf_counter()
-        for _ in range(steps):
-            mask = torch.cat([mask, mask.new_ones(len(chosen), 1)], dim=1)
-            positions = positions + 1
-            logits = lm.model(input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                              use_cache=True, logits_to_keep=1).logits
-            token = logits[:, -1].argmax(-1, keepdim=True)
-        step = (time.perf_counter() - start) / steps
-        hidden = torch.randn(len(chosen), 1, lm.d_model, dtype=lm.model.dtype)
-        start = time.perf_counter()
-        for _ in range(steps):
-            head(hidden)
-        head_s = (time.perf_counter() - start) / steps
-        out[str(batch)] = {
-            "prefill_tokens": tokens, "padded_positions": int(inputs["input_ids"].numel()) - tokens,
-            "prefill_s_per_token": prefill / tokens, "prefill_tokens_per_s": round(tokens / prefill, 1),
-            "prefill_all_logits_s_per_token": prefill_all_logits / tokens,
-            "decode_step_s": step, "decode_tokens_per_s": round(len(chosen) / step, 1),
-            "lm_head_s_per_step": head_s, "lm_head_share_of_step": round(head_s / step, 3),
-        }
-        print(batch, out[str(batch)], flush=True)
+    try:
+        for batch in batch_sizes:
+            chosen = [prompts[i] for i in order[len(order) // 2 - batch // 2:][:batch]]  # median-length prompts
+            inputs = encode(lm, chosen)
+            tokens = int(inputs["attention_mask"].sum())
+            before = rss_mib()
+            peak_rss_reset()
+            clock.reset()
+            start = time.process_time()
+            output = lm.model(**inputs, use_cache=True, logits_to_keep=1)
+            prefill = time.process_time() - start
+            prefill_parts = {"blocks": clock.blocks, "lm_head": clock.head}
+            cache = output.past_key_values
+            mask, positions = inputs["attention_mask"], inputs["position_ids"][:, -1:]
+            token = output.logits[:, -1].argmax(-1, keepdim=True)
+            steps = []
+            for _ in range(DECODE_STEPS):
+                mask = torch.cat([mask, mask.new_ones(len(chosen), 1)], dim=1)
+                positions = positions + 1
+                clock.reset()
+                start, wall = time.process_time(), time.perf_counter()
+                logits = lm.model(input_ids=token, attention_mask=mask, position_ids=positions,
+                                  past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                token = logits[:, -1].argmax(-1, keepdim=True)
+                steps.append((time.process_time() - start, time.perf_counter() - wall, clock.blocks, clock.head))
+            step, step_wall, blocks, head = min(steps)
+            out[str(batch)] = {
+                "prefill_tokens": tokens, "padded_positions": int(inputs["input_ids"].numel()) - tokens,
+                "prefill_cpu_s_per_token": round(prefill / tokens, 6),
+                "prefill_tokens_per_cpu_s": round(tokens / prefill, 1),
+                "prefill_share": {part: round(value / prefill, 3) for part, value in prefill_parts.items()},
+                "decode_step_cpu_s": round(step, 5), "decode_step_wall_s": round(step_wall, 5),
+                "decode_tokens_per_cpu_s": round(len(chosen) / step, 1),
+                "decode_share": {"blocks": round(blocks / step, 3), "lm_head": round(head / step, 3),
+                                 "rest": round(1 - (blocks + head) / step, 3)},
+                "peak_rss_added_mib": round(peak_rss_mib() - before, 1),
+            }
+            print(lm.model_id, batch, out[str(batch)], flush=True)
+            del output, cache, logits
+    finally:
+        clock.remove()
     return out
 
 
@@ -191,6 +246,8 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="256 prompts on the first of --models, with the batch-of-one reference")
     parser.add_argument("--prompts", type=int, default=64, help="prompts in the default mode")
     parser.add_argument("--full-prompts", type=int, default=256, help="prompts in --full mode (a check run: fewer)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="only the per-batch-size measurements (a few minutes), into each model's by_batch_size")
     parser.add_argument("--skip-baseline", action="store_true", help="--full without the batches-of-8 arm")
     parser.add_argument("--chunk", type=int, default=32, help="--full: prompts per interleaved chunk")
     parser.add_argument("--models", nargs="*", default=list(MODELS))
@@ -209,6 +266,26 @@ def main() -> None:
                           "batch_size=auto", "auto_batch_cap": AUTO_BATCH_CAP,
                    "tokens_per_s": "generated tokens (up to EOS) / wall seconds", "threads": args.threads,
                    "loadavg_start": os.getloadavg()}
+    if args.sweep:
+        current = json.loads(path.read_text()) if path.exists() else {}
+        models = current.get("models", {})
+        for spec in args.models:
+            lm = load_model(spec)
+            where_time_goes(lm, prompts, [2])  # warm-up: the first forwards of a process allocate
+            lengths = [len(r) for r in tokenize_prompts(lm, prompts)]
+            models.setdefault(spec, {}).update(
+                by_batch_size=where_time_goes(lm, prompts, args.batch_sizes),
+                auto_batch_size=auto_batch_size(lm, max(lengths) + NEW_TOKENS))
+        write_result("generate", {**{k: v for k, v in current.items() if k not in ("benchmark", "machine")},
+                                  "models": models, "by_batch_size_conventions": {
+                                      "threads": args.threads, "decode_steps": DECODE_STEPS,
+                                      "prompts": "median-length prompts of the quick profile's set",
+                                      "times": "process CPU seconds; decode: best of the steps",
+                                      "shares": "CPU time in the decoder blocks and the LM head (forward hooks); "
+                                                "rest: embedding, masks, cache, final norm, Python",
+                                      "memory": "peak RSS (VmHWM, reset first) minus RSS before the batch",
+                                      "loadavg": [round(v, 2) for v in os.getloadavg()]}})
+        return
     if args.full:
         lm = load_model(args.models[0])
         prompts = prompts[:args.full_prompts]

@@ -240,6 +240,26 @@ def test_both_kl_directions_at_once_equal_two_kl_divergence_calls_bit_for_bit():
     assert torch.equal(backward, kl_divergence(steered[0], masked)) and backward[0] == torch.inf
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])  # gemma2: final norm with an offset, logit soft-cap
+def test_head_block_kls_equal_kl_divergences_of_the_head_logprobs(family, monkeypatch):
+    """The fast path's LM-head blocks with a per-row KL = kl_divergences on the whole [steps, batch, vocab]."""
+    lm = tiny_lm(family, n_layers=N_LAYERS, seed=3)
+    monkeypatch.setattr(random_control_module, "HEAD_ROWS", 4)  # 15 rows: blocks of 4, 4, 4, 3
+    generator = torch.Generator().manual_seed(0)
+    batch, n_steps = 3, 5
+    hidden = 3 * torch.randn(n_steps * batch, 2, lm.d_model, generator=generator)
+    base = torch.log_softmax(3 * torch.randn(batch, len(lm.tokenizer), generator=generator), -1)
+    base[1, 0] = -torch.inf  # p = 0 for one token of prompt 1: that prompt's rows take kl_divergences' own path
+    steered = random_control_module._head_logprobs(lm, hidden).reshape(n_steps, batch, -1)
+    forward, backward = random_control_module._steered_kls(lm, hidden, base)
+    expected_forward, expected_backward = kl_divergences(base[None], steered)
+    assert forward.shape == (n_steps, batch) and torch.isfinite(forward).all()
+    assert torch.isinf(backward[:, 1]).all() and torch.isfinite(backward[:, [0, 2]]).all()
+    torch.testing.assert_close(forward, expected_forward, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(backward, expected_backward, rtol=1e-12, atol=1e-15)
+    assert forward.min() > 1e-3  # the rows differ from the base, so the comparison means something
+
+
 def test_any_method_steering_arm_comes_from_its_factory_and_sets_the_random_norm(monkeypatch):
     """ACE (a replacement method): its ±α KLs are first_token_kl of its factory, and the random
     directions have the +α arm's mean ``‖h' − h‖``, measured independently here."""
