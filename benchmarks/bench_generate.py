@@ -20,6 +20,8 @@ Writes ``benchmarks/results/generate.json`` (``--full`` adds a ``full`` section)
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import time
@@ -174,12 +176,10 @@ def rss_mib() -> float:
 @torch.inference_mode()
 def where_time_goes(lm: LoadedModel, prompts: Sequence[str], batch_sizes: Sequence[int]) -> dict:
     """Prefill per token and decode per step at each batch size, on median-length prompts, split into blocks,
-    LM head and the rest; the peak resident memory the batch added.
+    LM head and the rest.
 
     Times are process CPU seconds (steadier than wall time on a shared machine; with one torch
-    thread they are the compute's own), the decode step the best of ``DECODE_STEPS``. Memory is
-    the peak RSS (``VmHWM``, reset before) minus the RSS before the batch: torch's CPU tensors
-    are invisible to tracemalloc.
+    thread they are the compute's own), the decode step the best of ``DECODE_STEPS``.
     """
     rows = tokenize_prompts(lm, prompts)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
@@ -190,8 +190,6 @@ def where_time_goes(lm: LoadedModel, prompts: Sequence[str], batch_sizes: Sequen
             chosen = [prompts[i] for i in order[len(order) // 2 - batch // 2:][:batch]]  # median-length prompts
             inputs = encode(lm, chosen)
             tokens = int(inputs["attention_mask"].sum())
-            before = rss_mib()
-            peak_rss_reset()
             clock.reset()
             start = time.process_time()
             output = lm.model(**inputs, use_cache=True, logits_to_keep=1)
@@ -220,12 +218,51 @@ def where_time_goes(lm: LoadedModel, prompts: Sequence[str], batch_sizes: Sequen
                 "decode_tokens_per_cpu_s": round(len(chosen) / step, 1),
                 "decode_share": {"blocks": round(blocks / step, 3), "lm_head": round(head / step, 3),
                                  "rest": round(1 - (blocks + head) / step, 3)},
-                "peak_rss_added_mib": round(peak_rss_mib() - before, 1),
             }
             print(lm.model_id, batch, out[str(batch)], flush=True)
             del output, cache, logits
     finally:
         clock.remove()
+    return out
+
+
+@torch.inference_mode()
+def peak_memory(lm: LoadedModel, prompts: Sequence[str], batch_sizes: Sequence[int]) -> dict[str, float]:
+    """Peak resident memory (MiB) a batch adds over a prefill and one decode step, per batch size.
+
+    Measured as the peak RSS (``VmHWM``, reset first) minus the RSS before the batch, with glibc
+    told to map every allocation over 64 KiB on its own (``mallopt``), so memory a batch frees
+    leaves the process and the next batch starts from the model alone. torch's CPU tensors are
+    invisible to tracemalloc. Run after the timings: the separate mappings cost page faults.
+    """
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: fixed, so the dynamic threshold cannot grow
+    libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD: give freed heap back
+    rows = tokenize_prompts(lm, prompts)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = {}
+    for batch in batch_sizes:
+        inputs = encode(lm, [prompts[i] for i in order[len(order) // 2 - batch // 2:][:batch]])
+        gc.collect()
+        libc.malloc_trim(0)
+        before = rss_mib()
+        peak_rss_reset()
+        output = lm.model(**inputs, use_cache=True, logits_to_keep=1)
+        mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(batch, 1)], dim=1)
+        lm.model(input_ids=output.logits[:, -1].argmax(-1, keepdim=True), attention_mask=mask,
+                 position_ids=inputs["position_ids"][:, -1:] + 1, past_key_values=output.past_key_values,
+                 use_cache=True, logits_to_keep=1)
+        out[str(batch)] = round(peak_rss_mib() - before, 1)
+        del output
+        print(lm.model_id, batch, "peak MiB added", out[str(batch)], flush=True)
+    return out
+
+
+def batch_size_sweep(lm: LoadedModel, prompts: Sequence[str], batch_sizes: Sequence[int]) -> dict:
+    """:func:`where_time_goes`, then :func:`peak_memory` (after: its mappings cost page faults) per batch size."""
+    out = where_time_goes(lm, prompts, batch_sizes)
+    for batch, mib in peak_memory(lm, prompts, batch_sizes).items():
+        out[batch]["peak_rss_added_mib"] = mib
     return out
 
 
@@ -273,9 +310,8 @@ def main() -> None:
             lm = load_model(spec)
             where_time_goes(lm, prompts, [2])  # warm-up: the first forwards of a process allocate
             lengths = [len(r) for r in tokenize_prompts(lm, prompts)]
-            models.setdefault(spec, {}).update(
-                by_batch_size=where_time_goes(lm, prompts, args.batch_sizes),
-                auto_batch_size=auto_batch_size(lm, max(lengths) + NEW_TOKENS))
+            models.setdefault(spec, {}).update(by_batch_size=batch_size_sweep(lm, prompts, args.batch_sizes),
+                                               auto_batch_size=auto_batch_size(lm, max(lengths) + NEW_TOKENS))
         write_result("generate", {**{k: v for k, v in current.items() if k not in ("benchmark", "machine")},
                                   "models": models, "by_batch_size_conventions": {
                                       "threads": args.threads, "decode_steps": DECODE_STEPS,
@@ -283,7 +319,9 @@ def main() -> None:
                                       "times": "process CPU seconds; decode: best of the steps",
                                       "shares": "CPU time in the decoder blocks and the LM head (forward hooks); "
                                                 "rest: embedding, masks, cache, final norm, Python",
-                                      "memory": "peak RSS (VmHWM, reset first) minus RSS before the batch",
+                                      "memory": "peak RSS (VmHWM, reset first) minus RSS before the batch, over a prefill and one "
+                                                "decode step, every allocation over 64 KiB mapped on its own "
+                                                "(mallopt) so freed memory leaves the process",
                                       "loadavg": [round(v, 2) for v in os.getloadavg()]}})
         return
     if args.full:
@@ -338,7 +376,7 @@ def main() -> None:
             "baseline_waste": {"finished_row_steps_share": round(stats["finished_row_steps"] / stats["row_steps"], 3),
                                "padding_share_of_prefill": round(1 - stats["real_prompt_tokens"]
                                                                  / stats["prompt_positions"], 3)},
-            "by_batch_size": where_time_goes(lm, prompts, args.batch_sizes),
+            "by_batch_size": batch_size_sweep(lm, prompts, args.batch_sizes),
         }
         print(json.dumps({k: v for k, v in models[spec].items() if k != "by_batch_size"}, indent=1), flush=True)
     previous = json.loads(path.read_text()) if path.exists() else {}  # keep a --full section

@@ -9,7 +9,7 @@ random directions and their negatives), the residual stream, prompt batches of 1
 sample of the shipped neutral prompts drawn as ``run_random_control`` draws them:
 
 - ``fast_all`` and ``fast_last``: :func:`~torsion.analysis.random_control.fast_kls` on the first
-  ``N_PROMPTS`` prompts (one batch), each call timed with its base forward and its runtime
+  ``N_PROMPTS`` prompts (one batch; the per-unit cost hardly depends on it), each call timed with its base forward and its runtime
   self-checks. Both share the LM-head and KL code, so their ratio is the replay's alone;
 - ``fast_last_quick``: the last-position path on all ``QUICK_PROMPTS`` prompts of the quick
   profile, the stage's own cost;
@@ -42,7 +42,7 @@ from torsion.conventions import LAYER_INDEXING
 from torsion.data import load_source, sample
 from torsion.models import load_model
 
-N_PROMPTS, QUICK_PROMPTS, N_RANDOM, APPLIED_NORM, SEED, BATCH = 16, 32, 50, 8.0, 0, 16
+N_PROMPTS, QUICK_PROMPTS, N_RANDOM, APPLIED_NORM, SEED, BATCH = 8, 32, 50, 8.0, 0, 16
 NAIVE_ROWS = (0, 2, 2 + N_RANDOM)  # the steering step, the first random direction and its negative
 COMPONENT = "resid"
 KL_TOLERANCE = 1e-5
