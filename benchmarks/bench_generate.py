@@ -32,8 +32,8 @@ from common import RESULTS, write_result
 
 from torsion.capture import encode
 from torsion.data.splits import build_prompt_set
-from torsion.generate import (AUTO_BATCH_CAP, GenerationSettings, auto_batch_size, buckets, eos_token_ids,
-                              iter_generate_ids, tokenize_prompts)
+from torsion.generate import (AUTO_BATCH_CAP, GenerationSettings, auto_batch_size, buckets,
+                              contiguous_head_input, eos_token_ids, iter_generate_ids, tokenize_prompts)
 from torsion.models import LoadedModel, load_model
 
 MODELS = ("embedded:qwen2.5-coder-0.5b", "embedded:smollm2-135m")
@@ -192,7 +192,8 @@ def where_time_goes(lm: LoadedModel, prompts: Sequence[str], batch_sizes: Sequen
             tokens = int(inputs["attention_mask"].sum())
             clock.reset()
             start = time.process_time()
-            output = lm.model(**inputs, use_cache=True, logits_to_keep=1)
+            with contiguous_head_input(lm):  # as decode_bucket runs the prefill
+                output = lm.model(**inputs, use_cache=True, logits_to_keep=1)
             prefill = time.process_time() - start
             prefill_parts = {"blocks": clock.blocks, "lm_head": clock.head}
             cache = output.past_key_values
@@ -209,11 +210,18 @@ def where_time_goes(lm: LoadedModel, prompts: Sequence[str], batch_sizes: Sequen
                 token = logits[:, -1].argmax(-1, keepdim=True)
                 steps.append((time.process_time() - start, time.perf_counter() - wall, clock.blocks, clock.head))
             step, step_wall, blocks, head = min(steps)
+            states = torch.randn(len(chosen), inputs["input_ids"].shape[1], lm.d_model, dtype=lm.model.dtype)
+            head_s = {}
+            for layout, last in (("strided", states[:, -1:]), ("contiguous", states[:, -1:].contiguous())):
+                start = time.process_time()
+                lm.model.get_output_embeddings()(last)
+                head_s[layout] = round(time.process_time() - start, 4)
             out[str(batch)] = {
                 "prefill_tokens": tokens, "padded_positions": int(inputs["input_ids"].numel()) - tokens,
                 "prefill_cpu_s_per_token": round(prefill / tokens, 6),
                 "prefill_tokens_per_cpu_s": round(tokens / prefill, 1),
                 "prefill_share": {part: round(value / prefill, 3) for part, value in prefill_parts.items()},
+                "prefill_lm_head_cpu_s_by_input_layout": head_s,
                 "decode_step_cpu_s": round(step, 5), "decode_step_wall_s": round(step_wall, 5),
                 "decode_tokens_per_cpu_s": round(len(chosen) / step, 1),
                 "decode_share": {"blocks": round(blocks / step, 3), "lm_head": round(head / step, 3),
