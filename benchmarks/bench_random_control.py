@@ -5,16 +5,17 @@ that replays every prompt token (``positions="all"``), and each fast path gives 
 KLs to 1e-5. The arms compute the first-token KL, both directions, with the quick profile's
 settings: the embedded Qwen model, its four back-half blocks (``back_half_layers``), the
 pipeline's 102 directions per block (a stand-in steering step, its negative, 50 norm-matched
-random directions and their negatives), the residual stream, prompt batches of 16, on a seeded
-sample of the shipped neutral prompts drawn as ``run_random_control`` draws them:
+random directions and their negatives), the residual stream, on the first ``N_PROMPTS`` of a
+seeded sample of the shipped neutral prompts drawn as ``run_random_control`` draws them (one
+batch: 408 replayed rows per block, matmuls of hundreds of rows as in the pipeline's batches of
+16; the cost per prompt hardly depends on the count, and the quick profile's 32 prompts through
+the all-position arm would take over an hour on this shared machine):
 
-- ``fast_all`` and ``fast_last``: :func:`~torsion.analysis.random_control.fast_kls` on the first
-  ``N_PROMPTS`` prompts (one batch; the per-unit cost hardly depends on it), each call timed with its base forward and its runtime
-  self-checks. Both share the LM-head and KL code, so their ratio is the replay's alone;
-- ``fast_last_quick``: the last-position path on all ``QUICK_PROMPTS`` prompts of the quick
-  profile, the stage's own cost;
+- ``fast_all`` and ``fast_last``: :func:`~torsion.analysis.random_control.fast_kls`, each call
+  timed with its base forward and its runtime self-checks. Both share the LM-head and KL code,
+  so their ratio is the replay's alone;
 - ``naive_all`` and ``naive_last``: :func:`~torsion.metrics.first_token_kl` per direction, on
-  ``N_NAIVE`` of the directions at two of the blocks (one direction costs two full forwards of
+  ``NAIVE_ROWS`` of the directions at two of the blocks (one direction costs two full forwards of
   the batch). Their KLs are the reference for the fast paths' KLs on the same directions.
 
 Each fast arm runs under cProfile; the record splits its time into the replayed blocks, the LM
@@ -42,7 +43,7 @@ from torsion.conventions import LAYER_INDEXING
 from torsion.data import load_source, sample
 from torsion.models import load_model
 
-N_PROMPTS, QUICK_PROMPTS, N_RANDOM, APPLIED_NORM, SEED, BATCH = 8, 32, 50, 8.0, 0, 16
+N_PROMPTS, N_RANDOM, APPLIED_NORM, SEED, BATCH = 4, 50, 8.0, 0, 16
 NAIVE_ROWS = (0, 2, 2 + N_RANDOM)  # the steering step, the first random direction and its negative
 COMPONENT = "resid"
 KL_TOLERANCE = 1e-5
@@ -70,8 +71,7 @@ def timed(fn: Callable[[], object], profile: bool = False) -> dict[str, float]:
 def main() -> None:
     load_before = os.getloadavg()
     lm = load_model("embedded:qwen2.5-coder-0.5b")
-    quick_prompts = [p.prompt for p in sample(load_source("neutral"), QUICK_PROMPTS, seed=SEED)]
-    prompts = quick_prompts[:N_PROMPTS]
+    prompts = [p.prompt for p in sample(load_source("neutral"), 32, seed=SEED)][:N_PROMPTS]
     layers = back_half_layers(lm.n_layers)
     naive_layers = [layers[0], layers[-1]]  # the most blocks to replay, and none
     axis = random_directions(lm.d_model, 1, APPLIED_NORM, seed=SEED + 1)  # a stand-in steering step
@@ -94,8 +94,7 @@ def main() -> None:
 
     fast_kls(lm, prompts[:2], {layers[0]: steps[:2]}, batch_size=BATCH, positions="last")  # warm-up
     times = {"fast_all": timed(fast("all", "fast_all", prompts), profile=True),
-             "fast_last": timed(fast("last", "fast_last", prompts), profile=True),
-             "fast_last_quick": timed(fast("last", "fast_last_quick", quick_prompts), profile=True)}
+             "fast_last": timed(fast("last", "fast_last", prompts), profile=True)}
     for positions in ("all", "last"):
         times[f"naive_{positions}"] = timed(lambda: naive(positions))
     agreement = {}
@@ -110,7 +109,6 @@ def main() -> None:
                                 "smallest_kl": float(naive_values.min()), "largest_kl": float(naive_values.max()),
                                 "equal_to_tolerance": bool(difference.max() <= KL_TOLERANCE)}
     units = {"fast_all": N_PROMPTS * len(layers) * len(steps), "fast_last": N_PROMPTS * len(layers) * len(steps),
-             "fast_last_quick": QUICK_PROMPTS * len(layers) * len(steps),
              "naive_all": N_PROMPTS * len(naive_layers) * len(NAIVE_ROWS),
              "naive_last": N_PROMPTS * len(naive_layers) * len(NAIVE_ROWS)}
     per_unit = {name: {key: value / units[name] for key, value in measured.items() if key in ("wall_s", "cpu_s")}
@@ -120,9 +118,9 @@ def main() -> None:
         return {key: round(per_unit[slow][key] / per_unit[quick][key], 2) for key in ("wall_s", "cpu_s")}
 
     write_result("random_control", {
-        "model": lm.model_id, "n_prompts": N_PROMPTS, "quick_profile_prompts": QUICK_PROMPTS,
+        "model": lm.model_id, "n_prompts": N_PROMPTS,
         "prompts": f"seeded sample (seed {SEED}) of the shipped neutral set, as run_random_control draws it; "
-                   f"the first {N_PROMPTS} except in fast_last_quick",
+                   f"the first {N_PROMPTS}",
         "batch_size": BATCH, "layers": layers, "naive_layers": naive_layers, "layer_indexing": LAYER_INDEXING,
         "component": COMPONENT, "applied_norm": APPLIED_NORM, "seed": SEED,
         "kl": "first token, kl_base_to_steered and kl_steered_to_base",
@@ -131,7 +129,6 @@ def main() -> None:
                                 "negatives; naive: the steering step, the first random direction and its negative"},
         "arms": {"fast_all": "every prompt token replayed from the block on (positions='all')",
                  "fast_last": "the final prompt token replayed on the prefix's KV cache (positions='last')",
-                 "fast_last_quick": "fast_last on the quick profile's 32 prompts: the pipeline stage's cost",
                  "naive_all": "first_token_kl per direction, steering every prompt token",
                  "naive_last": "first_token_kl per direction, steering the final prompt token"},
         "seconds": {name: {key: round(value, 2) for key, value in measured.items()}

@@ -95,8 +95,13 @@ def test_bad_batch_size_is_refused(bad):
 
 
 @pytest.mark.parametrize("positions", ["last", "all"])
-def test_steered_fast_generation_equals_steered_generate(positions):
-    lm = tiny_lm("qwen2")
+@pytest.mark.parametrize("family, attention", [("llama", "eager"), ("qwen2", "eager"), ("qwen2", "sdpa"),
+                                               ("gemma2", "eager")])
+def test_steered_fast_generation_equals_steered_generate(family, attention, positions):
+    """Steering every position also steers the left padding; masked, it must not reach a real token.
+    sdpa is the attention the embedded models load with."""
+    lm = tiny_lm(family)
+    lm.model.set_attn_implementation(attention)
     prompts = _prompts(9, seed=1)
     vectors = torch.randn(lm.n_layers, lm.d_model, generator=torch.Generator().manual_seed(5))
     steer = dict(vectors=vectors, layers=[0, 2], alpha=[3.0, -2.0], positions=positions)
@@ -104,8 +109,12 @@ def test_steered_fast_generation_equals_steered_generate(positions):
         reference = _hf_batch_of_one(lm, prompts, min_new_tokens=NEW)
     plain = _hf_batch_of_one(lm, prompts, min_new_tokens=NEW)
     assert reference != plain  # the steering changes the tokens
+    for batch_size in (1, 4, "auto"):
+        with add_steering(lm, **steer):
+            assert _ids(lm, prompts, GenerationSettings(max_new_tokens=NEW, batch_size=batch_size)) == reference
     rows = generate_steered(lm, prompts, **steer, max_new_tokens=NEW, batch_size=4)
-    assert [r["response"] for r in rows] == [t.strip() for t in lm.tokenizer.batch_decode(reference)]
+    assert [r["response"] for r in rows] == [t.strip() for t in lm.tokenizer.batch_decode(reference,
+                                                                                          skip_special_tokens=True)]
     lm.model.generation_config.eos_token_id = None  # every row runs NEW steps: additions are comparable
     with add_steering(lm, **steer) as record:
         decode_bucket(lm, tokenize_prompts(lm, prompts[:4]), GenerationSettings(max_new_tokens=NEW))
