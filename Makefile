@@ -48,7 +48,7 @@ bench: assets
 	$(BIN)/python benchmarks/bench_bootstrap.py
 	$(BIN)/python benchmarks/bench_steer_overhead.py
 	$(BIN)/python benchmarks/bench_random_control.py
-	$(BIN)/python benchmarks/bench_generate.py  # --full (once, long): 256 prompts with the batch-of-one reference
+	$(BIN)/python benchmarks/bench_generate.py  # --sweep: batch sizes 1-64 only; --full (once, long): 256 prompts with the batch-of-one reference
 	$(BIN)/python benchmarks/bench_judge.py  # rules-v2/v3 loaded from git history beside the current judges
 	$(BIN)/python benchmarks/bench_manifold.py
 	$(BIN)/python benchmarks/bench_stability.py
