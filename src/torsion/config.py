@@ -50,8 +50,9 @@ class RunConfig:
     propagation_prompts: int = 16
     random_directions: int = 50
     # the random control steers the last prompt token and replays only that token for each of its
-    # 102 directions per layer (benchmarks/results/random_control.json: 5x the all-position replay),
-    # so 32 probe prompts cost less than the 12 the all-position path could afford
+    # 102 directions per layer (benchmarks/results/random_control.json: 9.4x less CPU time than the
+    # all-position replay per prompt, block and direction), so 32 probe prompts cost less than the
+    # 12 the all-position path could afford
     random_control_prompts: int = 32
     # the steering-method comparison (`torsion analyze methods`); () skips the stage. Each method and
     # objective runs a strength search plus curve points on the holdout: hours on CPU for all seven
