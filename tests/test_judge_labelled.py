@@ -84,7 +84,7 @@ def test_fixture_is_complete(rows, held_out):
                                                                                      "smollm2-135m"}
     authored = [r for r in rows if r["source"].startswith("authored-")]
     assert len(authored) >= 240 and all(r["id"].startswith("authored/") for r in authored)
-    styles = [r for r in authored if r["source"] != "authored-batch2-mixed"]  # batch 2: measured once (README)
+    styles = [r for r in authored if not r["id"].startswith("authored/batch")]  # batches 2, 3: measured once (README)
     assert AUTHORED_HELD_OUT in held_out and 3 * sum(r["source"] == AUTHORED_HELD_OUT for r in styles) >= len(styles)
     v1 = [r for r in rows if "/" not in r["id"]]  # the 320 rows of labelled set v1, kept as they were
     assert len(v1) == 320 and {r["prompt_set"] for r in v1} == {"donotanswer", "harmbench", "neutral"}
