@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 FROZEN = {  # each judge's last commit (rules.py and patterns.py unchanged until the next version)
     "rules-v2": "71b320ec7a08870102160cf3749fd39c305e0dee",
     "rules-v3": "fbf874a73abb40892aacc4f096e5f93454ae0fdd",
+    "rules-v4": "e98162b0b27b7fcb8898cdd24ba67a46e2340a28",
 }
 _TMP: list[tempfile.TemporaryDirectory] = []  # kept alive for the process
 

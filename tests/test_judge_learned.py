@@ -159,14 +159,14 @@ def make_run(root):
 def test_rejudge_keeps_old_labels_and_invalidates_label_stages(tmp_path):
     run = make_run(tmp_path / "run")
     summary = rejudge_run(run.root, RuleJudge())
-    assert summary == {"rows": 2, "changed": 1, "judge": "rules-v4", "invalidated": ["vectors", "report"]}
+    assert summary == {"rows": 2, "changed": 1, "judge": RuleJudge.name, "invalidated": ["vectors", "report"]}
     rows = [json.loads(line) for line in run.responses_path.read_text().splitlines()]
-    assert rows[0]["label"] == "strong_comply" and rows[0]["judge"] == "rules-v4"
+    assert rows[0]["label"] == "strong_comply" and rows[0]["judge"] == RuleJudge.name
     assert rows[0]["previous"] == [{"judge": "rules-v2", "label": "strong_refuse", "score": 1.0,
                                     "reasons": ["refusal_start"], "correction": None}]
     assert rows[0]["correction"] is None and rows[1]["correction"] is None  # recomputed for the new comply
     manifest = run.manifest()
-    assert manifest["judge_version"] == "rules-v4" and manifest["rejudged"][0]["changed"] == 1
+    assert manifest["judge_version"] == RuleJudge.name and manifest["rejudged"][0]["changed"] == 1
     assert run.stage_done("capture") and not run.stage_done("vectors") and not run.stage_done("report")
     assert rejudge_run(run.root, RuleJudge())["rows"] == 0  # already labelled by this judge: unchanged
     assert len(json.loads(run.responses_path.read_text().splitlines()[0])["previous"]) == 1
