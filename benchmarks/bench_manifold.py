@@ -3,9 +3,11 @@
 1. Generation with spline-A steering on 4 blocks (positions ``last``) against unsteered
    generation of the same batches, in one process on the embedded Qwen model: ``PAIRS`` pairs,
    the order alternating (``common.paired_runs``); both arms are forced to produce exactly
-   ``NEW_TOKENS`` tokens. Target ≤ 1.05x, judged on the median per-pair wall-time ratio; the
-   CPU-time ratio (less sensitive to other jobs on a shared machine) and the hooks' own work,
-   timed outside the model, are recorded beside it. The spline is fitted on this process's own
+   ``NEW_TOKENS`` tokens. Target ≤ 1.05x, judged on the median per-pair ratio of this process's
+   CPU time: with one torch thread that is the work each arm does, while wall time on a shared,
+   oversubscribed machine mostly measures the scheduler (one run measured wall times of 8.8 to
+   56 s for 5.5 s of CPU). The wall-time ratios (median of pairs, and of minima) and the hooks'
+   own work, timed outside the model, are recorded beside it. The spline is fitted on this process's own
    activations of the prompts (labels assigned round-robin: the timing does not depend on what
    the knots mean).
 2. Fitting spline A and spline B (with its leave-one-block-out table) for 24 blocks, k = 8,
@@ -57,7 +59,7 @@ def generation(lm) -> dict:
         assert record.steered_tokens == [len(PROMPTS[:N_PROMPTS]) * NEW_TOKENS] * len(LAYERS)
 
     runs = paired_runs(generate, steered, PAIRS)
-    ratio = runs["median_pair_ratio_wall"]
+    ratio = runs["median_pair_ratio_cpu"]
     plain_s = min(runs["times_s"]["plain"]["wall"])
     hook_s = _hook_seconds(lm, method)
     return {"hook_s_per_run": hook_s, "hook_share_of_plain": round(hook_s / plain_s, 5),
@@ -69,8 +71,9 @@ def generation(lm) -> dict:
             "positions": "last", "plain_generate_s": plain_s,
             "steered_generate_s": min(runs["times_s"]["steered"]["wall"]), **runs,
             "ratio_steered_over_plain": round(ratio, 4),
-            "ratio_steered_over_plain_cpu": round(runs["median_pair_ratio_cpu"], 4),
-            "ratio_is": "median over pairs of steered / plain wall time", "target_ratio": 1.05,
+            "ratio_steered_over_plain_wall": round(runs["median_pair_ratio_wall"], 4),
+            "ratio_is": "median over pairs of steered / plain process CPU time (one torch thread)",
+            "target_ratio": 1.05,
             "target_met": ratio <= 1.05}
 
 

@@ -247,6 +247,10 @@ def analyze_stability(activations: Mapping[str, Tensor], scores: Sequence[float 
                       f"geometric from m to N // 2 (rows in each of the two subsamples), {n_sizes} sizes, rounded"),
             "subsampling": "without replacement; two-class pools keep their class proportions",
             "reference": REFERENCE_NOTES[reference],
+            "caveat": "k / n^a with a near 0 is itself nearly flat, so a curve that is still flat at its largest size "
+                      "(not yet falling as a power law, e.g. angles near the random reference) can be fitted with "
+                      "floor 0 and a near 0 as well as with a floor: the floor is then not identified, and floor_ci "
+                      "says so by spanning from 0 up",
             "model": "instability(n) = k / n^a + floor, k, floor >= 0, 0 <= a <= a_max",
             "fit": "scipy.optimize.least_squares (trf, bounds) from the profile (grid over a) solution; " +
                    ("the full-pool size (instability 0 by construction) is left out of the fit" if reference == "pool"
