@@ -3,11 +3,13 @@
 Input: ``activations.safetensors`` of a finished run under /work/main/runs when one exists
 (its train rows, every captured component), else synthetic activations of a quick run's shape,
 ``[256, 24, 896]`` for ``resid``, ``attn`` and ``mlp``, with the quick run's six categories and all
-four behaviour bins populated; the JSON says which. 8 pool sizes, ``B = 200``. Target: at most
-60 s on this machine. The baseline, in the same process, is the naive loop over the same draws
-(index the rows, ``mean_difference``, ``angle_deg``) for the global MD vector of one component,
-timed over 20 draws per size; the JSON reports the per-draw speed ratio against the vectorised
-path on that same subset. Writes ``benchmarks/results/stability.json``.
+four behaviour bins populated; the JSON says which. 8 pool sizes, ``B = 200``, the default
+reference (``split``: two disjoint subsamples per draw); the ``pool`` reference (methods.md's) is
+timed too, beside it. Target: at most 60 s on this machine for the default. The baseline, in the
+same process, is the naive loop over the same draws (index the rows, ``mean_difference``,
+``angle_deg``) for the global MD vector of one component under the default reference, timed over
+20 draws per size; the JSON reports the per-draw speed ratio against the vectorised path on that
+same subset. Writes ``benchmarks/results/stability.json``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import numpy as np
 import torch
 from common import best_of, write_result
 
-from torsion.analysis.learning_curve import centred_gram, pool_sizes, proportional_split, subsample_angles
-from torsion.analysis.stability import analyze_stability
+from torsion.analysis.learning_curve import centred_gram, reference_sizes, split_counts, subsample_angles
+from torsion.analysis.stability import DEFAULT_REFERENCE, analyze_stability
 from torsion.geometry import angle_deg
 from torsion.judge.base import LABEL_SCORES
 from torsion.vectors import mean_difference
@@ -67,18 +69,19 @@ def synthetic_input() -> tuple[dict, list, list, list, str]:
 
 def naive_global(x: torch.Tensor, refused: list[int], complied: list[int], sizes: list[int], draws: int,
                  seed: int) -> torch.Tensor:
-    """``[n_sizes, draws, n_layers]`` angles, one draw at a time, from the draws ``subsample_angles`` makes."""
+    """``[n_sizes, draws, n_layers]`` split-reference angles, one draw at a time, from ``subsample_angles``'s draws."""
     generator = torch.Generator().manual_seed(seed)
     first, second = torch.tensor(refused), torch.tensor(complied)
-    full = mean_difference(x[first], x[second])
     out = torch.zeros(len(sizes), draws, x.shape[1], dtype=torch.float64)
-    for s, size in enumerate(sizes[:-1]):
-        n_first, n_second = proportional_split(size, len(first), len(second))
+    for s, size in enumerate(sizes):
+        n_first, n_second = split_counts(size, len(first), len(second))
         order_first = torch.argsort(torch.rand(draws, len(first), generator=generator, dtype=torch.float64), dim=1)
         order_second = torch.argsort(torch.rand(draws, len(second), generator=generator, dtype=torch.float64), dim=1)
         for b in range(draws):
-            out[s, b] = angle_deg(mean_difference(x[first[order_first[b, :n_first]]],
-                                                  x[second[order_second[b, :n_second]]]), full)
+            one = mean_difference(x[first[order_first[b, :n_first]]], x[second[order_second[b, :n_second]]])
+            other = mean_difference(x[first[order_first[b, n_first:2 * n_first]]],
+                                    x[second[order_second[b, n_second:2 * n_second]]])
+            out[s, b] = angle_deg(one, other)
     return out
 
 
@@ -89,22 +92,28 @@ def main() -> None:
     start = time.perf_counter()
     result = analyze_stability(activations, scores, labels, categories, B=B, seed=0)
     analysis_s = time.perf_counter() - start
+    start = time.perf_counter()
+    analyze_stability(activations, scores, labels, categories, B=B, seed=0, reference="pool")
+    analysis_pool_s = time.perf_counter() - start
 
     x = activations["resid"]
     refused = [i for i, s in enumerate(scores) if s in (0.5, 1.0)]
     complied = [i for i, s in enumerate(scores) if s in (-0.5, -1.0)]
-    sizes = pool_sizes(len(refused) + len(complied))
-    vectorised_s = best_of(lambda: subsample_angles(centred_gram(x), refused, complied, sizes, B=B, seed=0), 2)
+    sizes = reference_sizes(len(refused) + len(complied), DEFAULT_REFERENCE, m=5, n_sizes=8)
+    vectorised_s = best_of(lambda: subsample_angles(centred_gram(x), refused, complied, sizes, B=B, seed=0,
+                                                    reference=DEFAULT_REFERENCE), 2)
     start = time.perf_counter()
     naive = naive_global(x, refused, complied, sizes, NAIVE_B, seed=0)
     naive_s = time.perf_counter() - start
-    same_draws = subsample_angles(centred_gram(x), refused, complied, sizes, B=NAIVE_B, seed=0)
+    same_draws = subsample_angles(centred_gram(x), refused, complied, sizes, B=NAIVE_B, seed=0,
+                                  reference=DEFAULT_REFERENCE)
     n_entries = len(result["entries"])
     write_result("stability", {
         "input": source, "shape": [len(x), x.shape[1], x.shape[2]], "components": sorted(activations),
         "B": B, "n_sizes": len(sizes), "n_replicates": result["n_replicates"], "n_entries": n_entries,
         "kinds": sorted({f"{e['kind']}:{e['name']}" for e in result["entries"]}),
-        "analysis_s": round(analysis_s, 3),
+        "reference": result["parameters"]["reference"], "analysis_s": round(analysis_s, 3),
+        "analysis_pool_reference_s": round(analysis_pool_s, 3),
         "subset": "global md, resid, all sizes (vectorised time includes its Gram matrix)",
         "vectorised_subset_s": round(vectorised_s, 3), "naive_subset_s_for_20_draws": round(naive_s, 3),
         "naive_over_vectorised_per_draw": round((naive_s / NAIVE_B) / (vectorised_s / B), 2),

@@ -63,6 +63,34 @@ def interleaved(plain: Callable[[], object], steered: Callable[[], object],
     return plain_s, steered_s, load
 
 
+def paired_runs(plain: Callable[[], object], steered: Callable[[], object], pairs: int) -> dict[str, object]:
+    """``pairs`` plain/steered pairs in one process, the order alternating (ABBA: plain first in even
+    pairs, steered first in odd ones) so drift and warm-up hit both arms alike, after one warm-up call
+    of each. Per call: wall seconds and this process's CPU seconds (``time.process_time``, which a
+    loaded machine inflates far less than wall time). Returns the lists, the median of the per-pair
+    ratios (steered / plain) for both clocks, the ratio of the minima, and ``os.getloadavg()`` per pair."""
+    import statistics
+
+    plain()
+    steered()
+    times: dict[str, dict[str, list[float]]] = {arm: {"wall": [], "cpu": []} for arm in ("plain", "steered")}
+    load = [os.getloadavg()]
+    for pair in range(pairs):
+        order = (("plain", plain), ("steered", steered))
+        for arm, fn in order if pair % 2 == 0 else order[::-1]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            times[arm]["cpu"].append(time.process_time() - cpu)
+            times[arm]["wall"].append(time.perf_counter() - wall)
+        load.append(os.getloadavg())
+    ratios = {clock: [s / p for s, p in zip(times["steered"][clock], times["plain"][clock])] for clock in ("wall", "cpu")}
+    return {"pairs": pairs, "order": "ABBA (plain first in even pairs)", "times_s": times,
+            "median_pair_ratio_wall": statistics.median(ratios["wall"]),
+            "median_pair_ratio_cpu": statistics.median(ratios["cpu"]),
+            "ratio_of_minima_wall": min(times["steered"]["wall"]) / min(times["plain"]["wall"]),
+            "pair_ratios_wall": ratios["wall"], "loadavg_1_5_15": load}
+
+
 def write_result(name: str, result: dict) -> Path:
     result = {"benchmark": name, "machine": {"cpu_threads": torch.get_num_threads(),
                                              "platform": platform.platform()}, **result}

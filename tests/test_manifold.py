@@ -108,6 +108,42 @@ def test_spline_a_mixing_moves_a_share_of_the_way(lm, knots):
     torch.testing.assert_close(steered, z + 0.25 * (target - z), atol=1e-5, rtol=0)
 
 
+def test_subspace_transform_is_the_closed_form_at_every_row_and_returns_its_change(knots):
+    from torsion.steering.hooks import subspace_target
+
+    method = _spline_a(knots, layers=(1,))
+    U, mu, s = method.basis[0], method.mean[0], method.targets(0.6)[0]
+    h = 40.0 + 3.0 * torch.randn(2, 5, U.shape[1], generator=torch.Generator().manual_seed(1))  # residual-sized
+    new, delta = subspace_target(U, mu, s, 0.7, "cpu")(h)
+    hd, Ud, mud, sd = h.double(), U.double(), mu.double(), s.double()
+    expected = hd + 0.7 * ((sd - (hd - mud) @ Ud.T) @ Ud)
+    torch.testing.assert_close(new.double(), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(delta, new - h, atol=1e-4, rtol=0)
+    last, _ = subspace_target(U, mu, s, 0.7, "cpu")(h[:, -1])  # one row alone: the same numbers as in the batch
+    torch.testing.assert_close(last, new[:, -1], atol=1e-5, rtol=0)
+
+
+def test_spline_a_steers_every_decoding_step_onto_the_knot(lm, knots):
+    method = _spline_a(knots, layers=(1,))
+    method = SplineA(method.layers, method.basis, method.mean, method.knots, method.knots_t, positions="last")
+    U, mu, t = method.basis[0].double(), method.mean[0].double(), float(method.knots_t[1])
+    seen = []
+    handle = lm.layout.blocks[1].register_forward_hook(
+        lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o)[:, -1].double().clone()))
+    inputs = encode(lm, PROMPTS)
+    inputs.pop("position_ids", None)
+    try:
+        with torch.inference_mode(), method.apply(lm, t) as record:
+            lm.model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                              pad_token_id=lm.tokenizer.pad_token_id)
+    finally:
+        handle.remove()
+    assert len(seen) == 4 and record.steered_tokens == [4 * len(PROMPTS)]  # prefill's last token + 3 new ones
+    for last in seen:
+        coords = (last - mu) @ U.T
+        torch.testing.assert_close(coords, method.knots[0, 1].double().expand_as(coords), atol=1e-4, rtol=0)
+
+
 def test_spline_methods_at_zero_mixing_are_bit_identical(lm, knots):
     inputs = encode(lm, ["how do i bake bread"])
     with torch.inference_mode():

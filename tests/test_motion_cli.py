@@ -40,8 +40,14 @@ def test_stability_command_writes_its_file(tiny_run):
     for field in ("kind", "name", "block", "component", "n_pool", "sizes", "instability_deg", "k", "a",
                   "floor_deg", "floor_ci", "structural"):
         assert field in entry
-    assert {e["kind"] for e in result["entries"]} >= {"global", "bin"}
-    assert all("eta2_category" in e for e in result["entries"] if e["kind"] == "bin")
+    assert result["parameters"]["reference"] == "split" and "global" in {e["kind"] for e in result["entries"]}
+    assert any("reference split" in s for s in result["skipped"])  # the tiny run's bins hold fewer than 2m rows
+    assert main(["analyze", "stability", str(tiny_run), "--subsamples", "20", "--reference", "pool"]) == 0
+    pool = json.loads((tiny_run / "analysis" / "stability.json").read_text())
+    assert pool["parameters"] == {"reference": "pool", "methods_md_definition": True}
+    assert {e["kind"] for e in pool["entries"]} >= {"global", "bin"}
+    assert all("eta2_category" in e for e in pool["entries"] if e["kind"] == "bin")
+    assert all(e["instability_deg"][-1] == 0 for e in pool["entries"])  # n = N is the pool itself
 
 
 @pytest.mark.parametrize("args, message", [

@@ -57,6 +57,11 @@ def add_analysis_parsers(subcommands: argparse._SubParsersAction) -> None:
     analyze.add_argument("--k", type=positive_int, default=8, help="motion, hedge: generated tokens averaged (default 8)")
     analyze.add_argument("--subsamples", type=positive_int, default=200,
                          help="stability: subsamples per pool size (default 200)")
+    analyze.add_argument("--reference", choices=["split", "pool"], default="split",
+                         help="stability: what a subsample is compared with: split (default) a disjoint subsample "
+                         "of the same size, sizes up to N/2, whose curve can show a floor; pool the full pool's "
+                         "estimate, methods.md's definition, which is 0 at n = N by construction so its fitted "
+                         "floor is pulled to 0")
     analyze.add_argument("--scope", default="global", type=nonempty_text,
                          help="asymmetry: which searches, global (default) or a category name")
     steering = analyze.add_argument_group("propagation, random-control, motion, hedge: the steering method")

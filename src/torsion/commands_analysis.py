@@ -126,7 +126,7 @@ def analyze(args: argparse.Namespace) -> int:
     elif args.name == "stability":
         from torsion.analysis.stability import run_stability
 
-        result = run_stability(run_dir, B=args.subsamples, seed=seed)
+        result = run_stability(run_dir, B=args.subsamples, reference=args.reference, seed=seed)
     else:
         from torsion.models import load_model
 

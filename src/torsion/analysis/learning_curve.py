@@ -1,10 +1,20 @@
 """The learning curve of an estimated direction (methods.md, "Learning-curve floor").
 
 For a direction estimated from a pool of ``N`` rows (a two-class MD vector, or a behaviour
-bin's centroid about the train mean): at pool sizes ``n`` geometric from ``m`` to ``N``, draw
-``B`` subsamples without replacement; ``instability(n)`` is the mean angle between the
-subsample's estimate and the full pool's. The curve is fitted by ``k / n^a + floor`` with
-``k, a, floor ≥ 0``; the floor is structural instability, ``k / n^a`` volume instability.
+bin's centroid about the train mean): at sizes ``n`` geometric from ``m``, draw ``B``
+subsamples without replacement; ``instability(n)`` is the mean angle between a subsample's
+estimate and a reference. The curve is fitted by ``k / n^a + floor`` with ``k, a, floor ≥ 0``;
+the floor is structural instability, ``k / n^a`` volume instability. Two references:
+
+- ``pool`` (methods.md's definition): the full pool's estimate, sizes up to ``N``. A subsample
+  without replacement has error variance ``S²(1/n − 1/N)`` about the pool's estimate, so the
+  curve is forced to 0 at ``n = N`` whatever the structure and a fitted floor is pulled to 0.
+- ``split``: a second subsample of the same size, disjoint from the first (both keep a two-class
+  pool's class proportions), sizes up to ``N/2``. Two disjoint subsample means differ with
+  variance exactly ``2S²/n`` (the finite-population terms cancel: each has ``S²(1/n − 1/N)``,
+  their covariance is ``−S²/N``), so the curve is ``k / n^a`` with nothing pinning it to 0, and
+  a curve that stops falling shows as a floor. In the small-angle regime it is about ``√2``
+  times an estimate's angle to the population direction.
 
 A subsample is a weight row over the prompts (an indicator scaled by ``1/n``), so the ``B``
 estimates of a size are weights times the activations; their norms and their angles to the
@@ -13,10 +23,10 @@ Python loop over draws.
 
 Example::
 
-    sizes = pool_sizes(120, m=5)                            # 8 sizes, 5 … 120
+    sizes = pool_sizes(120, m=5)                            # 8 sizes, 5 … 120 (split: pool_sizes(60, m=5))
     gram = centred_gram(x)                                  # [n_layers, n_prompts, n_prompts]
     angles = subsample_angles(gram, refused_rows, complied_rows, sizes, B=200, seed=0)  # [8, 200, n_layers]
-    fit = fit_learning_curve(sizes, angles.mean(1)[:, 12].numpy())
+    fit = fit_learning_curve(sizes[:-1], angles.mean(1)[:-1, 12].numpy())  # pool: n = N is 0, left out
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from torch import Tensor
 from torsion.errors import TorsionError
 from torsion.geometry import angle_from_cosine
 
+REFERENCES = ("pool", "split")
 A_MAX = 4.0  # upper bound of the exponent a (a >= 0; the bound keeps the fit finite and is recorded)
 MIN_FIT_SIZES = 4  # distinct sizes below N needed to fit three parameters
 
@@ -55,6 +66,27 @@ def proportional_split(n: int, n_first: int, n_second: int) -> tuple[int, int]:
     return first, second
 
 
+def split_counts(n: int, n_first: int, n_second: int) -> tuple[int, int]:
+    """Rows of each class in each of two disjoint subsamples of size ``n`` (the ``split`` reference).
+
+    :func:`proportional_split`, then capped at half of each class so that the two subsamples fit
+    in the pool side by side.
+    """
+    first, second = proportional_split(n, n_first, n_second)
+    return min(first, n_first // 2), min(second, n_second // 2)
+
+
+def reference_sizes(n_pool: int, reference: str, *, m: int, n_sizes: int) -> list[int]:
+    """The sizes of a curve: ``pool`` geometric from ``m`` to ``N``; ``split`` from ``m`` to ``N // 2``.
+
+    Raises:
+        TorsionError: an unknown reference, or a pool too small for it (``split`` needs ``2m`` rows).
+    """
+    if reference not in REFERENCES:
+        raise TorsionError(f"unknown reference {reference!r}; choose {' or '.join(REFERENCES)}")
+    return pool_sizes(n_pool if reference == "pool" else n_pool // 2, m=m, n_sizes=n_sizes)
+
+
 def centred_gram(x: Tensor) -> Tensor:
     """Inner products of the rows about their mean, per layer: ``[n, n_layers, d_model]`` → ``[n_layers, n, n]``.
 
@@ -69,22 +101,27 @@ def centred_gram(x: Tensor) -> Tensor:
 
 
 def subsample_angles(gram: Tensor, first_rows: Sequence[int], second_rows: Sequence[int], sizes: Sequence[int], *,
-                     B: int, seed: int, resample_second: bool = True) -> Tensor:
-    """Angles between subsample estimates and the full-pool estimate, per size, draw and layer.
+                     B: int, seed: int, resample_second: bool = True, reference: str = "pool") -> Tensor:
+    """Angles between subsample estimates and their reference, per size, draw and layer.
 
     - two-class vector (``resample_second=True``): ``mean(x[first]) − mean(x[second])``, first =
       refused, second = complied; a size ``n`` counts both classes, split by
-      :func:`proportional_split`;
+      :func:`proportional_split` (``split``: :func:`split_counts`);
     - knot (``resample_second=False``): ``mean(x[first]) − mean(x)``, the bin's centroid about
       the mean of the rows ``gram`` was built from (the train mean); ``second_rows`` is unused
       and only the bin is subsampled, at ``n`` rows.
 
+    ``reference="pool"``: the angle to the full pool's estimate; a size equal to the pool is the
+    full pool, its angles are 0 by construction and are not drawn. ``reference="split"``: the
+    angle to a second subsample of the same size, disjoint from the first (a size must leave
+    room for both: at most half of each class).
+
     A draw is a weight row (an indicator over the pool scaled by ``1/n`` per class), so the
-    ``B`` estimates' squared norms are ``w G w`` and their dots with the full estimate ``w G
-    w_full``, batched over draws and layers. A size equal to the pool is the full pool: its
-    angles are 0 by construction and are not drawn. Draws: ``torch.Generator().manual_seed(seed)``,
-    size by size, ``argsort(torch.rand([B, n_class], dtype=float64))[:, :n_class_size]`` for
-    the first class, then the second.
+    ``B`` estimates' squared norms are ``w G w`` and their dots with the reference ``w G w_ref``,
+    batched over draws and layers. Draws: ``torch.Generator().manual_seed(seed)``, size by size,
+    ``argsort(torch.rand([B, n_class], dtype=float64))`` for the first class, then the second;
+    a subsample takes the first ``n_class_size`` rows of each order, and ``split``'s second
+    subsample the next ``n_class_size``.
 
     Args:
         gram: ``[n_layers, n_prompts, n_prompts]`` from :func:`centred_gram`.
@@ -92,27 +129,64 @@ def subsample_angles(gram: Tensor, first_rows: Sequence[int], second_rows: Seque
     Returns:
         ``[n_sizes, B, n_layers]`` float64 angles in degrees.
     """
+    if reference not in REFERENCES:
+        raise TorsionError(f"unknown reference {reference!r}; choose {' or '.join(REFERENCES)}")
     first = torch.as_tensor(list(first_rows), dtype=torch.long)
     second = torch.as_tensor(list(second_rows) if resample_second else [], dtype=torch.long)
     pool = torch.cat([first, second])
     pool_gram = gram[:, pool][:, :, pool]  # [n_layers, n_pool, n_pool]
     n_first, n_pool = len(first), len(pool)
-    full = torch.cat([torch.full((n_first,), 1.0 / n_first, dtype=torch.float64),
-                      torch.full((n_pool - n_first,), -1.0 / max(n_pool - n_first, 1), dtype=torch.float64)])
-    projections = pool_gram @ full  # [n_layers, n_pool]: each row's dot with the full estimate
-    full_norm = (projections @ full).clamp_min(0).sqrt()  # [n_layers]
+    n_second = n_pool - n_first
     generator = torch.Generator().manual_seed(seed)
     angles = torch.zeros(len(sizes), B, gram.shape[0], dtype=torch.float64)
+    if reference == "pool":
+        full = torch.cat([torch.full((n_first,), 1.0 / n_first, dtype=torch.float64),
+                          torch.full((n_second,), -1.0 / max(n_second, 1), dtype=torch.float64)])
+        projections = pool_gram @ full  # [n_layers, n_pool]: each row's dot with the full estimate
+        full_norm = (projections @ full).clamp_min(0).sqrt()  # [n_layers]
     for index, size in enumerate(sizes):
-        if size >= n_pool:
-            continue  # the full pool: every draw is the full estimate
-        counts = proportional_split(size, n_first, n_pool - n_first) if resample_second else (size, 0)
-        weights = torch.cat([_draw_weights(n_first, counts[0], B, generator),
-                             -_draw_weights(n_pool - n_first, counts[1], B, generator)], dim=1)  # [B, n_pool]
-        dots = weights @ projections.T  # [B, n_layers]
-        norms = ((weights[None] @ pool_gram) * weights[None]).sum(-1).T.clamp_min(0).sqrt()  # [B, n_layers]
-        angles[index] = angle_from_cosine(dots / (norms * full_norm).clamp_min(1e-300))
+        if reference == "pool":
+            if size >= n_pool:
+                continue  # the full pool: every draw is the full estimate
+            counts = proportional_split(size, n_first, n_second) if resample_second else (size, 0)
+            weights = torch.cat([_draw_weights(n_first, counts[0], B, generator),
+                                 -_draw_weights(n_second, counts[1], B, generator)], dim=1)  # [B, n_pool]
+            dots = weights @ projections.T  # [B, n_layers]
+            norms = _quadratic(pool_gram, weights, weights).T.clamp_min(0).sqrt()  # [B, n_layers]
+            angles[index] = angle_from_cosine(dots / (norms * full_norm).clamp_min(1e-300))
+            continue
+        counts = split_counts(size, n_first, n_second) if resample_second else (size, 0)
+        if size > n_pool // 2 or counts[0] < 1 or (resample_second and counts[1] < 1):
+            raise TorsionError(f"size {size} leaves no room for two disjoint subsamples of a pool of {n_first} + "
+                               f"{n_second} rows; use sizes up to half of each class (reference_sizes)")
+        first_a, first_b = _draw_halves(n_first, counts[0], B, generator)
+        second_a, second_b = _draw_halves(n_second, counts[1], B, generator)
+        a = torch.cat([first_a, -second_a], dim=1)  # [B, n_pool]
+        b = torch.cat([first_b, -second_b], dim=1)
+        both = torch.cat([a, b])  # [2B, n_pool]: one product with the Gram matrix for both subsamples
+        products = both[None] @ pool_gram  # [n_layers, 2B, n_pool]
+        norms = (products * both[None]).sum(-1).clamp_min(0).sqrt()  # [n_layers, 2B]
+        dots = (products[:, :B] * b[None]).sum(-1)  # [n_layers, B]
+        angles[index] = angle_from_cosine(dots / (norms[:, :B] * norms[:, B:]).clamp_min(1e-300)).T
     return angles
+
+
+def _quadratic(gram: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """``left_b G right_b`` per layer and draw: ``[n_layers, B]`` from ``[n_layers, n, n]`` and ``[B, n]`` twice."""
+    return ((left[None] @ gram) * right[None]).sum(-1)
+
+
+def _draw_halves(n_rows: int, size: int, draws: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Two ``[draws, n_rows]`` float64 weight rows per draw: ``1/size`` on two disjoint sets of ``size`` rows."""
+    if size == 0:
+        empty = torch.zeros(draws, n_rows, dtype=torch.float64)
+        return empty, empty.clone()
+    order = torch.argsort(torch.rand(draws, n_rows, generator=generator, dtype=torch.float64), dim=1)
+    halves = []
+    for start in (0, size):
+        weights = torch.zeros(draws, n_rows, dtype=torch.float64)
+        halves.append(weights.scatter_(1, order[:, start:start + size], 1.0 / size))
+    return halves[0], halves[1]
 
 
 def _draw_weights(n_rows: int, size: int, draws: int, generator: torch.Generator) -> Tensor:
@@ -222,24 +296,28 @@ def replicate_floors(sizes: Sequence[int], angles: np.ndarray, *, n_replicates: 
 
 
 def learning_curve_entry(sizes: Sequence[int], angles: np.ndarray, *, n_replicates: int, seed: int,
-                         threshold_deg: float) -> list[dict[str, Any]]:
+                         threshold_deg: float, reference: str = "pool") -> list[dict[str, Any]]:
     """Per trailing index (layer) of ``angles`` ``[n_sizes, B, n_layers]``: the curve, its fit and its flag.
 
-    The full-pool size (always the last; its angles are 0 by construction) is reported and left
-    out of the fit. ``floor_ci`` is the 2.5/97.5 percentile interval of the replicate floors;
-    ``structural`` is ``floor_ci[0] > threshold_deg``. With fewer than ``MIN_FIT_SIZES`` sizes
-    below the pool, the fit fields are None.
+    ``reference="pool"``: the full-pool size (always the last; its angles are 0 by construction)
+    is reported and left out of the fit. ``reference="split"``: every size is fitted.
+    ``floor_ci`` is the 2.5/97.5 percentile interval of the replicate floors; ``structural`` is
+    ``floor_ci[0] > threshold_deg``. With fewer than ``MIN_FIT_SIZES`` fitted sizes, the fit
+    fields are None.
     """
-    fit_sizes = list(sizes[:-1])
+    if reference not in REFERENCES:
+        raise TorsionError(f"unknown reference {reference!r}; choose {' or '.join(REFERENCES)}")
+    n_fit = len(sizes) - 1 if reference == "pool" else len(sizes)
+    fit_sizes = list(sizes[:n_fit])
     curve, spread = angles.mean(1), angles.std(1, ddof=1)  # [n_sizes, n_layers]
     can_fit = len(fit_sizes) >= MIN_FIT_SIZES
-    floors = replicate_floors(fit_sizes, angles[:-1], n_replicates=n_replicates, seed=seed) if can_fit else None
+    floors = replicate_floors(fit_sizes, angles[:n_fit], n_replicates=n_replicates, seed=seed) if can_fit else None
     entries = []
     for layer in range(angles.shape[2]):
         entry: dict[str, Any] = {"sizes": [int(s) for s in sizes], "instability_deg": curve[:, layer].tolist(),
                                  "instability_sd_deg": spread[:, layer].tolist()}
         if can_fit:
-            fit = fit_learning_curve(fit_sizes, curve[:-1, layer])
+            fit = fit_learning_curve(fit_sizes, curve[:n_fit, layer])
             lo, hi = np.percentile(floors[:, layer], [2.5, 97.5])
             entry.update(fit, floor_ci=[float(lo), float(hi)], structural=bool(lo > threshold_deg))
         else:

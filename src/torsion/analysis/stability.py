@@ -9,14 +9,18 @@ Every direction a spline could lean on gets a learning curve (:mod:`torsion.anal
 - ``bin``: the centroid of each behaviour bin (strong_refuse, weak_refuse, weak_comply,
   strong_comply) with at least ``m`` rows, taken about the train mean.
 
-A direction whose floor's lower CI exceeds ``threshold_deg`` is ``structural``: more prompts of
+The curve's reference is ``split`` by default (two disjoint subsamples of the same size), not
+methods.md's full pool, whose curve is 0 at ``n = N`` by construction and so cannot show a floor
+(:data:`REFERENCE_NOTES`; ``reference="pool"`` keeps methods.md's definition, and
+``parameters.reference`` records which). A direction whose floor's lower CI exceeds
+``threshold_deg`` is ``structural``: more prompts of
 the same kind will not steady it. Bins also get the contamination diagnostic: the within-bin
 angular spread against that of random rows, and η² of the bin's first PC against prompt
 category (a high η² bin encodes topic, not behaviour).
 
 Example::
 
-    result = analyze_stability({"resid": x}, scores, labels, categories, B=200, seed=0)
+    result = analyze_stability({"resid": x}, scores, labels, categories, B=200, seed=0)  # reference="split"
     [e for e in result["entries"] if e["kind"] == "bin" and e["structural"]]
 """
 
@@ -30,8 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from torsion.analysis.learning_curve import (A_MAX, MIN_FIT_SIZES, centred_gram, learning_curve_entry, pool_sizes,
-                                             subsample_angles)
+from torsion.analysis.learning_curve import (A_MAX, MIN_FIT_SIZES, REFERENCES, centred_gram, learning_curve_entry,
+                                             reference_sizes, subsample_angles)
 from torsion.capture import load_activations
 from torsion.conventions import COMPONENTS, LAYER_INDEXING
 from torsion.errors import TorsionError
@@ -48,6 +52,19 @@ THRESHOLD_DEG = 15.0  # a floor whose lower CI exceeds this is structural
 N_SIZES = 8
 MIN_CATEGORY = 3  # complied rows a category needs to be its own anchor (as fit_vectors)
 SPREAD_DRAWS = 50  # random same-size row sets for the spread reference
+DEFAULT_REFERENCE = "split"
+REFERENCE_NOTES = {
+    "pool": "methods.md's definition: the angle between a subsample of n rows and the full pool's estimate, n from m "
+            "to N. A subsample without replacement errs about the pool's estimate with variance S^2 (1/n - 1/N), so "
+            "instability is 0 at n = N whatever the structure and the largest sizes pull the fitted floor to 0: a "
+            "floor here is a lower bound, and a structural flag almost never fires",
+    "split": "deviates from methods.md (which compares with the full pool): the angle between two disjoint subsamples "
+             "of n rows each (two-class pools keep their class proportions in both), n from m to N/2. Two disjoint "
+             "subsample means differ with variance exactly 2 S^2 / n (no finite-population term), so nothing forces "
+             "the curve to 0 and a curve that stops falling within the pool shows as a floor. Chosen as the default "
+             "because the pool reference cannot show a floor; for small angles a split angle is about sqrt(2) times "
+             "one estimate's angle to the population direction, and the threshold applies to it as it is",
+}
 
 
 def eta_squared(values: Tensor, groups: Sequence[str]) -> Tensor:
@@ -160,8 +177,14 @@ def _pools(scores: Sequence[float | None], labels: Sequence[str], categories: Se
 def analyze_stability(activations: Mapping[str, Tensor], scores: Sequence[float | None], labels: Sequence[str],
                       categories: Sequence[str], *, B: int = 200, m: int = MIN_POOL, n_sizes: int = N_SIZES,
                       threshold_deg: float = THRESHOLD_DEG, n_replicates: int = 200,
-                      min_category: int = MIN_CATEGORY, seed: int = 0) -> dict[str, Any]:
+                      min_category: int = MIN_CATEGORY, reference: str = DEFAULT_REFERENCE,
+                      seed: int = 0) -> dict[str, Any]:
     """The learning curve of every global vector, category vector and knot, per block and component.
+
+    ``reference``: what a subsample is compared with (:data:`REFERENCE_NOTES`): ``split``
+    (default) a disjoint subsample of the same size, ``pool`` the full pool (methods.md). A pool
+    too small for ``split`` (fewer than ``2m`` rows, or a class of one row) is skipped, and
+    ``skipped`` says so.
 
     Args:
         activations: component -> ``[n_prompts, n_layers, d_model]``, the train rows (their mean
@@ -184,7 +207,15 @@ def analyze_stability(activations: Mapping[str, Tensor], scores: Sequence[float 
                            f"{len(categories)} categories; pass one of each per row")
     if B < 2 or n_replicates < 2 or m < 2:
         raise TorsionError(f"B={B}, n_replicates={n_replicates}, m={m}: each must be at least 2")
+    if reference not in REFERENCES:
+        raise TorsionError(f"unknown reference {reference!r}; choose {' or '.join(REFERENCES)}")
     pools, skipped = _pools(scores, labels, categories, m=m, min_category=min_category)
+    if reference == "split":
+        too_small = [p for p in pools if len(p[2]) + len(p[3] or []) < 2 * m or len(p[2]) < 2
+                     or (p[3] is not None and len(p[3]) < 2)]
+        skipped += [f"{kind} {name}: {len(first)} + {len(second or [])} rows, too few for two disjoint subsamples "
+                    f"of at least m = {m} (reference split)" for kind, name, first, second, _ in too_small]
+        pools = [p for p in pools if p not in too_small]
     entries: list[dict[str, Any]] = []
     for component in (c for c in COMPONENTS if c in activations):
         x = activations[component]
@@ -192,12 +223,12 @@ def analyze_stability(activations: Mapping[str, Tensor], scores: Sequence[float 
         for kind, name, first, second, anchor in pools:
             is_knot = second is None
             n_pool = len(first) + (0 if is_knot else len(second))
-            sizes = pool_sizes(n_pool, m=m, n_sizes=n_sizes)
+            sizes = reference_sizes(n_pool, reference, m=m, n_sizes=n_sizes)
             entry_seed = _entry_seed(seed, kind, name, component)
             angles = subsample_angles(gram, first, second or [], sizes, B=B, seed=entry_seed,
-                                      resample_second=not is_knot)
+                                      resample_second=not is_knot, reference=reference)
             per_block = learning_curve_entry(sizes, angles.numpy(), n_replicates=n_replicates, seed=entry_seed,
-                                             threshold_deg=threshold_deg)
+                                             threshold_deg=threshold_deg, reference=reference)
             extra = bin_contamination(gram, first, categories, seed=entry_seed) if is_knot else {}
             for block, curve in enumerate(per_block):
                 entry = {"kind": kind, "name": name, "block": block, "component": component, "n_pool": n_pool,
@@ -211,14 +242,19 @@ def analyze_stability(activations: Mapping[str, Tensor], scores: Sequence[float 
         "schema_version": SCHEMA_VERSION, "analysis": "stability",
         "conventions": {
             "layer_indexing": LAYER_INDEXING, "angle": "degrees of signed cosine", "vector_method": "md",
-            "knot": "bin centroid minus the train mean", "sizes": f"geometric from m to N, {n_sizes} sizes, rounded",
+            "knot": "bin centroid minus the train mean",
+            "sizes": (f"geometric from m to N, {n_sizes} sizes, rounded" if reference == "pool" else
+                      f"geometric from m to N // 2 (rows in each of the two subsamples), {n_sizes} sizes, rounded"),
             "subsampling": "without replacement; two-class pools keep their class proportions",
+            "reference": REFERENCE_NOTES[reference],
+            "caveat": "k / n^a with a near 0 is itself nearly flat, so a curve that is still flat at its largest size "
+                      "(not yet falling as a power law, e.g. angles near the random reference) can be fitted with "
+                      "floor 0 and a near 0 as well as with a floor: the floor is then not identified, and floor_ci "
+                      "says so by spanning from 0 up",
             "model": "instability(n) = k / n^a + floor, k, floor >= 0, 0 <= a <= a_max",
-            "fit": "scipy.optimize.least_squares (trf, bounds) from the profile (grid over a) solution; "
-                   "the full-pool size (instability 0 by construction) is left out of the fit",
-            "caveat": "subsamples are drawn without replacement from the pool itself, so instability shrinks "
-                      "toward 0 as n approaches N (by about sqrt(1 - n/N) for noise); the largest sizes pull the "
-                      "fitted floor down, so a floor here is a lower bound",
+            "fit": "scipy.optimize.least_squares (trf, bounds) from the profile (grid over a) solution; " +
+                   ("the full-pool size (instability 0 by construction) is left out of the fit" if reference == "pool"
+                    else "every size is fitted"),
             "floor_ci": "2.5/97.5 percentiles of floors refitted on replicate curves (the B draws resampled "
                         "with replacement at every size): subsampling noise, not pool sampling",
             "structural": "floor_ci[0] > threshold_deg",
@@ -227,6 +263,7 @@ def analyze_stability(activations: Mapping[str, Tensor], scores: Sequence[float 
             "eta2_category": "eta squared of the bin's first PC scores against prompt category",
             "seed": "per entry: seed + crc32('kind/name/component') mod 2^31",
         },
+        "parameters": {"reference": reference, "methods_md_definition": reference == "pool"},
         "seed": seed, "B": B, "m": m, "n_sizes": n_sizes, "n_replicates": n_replicates, "a_max": A_MAX,
         "min_fit_sizes": MIN_FIT_SIZES, "threshold_deg": threshold_deg, "min_category": min_category,
         "n_prompts": n_prompts, "d_model": d_model,
@@ -250,7 +287,7 @@ def _summary(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_stability(run_dir: Path, *, B: int = 200, m: int = MIN_POOL, threshold_deg: float = THRESHOLD_DEG,
-                  n_replicates: int = 200, seed: int = 0) -> dict[str, Any]:
+                  n_replicates: int = 200, reference: str = DEFAULT_REFERENCE, seed: int = 0) -> dict[str, Any]:
     """Stability on a run directory's train-split activations (primary position): ``analysis/stability.json``."""
     run = RunDir(run_dir)
     if not run.activations_path.is_file():
@@ -262,7 +299,7 @@ def run_stability(run_dir: Path, *, B: int = 200, m: int = MIN_POOL, threshold_d
     activations, meta = load_activations(run.activations_path)
     result = analyze_stability({c: activations[c][rows] for c in COMPONENTS if c in activations}, scores, labels,
                                [prompts[i].category for i in rows], B=B, m=m, threshold_deg=threshold_deg,
-                               n_replicates=n_replicates, seed=seed)
+                               n_replicates=n_replicates, reference=reference, seed=seed)
     result["conventions"].update(position=meta.get("primary_position", "last"), split="train",
                                  labels="corrected (fp_refuse joins weak_refuse; review wins), as the knots read them")
     atomic_write_json(run.analysis_path("stability"), result)

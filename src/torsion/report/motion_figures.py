@@ -179,8 +179,9 @@ def stability_figure(result: dict[str, Any], path: Path, *, component: str = "re
              or (e["kind"] == "bin" and e["block"] == n_blocks // 2)]
     figure = _new_figure(6.4, 3.8)
     ax = figure.subplots()
+    shown_sizes = slice(None, -1) if _reference(result) == "pool" else slice(None)  # pool: n = N is 0 by construction
     for entry in shown:
-        sizes, curve = entry["sizes"][:-1], entry["instability_deg"][:-1]
+        sizes, curve = entry["sizes"][shown_sizes], entry["instability_deg"][shown_sizes]
         line = ax.plot(sizes, curve, "o", ms=3, label=f"{entry['kind']} {entry['name']} block {entry['block']}")[0]
         if entry["k"] is not None:
             fitted = [entry["k"] / n ** entry["a"] + entry["floor_deg"] for n in sizes]
@@ -198,6 +199,11 @@ def stability_figure(result: dict[str, Any], path: Path, *, component: str = "re
     return _save(figure, path)
 
 
+def _reference(result: dict[str, Any]) -> str:
+    """The stability file's reference (``parameters.reference``; files written before it are ``pool``)."""
+    return str((result.get("parameters") or {}).get("reference", "pool"))
+
+
 def stability_section(result: dict[str, Any], run_dir: Path) -> str:
     rows = [[escape(s["kind"]), escape(s["name"]), escape(s["component"]), str(s["n_pool"]),
              number(s["median_floor_deg"], ".1f"), escape(", ".join(map(str, s["structural_blocks"])) or "none")]
@@ -205,8 +211,12 @@ def stability_section(result: dict[str, Any], run_dir: Path) -> str:
     figure = stability_figure(result, run_dir / "analysis" / "stability.png")
     skipped = "; ".join(result["skipped"]) or "none"
     return ("<h2>Learning-curve floor</h2>"
-            f"<p>Instability = mean angle of subsample estimates to the full pool's (B = {result['B']}, "
-            f"{result['n_sizes']} sizes from m = {result['m']}); a floor whose lower CI exceeds "
+            + (f"<p>Instability = mean angle of subsample estimates to the full pool's (methods.md; B = {result['B']}, "
+               if _reference(result) == "pool" else
+               "<p>Instability = mean angle between two disjoint subsamples of n rows each (reference split, a "
+               "deviation from methods.md's full-pool reference, which forces the curve to 0 at n = N and so "
+               f"hides any floor; B = {result['B']}, ")
+            + f"{result['n_sizes']} sizes from m = {result['m']}); a floor whose lower CI exceeds "
             f"{result['threshold_deg']:.0f}° is structural and a spline should not trust that knot. "
             f"Skipped: {escape(skipped)}.</p>"
             + table(["kind", "name", "component", "N", "median floor (deg)", "structural blocks"], rows,

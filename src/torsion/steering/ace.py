@@ -23,10 +23,14 @@ from torsion.steering.registry import register
 
 
 def ace_transform(unit: Tensor, mean: Tensor, alpha: float, beta: float) -> Transform:
-    """``h ↦ h + β(α − (h − μ)·v̂) v̂``; ``unit`` and ``mean`` are ``[d_model]`` float32 on the model's device."""
-    def transform(h: Tensor) -> Tensor:
-        coordinate = (h - mean) @ unit  # [...]
-        return h + beta * (alpha - coordinate)[..., None] * unit
+    """``h ↦ h + β(α − (h − μ)·v̂) v̂`` and ``h' − h``; ``unit`` and ``mean`` are ``[d_model]`` float32 on the model's
+    device."""
+    target = alpha + float(mean.double() @ unit.double())  # α + μ·v̂: the coordinate h·v̂ is moved towards
+    beta_unit = beta * unit
+
+    def transform(h: Tensor) -> tuple[Tensor, Tensor]:
+        delta = (target - h @ unit)[..., None] * beta_unit
+        return h + delta, delta
     return transform
 
 

@@ -4,7 +4,8 @@ The additive and ablation methods call :mod:`torsion.steer` directly; this is th
 that module lacks, built the same way: prepended forward hooks removed in ``finally``, the
 same prefill/generation rule (:class:`torsion.steer._PhaseTracker`), ``positions`` ``last``
 (the prompt's last token in prefill, then each new token) or ``all``. Each transform runs in
-float32 and its result is cast back to the activation dtype; ``‖h' − h‖`` goes to the record.
+float32 on the positions it steers (during decoding, the one new token) and returns ``h'`` and
+its float32 ``h' − h``, whose norm goes to the record; ``h'`` is cast back to the activation dtype.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torsion.models import LoadedModel
 from torsion.steer import POSITIONS, _PhaseTracker
 from torsion.steering.base import MethodRecord
 
-Transform = Callable[[Tensor], Tensor]  # [..., d_model] float32 -> [..., d_model] float32
+Transform = Callable[[Tensor], tuple[Tensor, Tensor]]  # h [..., d_model] float32 -> (h', h' − h), both like h
 
 
 @contextmanager
@@ -39,14 +40,14 @@ def replace_steering(lm: LoadedModel, transforms: Sequence[Transform], record: M
                 return None
             hidden = output_tensor(output)
             if record.positions == "all" or hidden.shape[1] == 1:
-                new = transform(hidden.float()).to(hidden.dtype)
-                record.observe(index, new.float() - hidden.float())
-            else:
-                last = hidden[:, -1]
-                new_last = transform(last.float()).to(hidden.dtype)
-                record.observe(index, new_last.float() - last.float())
+                new, delta = transform(hidden.float())
+                record.observe(index, delta)
+                new = new.to(hidden.dtype)
+            else:  # prefill, positions "last": only the prompt's last token
+                new_last, delta = transform(hidden[:, -1].float())
+                record.observe(index, delta)
                 new = hidden.clone()
-                new[:, -1] = new_last
+                new[:, -1] = new_last.to(hidden.dtype)
             return (new, *output[1:]) if isinstance(output, tuple) else new
         return hook
 
@@ -69,17 +70,23 @@ def block_device(lm: LoadedModel, component: str, layer: int) -> torch.device:
 
 
 def subspace_target(basis: Tensor, mean: Tensor, target: Tensor, beta: float, device: Any) -> Transform:
-    """``h ↦ h + β Uᵀ(s − U(h − μ))``.
+    """``h ↦ h + β Uᵀ(s − U(h − μ))``, and ``h' − h``.
 
     ``U`` = ``basis`` ``[k, d]`` (orthonormal rows), ``μ`` = ``mean`` ``[d]``, ``s`` = ``target`` ``[k]``.
 
-    Replacement inside the subspace with mixing ``β``; the orthogonal complement is kept.
+    Replacement inside the subspace with mixing ``β``; the orthogonal complement is kept. Built
+    once per strength: ``s + Uμ`` (the target in uncentred coordinates) and ``βU`` are formed
+    here, so a call is two thin matrix products on the rows it gets, ``r = (s + Uμ) − hUᵀ`` (one
+    ``addmm``) and ``h' − h = r (βU)``, the same arithmetic for every row.
     """
     U = basis.to(device=device, dtype=torch.float32)
-    mu = mean.to(device=device, dtype=torch.float32)
-    s = target.to(device=device, dtype=torch.float32)
+    U_t = U.T.contiguous()  # [d, k]
+    target_raw = target.to(device=device, dtype=torch.float32) + U @ mean.to(device=device, dtype=torch.float32)
+    U_beta = beta * U  # [k, d]
 
-    def transform(h: Tensor) -> Tensor:
-        z = (h - mu) @ U.T  # [..., k]
-        return h + beta * ((s - z) @ U)
+    def transform(h: Tensor) -> tuple[Tensor, Tensor]:
+        rows = h.reshape(-1, h.shape[-1])  # [n, d]: every position it gets, batch folded in
+        residual = torch.addmm(target_raw, rows, U_t, alpha=-1.0)  # [n, k]: s − U(h − μ)
+        delta = (residual @ U_beta).reshape(h.shape)
+        return h + delta, delta
     return transform
