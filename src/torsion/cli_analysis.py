@@ -103,7 +103,15 @@ def add_analysis_parsers(subcommands: argparse._SubParsersAction) -> None:
         "  torsion optimize runs/quick --objective refuse --sampler grid --trials 9\n"
         "  torsion optimize runs/quick --per-category --trials 8\n"
         "  torsion optimize runs/quick --method spline-a --manifold runs/quick/manifold.safetensors\n"
-        "  torsion optimize runs/quick --storage postgresql://user@db-host/torsion   # on each worker",
+        "  torsion optimize runs/quick --storage postgresql://user@db-host/torsion   # on each worker\n"
+        "  torsion optimize runs/quick --method weighted-ablation --multi --trials 24   # refusals vs KL front\n"
+        "\n--multi (weighted-ablation only): an Optuna study with two minimised objectives, the train-split refusal "
+        "rate (after false-positive correction) and the probe first-token KL, over heretic's kernel ranges (peak "
+        "weight 0.8-1.5, peak position 0.6-1.0 x last block, floor 0-1 x peak, width 1-0.6 x last, fractional "
+        "direction block 0.4-0.9 x last or per-block directions, components attn+mlp/attn/mlp). Default study "
+        "multi-weighted-ablation-comply. Every front point is evaluated once on the holdout (refusal rate, "
+        "genuine compliance, degenerate share, KL both ways, MCQ accuracy, perplexity ratio) -> "
+        "analysis/front_<study>.json; bake one with `torsion orthogonalize --from-study RUN_DIR/STUDY --pick ...`.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     optimize.add_argument("run_dir", type=run_directory, help="a directory made by `torsion run`")
     add_model_options(optimize)
@@ -123,8 +131,12 @@ def add_analysis_parsers(subcommands: argparse._SubParsersAction) -> None:
     optimize.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                           help="a method parameter, e.g. peak_position=12 (JSON values); repeatable")
     optimize.add_argument("--trials", type=positive_int, default=12, help="finished trials in the study (default 12)")
-    optimize.add_argument("--sampler", default="tpe", choices=["tpe", "grid"],
-                          help="tpe (default), or grid: --trials evenly spaced alphas over the range")
+    optimize.add_argument("--sampler", default=None, choices=["tpe", "grid", "nsga2"],
+                          help="tpe (default), or grid: --trials evenly spaced alphas over the range; with --multi "
+                          "tpe (default, multivariate) or nsga2 (population 8)")
+    optimize.add_argument("--multi", action="store_true",
+                          help="weighted-ablation only: search the kernel for the Pareto front of train refusal rate "
+                          "and probe KL (both minimised) instead of one weighted objective")
     optimize.add_argument("--alpha-range", type=finite_float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                           help="search range of the method's strength (default: alpha -4 0 for comply, 0 4 for "
                           "refuse; beta 0 1 for ablations; ace -n n / 0 2n with n the mean |v_l|; the manifold's "
