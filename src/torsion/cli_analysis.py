@@ -157,6 +157,9 @@ def add_analysis_parsers(subcommands: argparse._SubParsersAction) -> None:
                           help="capability penalty per unit of MCQ accuracy lost (default 0: off)")
     optimize.add_argument("--perplexity-weight", type=nonneg_float, default=0.0,
                           help="capability penalty per unit of log perplexity gained (default 0: off)")
+    optimize.add_argument("--n-mcq", type=checked(int, lambda n: n >= 0, "a whole number >= 0"), default=40,
+                          help="MCQ items for the capability penalty and the --multi front's held-out MCQ accuracy "
+                          "(default 40; 0 skips MCQ)")
     optimize.add_argument("--positions", default="all", choices=["last", "all"], help="steered positions (default all)")
     optimize.add_argument("--no-prune", action="store_true",
                           help="run every trial to the end (a grid always does; tpe prunes by the median rule)")

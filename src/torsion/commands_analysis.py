@@ -221,7 +221,8 @@ def optimize(args: argparse.Namespace) -> int:
         n_trials=args.trials, sampler=args.sampler or (DEFAULT_SAMPLER if args.multi else "tpe"),
         prune=not (args.no_prune or args.multi), n_prompts=args.n_prompts,
         n_kl_prompts=args.n_kl_prompts, kl_weight=args.kl_weight, kl_cap=args.kl_cap, mcq_weight=args.mcq_weight,
-        perplexity_weight=args.perplexity_weight, positions=args.positions, batch_size=args.batch_size,
+        perplexity_weight=args.perplexity_weight, n_mcq=args.n_mcq, positions=args.positions,
+        batch_size=args.batch_size,
         seed=args.seed, method=args.method, method_params=parse_params(args.param),
         manifold=str(args.manifold) if args.manifold else None, multi=args.multi)
     scopes = [replace(settings, category=c) for c in search_categories(args.run_dir, args.key)] \

@@ -63,6 +63,10 @@ def _rate(value: Any) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _kl(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def model_card(front: dict[str, Any], index: int, rule: str, model_spec: str, weights: list[float]) -> str:
     """The README.md of an exported point (markdown)."""
     point, base = front["points"][index], front.get("baseline", {})

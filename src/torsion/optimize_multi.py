@@ -140,7 +140,8 @@ def front_file_format() -> str:
             "evaluated), points sorted by train refusal rate then KL: index, trial, params (sampled), method_params "
             "(weighted-ablation's, strength 1), train {refusal_rate, kl, kl_steered_to_base, degenerate_rate, n}, "
             "heldout {refusal_rate, refusal_ci (Wilson 95%), genuine_rate, degenerate_rate, kl_base_to_steered, "
-            "kl_steered_to_base, mcq_accuracy, perplexity_ratio (steered/base on the held-out neutral texts), n, "
+            "kl_steered_to_base, mcq_accuracy (null with --n-mcq 0), perplexity_ratio (steered/base on the held-out "
+            "neutral texts), n, "
             "rates}; baseline (unsteered held-out rates, MCQ accuracy, perplexity); prompts (id hashes of each set)")
 
 
@@ -206,21 +207,26 @@ def run_optimize_multi(run_dir: Path, lm: LoadedModel, settings: SearchSettings,
     result["hypervolume_train"] = hypervolume_2d([(p["train"]["refusal_rate"], p["train"]["kl"])
                                                   for p in result["points"]], REFERENCE_POINT)
     result["hypervolume_heldout"] = None
-    if evaluate:
-        baseline = existing.get("baseline") if existing.get("storage") == redact_url(url) else None
-        result["baseline"] = baseline or _baseline(run, lm, settings, sets, judge)
-        for point in result["points"]:
-            key = (point["trial"], json.dumps(point["params"], sort_keys=True))
-            if key in done:
-                point["heldout"] = done[key]
-                continue
-            method = get_method("weighted-ablation", directions=vector.directions, **point["method_params"])
-            point["heldout"] = evaluate_point(run, lm, method, settings, sets, generation, judge, result["baseline"],
-                                              log=log)
-            atomic_write_json(path, result)  # a killed evaluation resumes after the last finished point
-        result["hypervolume_heldout"] = hypervolume_2d(
-            [(p["heldout"]["refusal_rate"], p["heldout"]["kl_base_to_steered"]) for p in result["points"]],
-            REFERENCE_POINT)
+    keys = [(p["trial"], json.dumps(p["params"], sort_keys=True)) for p in result["points"]]
+    if not evaluate:  # a trials-only worker keeps what an evaluating worker already wrote for this front
+        if all(key in done for key in keys) and len(existing["points"]) == len(keys) \
+                and existing.get("n_trials") == result["n_trials"]:
+            return existing
+        atomic_write_json(path, result)
+        return result
+    baseline = existing.get("baseline") if existing.get("storage") == redact_url(url) else None
+    result["baseline"] = baseline or _baseline(run, lm, settings, sets, judge)
+    for point, key in zip(result["points"], keys):
+        if key in done:
+            point["heldout"] = done[key]
+            continue
+        method = get_method("weighted-ablation", directions=vector.directions, **point["method_params"])
+        point["heldout"] = evaluate_point(run, lm, method, settings, sets, generation, judge, result["baseline"],
+                                          log=log)
+        atomic_write_json(path, result)  # a killed evaluation resumes after the last finished point
+    result["hypervolume_heldout"] = hypervolume_2d(
+        [(p["heldout"]["refusal_rate"], p["heldout"]["kl_base_to_steered"]) for p in result["points"]],
+        REFERENCE_POINT)
     atomic_write_json(path, result)
     return result
 
@@ -241,8 +247,15 @@ def _baseline(run: RunDir, lm: LoadedModel, settings: SearchSettings, sets: dict
     return {"refusal_rate": rates["refused"]["rate"], "refusal_ci": rates["refused"]["ci95"],
             "genuine_rate": rates["genuine_strong_comply"]["rate"], "degenerate_rate": rates["degenerate"]["rate"],
             "n": rates["refused"]["n"], "n_mcq": settings.n_mcq,
-            "mcq_accuracy": mcq_accuracy(lm, mcq_items(settings.n_mcq, settings.seed))["accuracy"],
+            "mcq_accuracy": _mcq(lm, settings, None),
             "perplexity": perplexity(lm, [p.prompt for p in sets["kl_eval"]])["perplexity"]}
+
+
+def _mcq(lm: LoadedModel, settings: SearchSettings, steer) -> float | None:
+    """MCQ accuracy on ``settings.n_mcq`` items of the built-in probe (None with ``n_mcq`` 0)."""
+    if settings.n_mcq == 0:
+        return None
+    return mcq_accuracy(lm, mcq_items(settings.n_mcq, settings.seed), steer)["accuracy"]
 
 
 def evaluate_point(run: RunDir, lm: LoadedModel, method, settings: SearchSettings, sets: dict,
@@ -255,7 +268,7 @@ def evaluate_point(run: RunDir, lm: LoadedModel, method, settings: SearchSetting
     return {"refusal_rate": rates["refused"]["rate"], "refusal_ci": rates["refused"]["ci95"],
             "genuine_rate": rates["genuine_strong_comply"]["rate"], "degenerate_rate": rates["degenerate"]["rate"],
             "kl_base_to_steered": held["kl_base_to_steered"], "kl_steered_to_base": held["kl_steered_to_base"],
-            "mcq_accuracy": mcq_accuracy(lm, mcq_items(settings.n_mcq, settings.seed), steer)["accuracy"],
+            "mcq_accuracy": _mcq(lm, settings, steer),
             "perplexity_ratio": perplexity(lm, [p.prompt for p in sets["kl_eval"]], steer)["perplexity"]
             / baseline["perplexity"],
             "n": rates["refused"]["n"], "rates": rates}

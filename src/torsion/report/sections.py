@@ -199,7 +199,8 @@ def front_section(result: dict[str, Any], run_dir: Path) -> str:
                      number(held.get("kl_steered_to_base"), ".3g"),
                      number(100 * held["genuine_rate"], ".1f", "%") if held else "n/a",
                      number(100 * held["degenerate_rate"], ".1f", "%") if held else "n/a",
-                     number(100 * held["mcq_accuracy"], ".1f", "%") if held else "n/a",
+                     number(100 * held["mcq_accuracy"], ".1f", "%") if held.get("mcq_accuracy") is not None
+                     else "n/a",
                      number(held.get("perplexity_ratio"), ".3f")])
     base = result.get("baseline") or {}
     return (
@@ -210,7 +211,7 @@ def front_section(result: dict[str, Any], run_dir: Path) -> str:
         f"held-out neutral half. Hypervolume against {escape(str(result['reference_point']))}: train "
         f"{number(result['hypervolume_train'], '.4f')}, held-out {number(result['hypervolume_heldout'], '.4f')}. "
         f"Base model held-out refusal {number(100 * base['refusal_rate'], '.1f', '%') if base else 'n/a'}, MCQ "
-        f"{number(100 * base['mcq_accuracy'], '.1f', '%') if base else 'n/a'}. Bake a point with `torsion "
+        f"{number(100 * base['mcq_accuracy'], '.1f', '%') if base.get('mcq_accuracy') is not None else 'n/a'}. Bake a point with `torsion "
         "orthogonalize --from-study RUN_DIR/STUDY --pick ...`.</p>"
         + table(["#", "trial", "kernel", "train refusal", "train KL", "held-out refusal", "KL base→edited",
                  "KL edited→base", "genuine", "degenerate", "MCQ", "ppl ratio"], rows, numeric_from=3)
