@@ -281,8 +281,38 @@ def load_front(study_path: Path) -> tuple[Path, dict[str, Any]]:
     if not path.is_file():
         raise TorsionError(f"{path} is missing; run `torsion optimize {run_dir} --method weighted-ablation --multi "
                            f"--study {study}` first (--from-study takes RUN_DIR/STUDY)")
-    front = read_json(path, fix=f"delete it and run `torsion optimize {run_dir} --multi` again")
-    if not front.get("points") or any("heldout" not in p for p in front["points"]):
-        raise TorsionError(f"{path} has no held-out evaluation of its front; run `torsion optimize {run_dir} "
-                           f"--method weighted-ablation --multi --study {study}` without --no-evaluate")
+    rerun = f"`torsion optimize {run_dir} --method weighted-ablation --multi --study {study}`"
+    front = read_json(path, fix=f"delete it and run {rerun} again")
+    points = front.get("points")
+    if not isinstance(points, list) or not points or not all(isinstance(p, dict) for p in points):
+        raise TorsionError(f"{path} has no front points; delete it and run {rerun} again")
+    if not all(isinstance(p.get("heldout"), dict) for p in points):
+        raise TorsionError(f"{path} has no held-out evaluation of its front; run {rerun} without --no-evaluate")
+    if not _well_formed(front):
+        raise TorsionError(f"{path} is not a front file this torsion wrote (missing or mistyped fields); delete it "
+                           f"and run {rerun} again")
     return run_dir, front
+
+
+def _well_formed(front: dict[str, Any]) -> bool:
+    """The fields ``orthogonalize --from-study`` reads, with their types (a damaged file fails in one line)."""
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+    strings = all(isinstance(front.get(k), str) for k in ("study", "vector_key", "vector_sha256", "sampler"))
+    numbers = all(number(front.get(k)) for k in ("n_trials", "hypervolume_train", "hypervolume_heldout"))
+    prompts = isinstance(front.get("prompts"), dict) and isinstance(front["prompts"].get("n"), dict)
+    reference = isinstance(front.get("reference_point"), list)
+    for point in front["points"]:
+        held, train, params = point["heldout"], point.get("train"), point.get("method_params")
+        if not (isinstance(train, dict) and isinstance(params, dict) and number(point.get("trial"))):
+            return False
+        if not all(number(held.get(k)) for k in ("refusal_rate", "kl_base_to_steered", "kl_steered_to_base",
+                                                   "perplexity_ratio", "n")):
+            return False
+        if not all(number(train.get(k)) for k in ("refusal_rate", "kl", "kl_steered_to_base", "n")):
+            return False
+        if set(params) != {"peak_weight", "peak_position", "width", "floor", "direction_index", "components"}:
+            return False
+    baseline = front.get("baseline")
+    return strings and numbers and prompts and reference and (baseline is None or isinstance(baseline, dict))

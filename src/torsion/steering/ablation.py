@@ -94,7 +94,7 @@ def ablation_context(lm: LoadedModel, name: str, strength: float, directions: Te
             for layer, w in enumerate(weights):
                 if w == 0.0:
                     continue
-                for module in (getattr(lm.layout, w)[layer] for w in ("attn", "mlp") if w in writes):
+                for module in (getattr(lm.layout, part)[layer] for part in ("attn", "mlp") if part in writes):
                     handles.append(module.register_forward_hook(make_observer(layer, units[layer], w), prepend=True))
             yield record
         finally:
