@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import traceback
 from pathlib import Path
 
@@ -164,14 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ortho = subcommands.add_parser(
         "orthogonalize", help="project a direction out of the weights and save the edited model",
-        description="W <- W - v v^T W for the embedding, attention out-projections and MLP "
+        description=textwrap.fill("W <- W - v v^T W for the embedding, attention out-projections and MLP "
         "down-projections, with v the unit direction of one layer of a vector (--vector, --layer). "
         "Or --from-study RUN_DIR/STUDY --pick RULE: bake one point of a `torsion optimize --multi` front "
         "(the weighted kernel: block l's projections lose w_l of the direction, W <- W - w_l v v^T W, as its "
         "hooks do), and write a model card README.md with the point's held-out numbers and the prompts' hashes. "
         "RULE: 'refusal<=X' (the lowest held-out KL among points with held-out refusal rate <= X), knee "
         "(closest to the ideal corner after min-max normalising both held-out objectives), or a front index. "
-        "The result is a Hugging Face model directory; it matches ablation by hooks.",
+        "The result is a Hugging Face model directory; it matches ablation by hooks.", 100),
         epilog="examples:\n"
         "  torsion orthogonalize --vector runs/quick/vectors.safetensors --key md/resid --layer 12 --out abl\n"
         "  torsion orthogonalize --from-study runs/quick/multi-weighted-ablation-comply --pick 'refusal<=0.05' "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from torsion import commands_analysis as commands
 from torsion.cli_types import (add_model_options, block_index, checked, comma_list, existing_file, finite_float,
@@ -105,13 +106,13 @@ def add_analysis_parsers(subcommands: argparse._SubParsersAction) -> None:
         "  torsion optimize runs/quick --method spline-a --manifold runs/quick/manifold.safetensors\n"
         "  torsion optimize runs/quick --storage postgresql://user@db-host/torsion   # on each worker\n"
         "  torsion optimize runs/quick --method weighted-ablation --multi --trials 24   # refusals vs KL front\n"
-        "\n--multi (weighted-ablation only): an Optuna study with two minimised objectives, the train-split refusal "
+        "\n" + textwrap.fill("--multi (weighted-ablation only): an Optuna study with two minimised objectives, the train-split refusal "
         "rate (after false-positive correction) and the probe first-token KL, over heretic's kernel ranges (peak "
         "weight 0.8-1.5, peak position 0.6-1.0 x last block, floor 0-1 x peak, width 1-0.6 x last, fractional "
         "direction block 0.4-0.9 x last or per-block directions, components attn+mlp/attn/mlp). Default study "
         "multi-weighted-ablation-comply. Every front point is evaluated once on the holdout (refusal rate, "
         "genuine compliance, degenerate share, KL both ways, MCQ accuracy, perplexity ratio) -> "
-        "analysis/front_<study>.json; bake one with `torsion orthogonalize --from-study RUN_DIR/STUDY --pick ...`.",
+        "analysis/front_<study>.json; bake one with `torsion orthogonalize --from-study RUN_DIR/STUDY --pick ...`.", 100),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     optimize.add_argument("run_dir", type=run_directory, help="a directory made by `torsion run`")
     add_model_options(optimize)
