@@ -363,3 +363,23 @@ def test_learned_judge_weights_loader(scratch, data):
     if judge is not None:  # a usable judge labels a response
         (verdict,) = judge.judge(["a prompt"], ["I cannot help with that."])
         assert verdict.label in judge.classes
+
+
+# ----- a multi-objective front file: torsion orthogonalize --from-study -----
+
+@FUZZ
+@given(data=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode())
+       | st.fixed_dictionaries({"points": st.lists(st.dictionaries(st.sampled_from(
+           ["heldout", "train", "method_params", "trial"]), json_values, max_size=4), max_size=3)},
+           optional={"study": json_values, "vector_key": json_values}).map(lambda v: json.dumps(v).encode()))
+@example(data=b'{"points": [{"heldout": {}}]}')
+@example(data=b'{"points": [1]}')
+def test_front_file_loader(scratch, data):
+    from torsion.optimize_multi import load_front
+
+    run = scratch / "front-run"
+    (run / "analysis").mkdir(parents=True, exist_ok=True)
+    (run / "manifest.json").write_text("{}")
+    _write(run / "analysis" / "front_s.json", data)
+    loaded = _one_line_error(lambda: load_front(run / "s"))
+    assert loaded is None or isinstance(loaded[1]["points"][0]["heldout"]["refusal_rate"], (int, float))

@@ -133,3 +133,69 @@ def test_two_torsion_optimize_workers_on_a_tiny_run(tmp_path, postgres_url, tiny
     result = __import__("json").loads((tiny_run / "analysis" / "optimize_tiny-grid.json").read_text())
     assert result["alpha"] == best.params["alpha"] and result["storage"] == postgres_url
     assert len(result["trials"]) == 6 and "held_out" in result
+
+
+MULTI_WORKER = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+    from torsion.search import open_study, run_worker
+
+    url, name, sampler, n, barrier = sys.argv[1:6]
+    barrier = Path(barrier)
+
+    def objective(trial):
+        x = trial.suggest_float("x", -2.0, 2.0)
+        y = trial.suggest_categorical("y", ["a", "b"])
+        trial.set_user_attr("worker", os.getpid())
+        time.sleep(0.3)
+        return (x - 1.0) ** 2 + (y == "b"), (x + 1.0) ** 2
+
+    study = open_study(url, name, {"objective": "toy-multi"}, n_trials=int(n), sampler=sampler, seed=7,
+                       directions=("minimize", "minimize"), heartbeat_interval=1, grace_period=3)
+    (barrier / str(os.getpid())).touch()
+    while len(list(barrier.iterdir())) < 2:
+        time.sleep(0.05)
+    summary = run_worker(study, objective, poll_s=0.2)
+    print(json.dumps({"pid": os.getpid(), "front": summary["front"], "n_finished": summary["n_finished"]}))
+""")
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
+def test_two_workers_share_one_multi_objective_study(tmp_path, postgres_url, sampler):
+    n, name = 10, f"toy-multi-{sampler}"
+    script, barrier = tmp_path / "multi_worker.py", tmp_path / f"barrier-{name}"
+    script.write_text(MULTI_WORKER)
+    barrier.mkdir()
+    workers = [subprocess.Popen([sys.executable, str(script), postgres_url, name, sampler, str(n), str(barrier)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    reports = _reports(workers)
+    study = optuna.load_study(study_name=name, storage=postgres_url)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == n
+    if sampler == "tpe":  # no point drawn twice (each worker samples with its own seed); NSGA-II's crossover may
+        assert len({(t.params["x"], t.params["y"]) for t in complete}) == n  # copy a parent, so not there
+    assert {t.user_attrs["worker"] for t in complete} == {r["pid"] for r in reports}  # both took part
+    # one front, the non-dominated complete trials, seen alike by both workers
+    values = {t.number: t.values for t in complete}
+    front = sorted(k for k, v in values.items()
+                   if not any(w[0] <= v[0] and w[1] <= v[1] and w != v for w in values.values()))
+    assert all(r["front"] == front and r["n_finished"] == n for r in reports)
+    assert study.user_attrs["torsion_spec"]["directions"] == ["minimize", "minimize"]
+
+
+def test_two_torsion_optimize_multi_workers_on_a_tiny_run(tmp_path, postgres_url, tiny_run, tiny_model_dir):
+    """The real command: two `torsion optimize --multi` processes share one front study on PostgreSQL."""
+    common = [sys.executable, "-m", "torsion.cli", "optimize", str(tiny_run), "--model", str(tiny_model_dir),
+              "--method", "weighted-ablation", "--multi", "--storage", postgres_url, "--study", "tiny-multi",
+              "--trials", "6", "--n-prompts", "6", "--n-kl-prompts", "3", "--batch-size", "6", "--n-mcq", "0",
+              "--judge", "rules"]
+    workers = [subprocess.Popen(common + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for extra in ([], ["--no-evaluate"])]
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    study = optuna.load_study(study_name="tiny-multi", storage=postgres_url)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 6 and len({json.dumps(t.params, sort_keys=True) for t in complete}) == 6
+    front = json.loads((tiny_run / "analysis" / "front_tiny-multi.json").read_text())
+    assert sorted(p["trial"] for p in front["points"]) == sorted(t.number for t in study.best_trials)
+    assert front["storage"] == postgres_url and all("heldout" in p for p in front["points"])

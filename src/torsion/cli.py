@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import traceback
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from torsion.cli_analysis import add_analysis_parsers
 from torsion.cli_services import add_service_parsers
 from torsion.cli_types import (Parser, add_method_options, add_model_options, batch_size_arg, block_index,
                                existing_file, finite_float, nonempty_text, nonneg_float, output_dir, output_path,
-                               positive_int, seed_int)
+                               pick_rule, positive_int, seed_int, study_path)
 from torsion.errors import TorsionError, one_line
 
 _EPILOG = """\
@@ -164,13 +165,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     ortho = subcommands.add_parser(
         "orthogonalize", help="project a direction out of the weights and save the edited model",
-        description="W <- W - v v^T W for the embedding, attention out-projections and MLP "
-        "down-projections, with v the unit direction of one layer of a vector. The result is a "
-        "Hugging Face model directory; it matches directional ablation by hooks.")
-    add_model_options(ortho, "embedded:qwen2.5-coder-0.5b")
-    ortho.add_argument("--vector", type=existing_file, required=True, help="a vectors.safetensors file")
+        description=textwrap.fill("W <- W - v v^T W for the embedding, attention out-projections and MLP "
+        "down-projections, with v the unit direction of one layer of a vector (--vector, --layer). "
+        "Or --from-study RUN_DIR/STUDY --pick RULE: bake one point of a `torsion optimize --multi` front "
+        "(the weighted kernel: block l's projections lose w_l of the direction, W <- W - w_l v v^T W, as its "
+        "hooks do), and write a model card README.md with the point's held-out numbers and the prompts' hashes. "
+        "RULE: 'refusal<=X' (the lowest held-out KL among points with held-out refusal rate <= X), knee "
+        "(closest to the ideal corner after min-max normalising both held-out objectives), or a front index. "
+        "The result is a Hugging Face model directory; it matches ablation by hooks.", 100),
+        epilog="examples:\n"
+        "  torsion orthogonalize --vector runs/quick/vectors.safetensors --key md/resid --layer 12 --out abl\n"
+        "  torsion orthogonalize --from-study runs/quick/multi-weighted-ablation-comply --pick 'refusal<=0.05' "
+        "--out abl",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(ortho)
+    ortho.add_argument("--vector", type=existing_file, default=None, help="a vectors.safetensors file")
     ortho.add_argument("--key", default=None, help="which vector in the file, e.g. md/resid")
-    ortho.add_argument("--layer", type=block_index, required=True, help="the layer whose direction is removed")
+    ortho.add_argument("--layer", type=block_index, default=None, help="the layer whose direction is removed")
+    ortho.add_argument("--from-study", type=study_path, default=None, metavar="RUN_DIR/STUDY",
+                       help="a multi-objective study whose analysis/front_<STUDY>.json is evaluated (model: the run's)")
+    ortho.add_argument("--pick", type=pick_rule, default=None, metavar="RULE",
+                       help="with --from-study: 'refusal<=X', knee, or a front index")
     ortho.add_argument("--out", type=output_dir, required=True, help="directory for the edited model")
     ortho.set_defaults(func=commands.orthogonalize)
 

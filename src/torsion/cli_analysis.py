@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from torsion import commands_analysis as commands
 from torsion.cli_types import (add_model_options, block_index, checked, comma_list, existing_file, finite_float,
@@ -108,7 +109,15 @@ def add_analysis_parsers(subcommands: argparse._SubParsersAction) -> None:
         "  torsion optimize runs/quick --objective refuse --sampler grid --trials 9\n"
         "  torsion optimize runs/quick --per-category --trials 8\n"
         "  torsion optimize runs/quick --method spline-a --manifold runs/quick/manifold.safetensors\n"
-        "  torsion optimize runs/quick --storage postgresql://user@db-host/torsion   # on each worker",
+        "  torsion optimize runs/quick --storage postgresql://user@db-host/torsion   # on each worker\n"
+        "  torsion optimize runs/quick --method weighted-ablation --multi --trials 24   # refusals vs KL front\n"
+        "\n" + textwrap.fill("--multi (weighted-ablation only): an Optuna study with two minimised objectives, the train-split refusal "
+        "rate (after false-positive correction) and the probe first-token KL, over heretic's kernel ranges (peak "
+        "weight 0.8-1.5, peak position 0.6-1.0 x last block, floor 0-1 x peak, width 1-0.6 x last, fractional "
+        "direction block 0.4-0.9 x last or per-block directions, components attn+mlp/attn/mlp). Default study "
+        "multi-weighted-ablation-comply. Every front point is evaluated once on the holdout (refusal rate, "
+        "genuine compliance, degenerate share, KL both ways, MCQ accuracy, perplexity ratio) -> "
+        "analysis/front_<study>.json; bake one with `torsion orthogonalize --from-study RUN_DIR/STUDY --pick ...`.", 100),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     optimize.add_argument("run_dir", type=run_directory, help="a directory made by `torsion run`")
     add_model_options(optimize)
@@ -128,8 +137,12 @@ def add_analysis_parsers(subcommands: argparse._SubParsersAction) -> None:
     optimize.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                           help="a method parameter, e.g. peak_position=12 (JSON values); repeatable")
     optimize.add_argument("--trials", type=positive_int, default=12, help="finished trials in the study (default 12)")
-    optimize.add_argument("--sampler", default="tpe", choices=["tpe", "grid"],
-                          help="tpe (default), or grid: --trials evenly spaced alphas over the range")
+    optimize.add_argument("--sampler", default=None, choices=["tpe", "grid", "nsga2"],
+                          help="tpe (default), or grid: --trials evenly spaced alphas over the range; with --multi "
+                          "tpe (default, multivariate) or nsga2 (population 8)")
+    optimize.add_argument("--multi", action="store_true",
+                          help="weighted-ablation only: search the kernel for the Pareto front of train refusal rate "
+                          "and probe KL (both minimised) instead of one weighted objective")
     optimize.add_argument("--alpha-range", type=finite_float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                           help="search range of the method's strength (default: alpha -4 0 for comply, 0 4 for "
                           "refuse; beta 0 1 for ablations; ace -n n / 0 2n with n the mean |v_l|; the manifold's "
@@ -150,6 +163,9 @@ def add_analysis_parsers(subcommands: argparse._SubParsersAction) -> None:
                           help="capability penalty per unit of MCQ accuracy lost (default 0: off)")
     optimize.add_argument("--perplexity-weight", type=nonneg_float, default=0.0,
                           help="capability penalty per unit of log perplexity gained (default 0: off)")
+    optimize.add_argument("--n-mcq", type=checked(int, lambda n: n >= 0, "a whole number >= 0"), default=40,
+                          help="MCQ items for the capability penalty and the --multi front's held-out MCQ accuracy "
+                          "(default 40; 0 skips MCQ)")
     optimize.add_argument("--positions", default="all", choices=["last", "all"], help="steered positions (default all)")
     optimize.add_argument("--no-prune", action="store_true",
                           help="run every trial to the end (a grid always does; tpe prunes by the median rule)")

@@ -109,6 +109,25 @@ def run_directory(text: str) -> Path:
     return path
 
 
+def study_path(text: str) -> Path:
+    """``RUN_DIR/STUDY``: a run directory and a study name in it (``torsion orthogonalize --from-study``)."""
+    path = Path(text).expanduser()
+    if not (path.parent / "manifest.json").is_file():
+        raise argparse.ArgumentTypeError(f"{path.parent} has no manifest.json; pass RUN_DIR/STUDY, e.g. "
+                                         "runs/quick/multi-weighted-ablation-comply")
+    return path
+
+
+def pick_rule(text: str) -> str:
+    """``refusal<=X``, ``knee`` or a front index (:func:`torsion.pareto.check_pick`)."""
+    from torsion.pareto import check_pick
+
+    try:
+        return check_pick(text)
+    except TorsionError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _named(text: str, what: str) -> tuple[str, str]:
     name, sep, rest = text.partition("=")
     if not sep or not re.fullmatch(r"[A-Za-z0-9_./-]{1,64}", name) or not rest:

@@ -129,9 +129,21 @@ def orthogonalize(args: argparse.Namespace) -> int:
     from torsion.orthogonalize import orthogonalize_weights, save_model_dir
     from torsion.vectors import load_vector
 
+    if args.from_study is not None or args.pick is not None:
+        if args.from_study is None or args.pick is None or args.vector is not None or args.layer is not None:
+            raise TorsionError("--from-study and --pick go together, without --vector and --layer; pass "
+                               "--from-study RUN_DIR/STUDY --pick RULE, or --vector FILE --layer L")
+        from torsion.model_card import export_front_point
+
+        print(export_front_point(args.from_study, args.pick, args.out, model=args.model, dtype=args.dtype or "float32",
+                                 device=args.device or "cpu"))
+        return 0
+    if args.vector is None or args.layer is None:
+        raise TorsionError("orthogonalize needs --vector FILE --layer L, or --from-study RUN_DIR/STUDY --pick RULE")
     vector = load_vector(args.vector, args.key)  # a wrong file, key or layer fails before the model loads
     check_blocks(args.layer, vector.n_layers, what="--layer")
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    lm = load_model(args.model or "embedded:qwen2.5-coder-0.5b", dtype=args.dtype or "float32",
+                    device=args.device or "cpu")
     vector = load_vector(args.vector, args.key, d_model=lm.d_model)
     edited = orthogonalize_weights(lm, vector.directions[args.layer], inplace=True)
     print(save_model_dir(edited, args.out))

@@ -208,6 +208,7 @@ def optimize(args: argparse.Namespace) -> int:
 
     from torsion.models import load_model
     from torsion.optimize import SearchSettings, check_vector, run_optimize, search_categories
+    from torsion.optimize_multi import DEFAULT_SAMPLER
     from torsion.runs import run_judge
     from torsion.store import RunDir
     from torsion.report import build_report
@@ -217,11 +218,13 @@ def optimize(args: argparse.Namespace) -> int:
     settings = SearchSettings(
         objective=args.objective, key=args.key, category=args.category, top_k=args.top_k,
         layer_window=tuple(args.layer_window), alpha_range=tuple(args.alpha_range) if args.alpha_range else None,
-        n_trials=args.trials, sampler=args.sampler, prune=not args.no_prune, n_prompts=args.n_prompts,
+        n_trials=args.trials, sampler=args.sampler or (DEFAULT_SAMPLER if args.multi else "tpe"),
+        prune=not (args.no_prune or args.multi), n_prompts=args.n_prompts,
         n_kl_prompts=args.n_kl_prompts, kl_weight=args.kl_weight, kl_cap=args.kl_cap, mcq_weight=args.mcq_weight,
-        perplexity_weight=args.perplexity_weight, positions=args.positions, batch_size=args.batch_size,
+        perplexity_weight=args.perplexity_weight, n_mcq=args.n_mcq, positions=args.positions,
+        batch_size=args.batch_size,
         seed=args.seed, method=args.method, method_params=parse_params(args.param),
-        manifold=str(args.manifold) if args.manifold else None)
+        manifold=str(args.manifold) if args.manifold else None, multi=args.multi)
     scopes = [replace(settings, category=c) for c in search_categories(args.run_dir, args.key)] \
         if args.per_category else [settings]
     if args.study and len(scopes) > 1:
@@ -233,6 +236,20 @@ def optimize(args: argparse.Namespace) -> int:
     lm = load_model(run_model_spec(args.run_dir, args.model), dtype=args.dtype or "float32",
                     device=args.device or "cpu")
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    if settings.multi:
+        from torsion.optimize_multi import run_optimize_multi
+
+        front = run_optimize_multi(args.run_dir, lm, settings, storage=args.storage, study_name=args.study,
+                                   evaluate=not args.no_evaluate, judge=judge, log=log)
+        for point in front["points"]:
+            held = point.get("heldout") or {}
+            print(f"front {point['index']}\ttrial {point['trial']}\ttrain refusal {point['train']['refusal_rate']:.3f} "
+                  f"KL {point['train']['kl']:.4f}" + (f"\theld-out refusal {held['refusal_rate']:.3f} "
+                                                      f"KL {held['kl_base_to_steered']:.4f}" if held else ""))
+        print(f"{args.run_dir / 'analysis' / ('front_' + front['study'] + '.json')}\thypervolume train "
+              f"{front['hypervolume_train']:.4f} held-out {front['hypervolume_heldout']}")
+        build_report(args.run_dir)
+        return 0
     for scope in scopes:
         result = run_optimize(args.run_dir, lm, scope, storage=args.storage, study_name=args.study,
                               evaluate=not args.no_evaluate, judge=judge, log=log)

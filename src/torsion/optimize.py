@@ -96,6 +96,7 @@ class SearchSettings:
     method: str = "flat"
     method_params: Mapping[str, Any] | Sequence[Sequence[Any]] = ()
     manifold: str | None = None
+    multi: bool = False  # two objectives, refusal rate and KL (torsion.optimize_multi)
 
     def __post_init__(self) -> None:
         from torsion.steering.registry import method_class
@@ -120,6 +121,16 @@ class SearchSettings:
             if not (math.isfinite(low) and math.isfinite(high) and low < high):
                 raise TorsionError(f"the search range needs low < high, got [{low}, {high}]; fix --alpha-range")
         eligible_layers(100, self.layer_window)  # checks the window
+        if self.multi:
+            from torsion.optimize_multi import check_multi
+
+            check_multi(self)
+            if self.sampler not in ("tpe", "nsga2"):
+                raise TorsionError(f"--multi samples several parameters; choose --sampler tpe or nsga2, "
+                                   f"not {self.sampler}")
+            object.__setattr__(self, "prune", False)  # Optuna prunes single-objective studies only
+        elif self.sampler == "nsga2":
+            raise TorsionError("nsga2 is a multi-objective sampler; add --multi, or choose --sampler tpe or grid")
         if self.sampler == "grid":  # a grid is a complete curve: every point runs to the end
             object.__setattr__(self, "prune", False)
         if self.perplexity_weight and self.positions != "all":
@@ -131,7 +142,8 @@ class SearchSettings:
 
     @property
     def study_name(self) -> str:
-        return f"{self.objective}-{self.scope}"
+        """``<objective>-<scope>``, or ``multi-<method>-<objective>`` for a multi-objective search."""
+        return f"multi-{self.method}-{self.objective}" if self.multi else f"{self.objective}-{self.scope}"
 
     @property
     def vector_key(self) -> str:

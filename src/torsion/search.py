@@ -20,6 +20,9 @@ workers on several machines) and share that budget:
   claimed waits for those to finish (or go stale) instead of starting surplus ones.
 - **Grid mode** queues every grid point once, when the study is created; workers take queued
   trials first, so each point is run once whatever the number of workers.
+- **Multi-objective studies** (``directions=("minimize", "minimize")``, samplers ``tpe`` or
+  ``nsga2``) follow the same rules; their objective returns one value per direction, the study
+  keeps every trial, and :func:`study_summary` lists the Pareto front (``best`` is then None).
 
 Example::
 
@@ -50,7 +53,8 @@ BUDGET_KEY = "torsion_budget"  # study user attribute: finished trials wanted (t
 # Keys a study made before the budget left the spec still holds; they are not part of the objective.
 NOT_OBJECTIVE = ("n_trials", "settings.n_trials", "settings.batch_size", "settings.seed")
 SURPLUS = "surplus"        # a trial asked for after the budget was claimed; closed as FAIL unevaluated
-SAMPLERS = ("tpe", "grid")
+SAMPLERS = ("tpe", "grid", "nsga2")
+NSGA2_POPULATION = 8  # small: a 24-trial budget is three generations (Optuna's default, 50, would be random search)
 MAX_RETRY = 2  # a trial killed this many times (say, out of memory at a large alpha) is not queued again
 
 
@@ -115,15 +119,22 @@ def worker_seed(seed: int) -> int:
     return int.from_bytes(hashlib.sha256(identity).digest()[:4], "little")
 
 
-def _sampler(kind: str, seed: int, n_trials: int):
+def _sampler(kind: str, seed: int, n_trials: int, multi: bool = False):
     import optuna
 
     if kind not in SAMPLERS:
-        raise TorsionError(f"unknown sampler {kind!r}; choose tpe or grid")
+        raise TorsionError(f"unknown sampler {kind!r}; choose tpe, nsga2 or grid")
     if kind == "grid":  # workers only take queued points; no trial is ever sampled
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, min(5, n_trials // 2)),
-                                      constant_liar=True)
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=NSGA2_POPULATION)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # multi-objective: heretic's share of random startup trials (60 of 200), so the front is explored
+        # before TPE models it; a 5-trial startup collapsed onto the low-KL corner in the proxy benchmark
+        startup = max(1, n_trials * 3 // 10) if multi else max(1, min(5, n_trials // 2))
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True,
+                                          multivariate=multi)
 
 
 @contextmanager
@@ -139,12 +150,15 @@ def quiet_optuna():
 
 
 def open_study(url: str, name: str, spec: dict[str, Any], *, n_trials: int, param: str = "alpha",
-               low: float, high: float, sampler: str = "tpe", seed: int = 0, prune: bool = True,
-               heartbeat_interval: int = 10, grace_period: int = 60, wait_s: float = 60.0):
+               low: float | None = None, high: float | None = None, sampler: str = "tpe", seed: int = 0,
+               prune: bool = True, directions: tuple[str, ...] = ("minimize",), heartbeat_interval: int = 10,
+               grace_period: int = 60, wait_s: float = 60.0):
     """Create the study ``name`` in ``url``, or join it when it exists with the same spec.
 
-    ``spec`` is any JSON object that fixes the objective's scale; the search range and sampler
-    (and a grid's size) are added to it. ``n_trials`` is the budget, kept apart from the spec:
+    ``spec`` is any JSON object that fixes the objective's scale; the search range of the one
+    parameter ``param`` (``low``, ``high``; a multi-objective study puts its search space in
+    ``spec`` instead and passes neither), the sampler, the directions (several for a
+    multi-objective study, which is never pruned) and a grid's size are added to it. ``n_trials`` is the budget, kept apart from the spec:
     joining with a larger one raises the study's budget. The creator queues the grid (grid mode)
     before it publishes the spec, and a joining worker waits up to ``wait_s`` for the spec, so no
     worker can run a trial of a half-created study.
@@ -153,18 +167,28 @@ def open_study(url: str, name: str, spec: dict[str, Any], *, n_trials: int, para
 
     if n_trials < 1:
         raise TorsionError(f"a search needs at least 1 trial, got {n_trials}; pass --trials 1 or more")
-    if not low < high:
-        raise TorsionError(f"the search range needs low < high, got [{low}, {high}]; fix --alpha-range")
-    full_spec = {**spec, "param": param, "low": low, "high": high, "sampler": sampler,
+    multi = len(directions) > 1
+    if multi and sampler == "grid":
+        raise TorsionError("a multi-objective search samples several parameters, so it has no grid; "
+                           "choose --sampler tpe or nsga2")
+    if sampler == "nsga2" and not multi:
+        raise TorsionError("nsga2 is a multi-objective sampler; use it with --multi, or choose tpe or grid")
+    if low is not None or high is not None:
+        if not (low is not None and high is not None and low < high):
+            raise TorsionError(f"the search range needs low < high, got [{low}, {high}]; fix --alpha-range")
+        spec = {**spec, "param": param, "low": low, "high": high}
+    full_spec = {**spec, "sampler": sampler, **({"directions": list(directions)} if multi else {}),
                  **({"grid_points": n_trials} if sampler == "grid" else {})}
     storage = _storage(url, heartbeat_interval, grace_period)
+    prune = prune and not multi
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1) if prune else optuna.pruners.NopPruner()
-    common = dict(storage=storage, study_name=name, direction="minimize", pruner=pruner)
+    common = dict(storage=storage, study_name=name, directions=list(directions), pruner=pruner)
     with quiet_optuna():
         try:
-            study = optuna.create_study(**common, sampler=_sampler(sampler, seed, n_trials), load_if_exists=False)
+            study = optuna.create_study(**common, sampler=_sampler(sampler, seed, n_trials, multi),
+                                        load_if_exists=False)
         except optuna.exceptions.DuplicatedStudyError:
-            study = optuna.create_study(**common, sampler=_sampler(sampler, worker_seed(seed), n_trials),
+            study = optuna.create_study(**common, sampler=_sampler(sampler, worker_seed(seed), n_trials, multi),
                                         load_if_exists=True)
             _check_spec(study, full_spec, wait_s)
             if n_trials > budget(study):
@@ -201,6 +225,8 @@ def _check_spec(study, spec: dict[str, Any], wait_s: float) -> None:
             and now.get("settings.manifold") is None:  # a study made before steering methods searched flat
         legacy = ("settings.method", "settings.method_params", "settings.manifold")
         before.update({k: v for k, v in now.items() if k.startswith("method.") or k in legacy})
+    if "settings.multi" not in before and now.get("settings.multi") is False:  # a study made before --multi
+        before["settings.multi"] = False
     changed = [f"{key} {before.get(key, '(none)')} -> {now.get(key, '(none)')}"
                for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
     if changed:
@@ -347,23 +373,26 @@ def fail_silent_trials(study) -> list[int]:
 def _logger(log: Callable[[str], None], n_trials: int):
     def callback(study, trial) -> None:
         if not trial.user_attrs.get(SURPLUS):
-            value = "" if trial.value is None else f" value {trial.value:.4f}"
+            value = "" if trial.values is None else f" value {', '.join(f'{v:.4f}' for v in trial.values)}"
             log(f"trial {trial.number} {trial.state.name.lower()}{value} {trial.params} "
                 f"({len(_trial_states(study)['finished'])}/{n_trials} finished)")
     return callback
 
 
 def study_summary(study) -> dict[str, Any]:
-    """Every trial's number, state, value, params and user attributes; the best complete trial."""
+    """Every trial's number, state, value(s), params and user attributes; the best complete trial
+    (single objective) or the Pareto front's trial numbers, ascending (several objectives)."""
     from optuna.trial import TrialState
 
-    trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-               "user_attrs": t.user_attrs} for t in study.get_trials(deepcopy=False)
+    multi = len(study.directions) > 1
+    trials = [{"number": t.number, "state": t.state.name, "value": None if multi else t.value, "values": t.values,
+               "params": t.params, "user_attrs": t.user_attrs} for t in study.get_trials(deepcopy=False)
               if t.state != TrialState.FAIL or not t.user_attrs.get(SURPLUS)]
     complete = [t for t in trials if t["state"] == "COMPLETE"]
-    best = min(complete, key=lambda t: (t["value"], t["number"])) if complete else None
+    best = min(complete, key=lambda t: (t["value"], t["number"])) if complete and not multi else None
+    front = sorted(t.number for t in study.best_trials) if multi else None
     return {"study": study.study_name, "spec": study.user_attrs.get(SPEC_KEY), "trials": trials, "best": best,
-            "n_finished": sum(t["state"] in ("COMPLETE", "PRUNED") for t in trials)}
+            "front": front, "n_finished": sum(t["state"] in ("COMPLETE", "PRUNED") for t in trials)}
 
 
 def best_params(summary: dict[str, Any]) -> dict[str, Any]:

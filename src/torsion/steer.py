@@ -36,6 +36,7 @@ from torsion.models import LoadedModel
 
 POSITIONS = ("last", "all")
 PHASES = ("prefill", "generation", "both")
+WRITES = ("embed", "attn", "mlp")  # the writes into the residual stream that ablation edits
 
 
 @dataclass
@@ -260,8 +261,8 @@ def unit_directions(lm: LoadedModel, direction: object) -> Tensor:
 
 
 @contextmanager
-def ablate_direction(lm: LoadedModel, direction: object,
-                     weight: float | Sequence[float] = 1.0) -> Iterator[Tensor]:
+def ablate_direction(lm: LoadedModel, direction: object, weight: float | Sequence[float] = 1.0, *,
+                     writes: Sequence[str] = WRITES) -> Iterator[Tensor]:
     """Directional ablation ``h' = h − w_l (h·v̂) v̂`` at every write into the residual stream.
 
     The writes are the embedding module's output and every ``attn`` and ``mlp`` component
@@ -274,6 +275,7 @@ def ablate_direction(lm: LoadedModel, direction: object,
         weight: the share ``w_l`` of the component removed at block ``l``'s writes (the
             embedding uses ``w_0``): one value for every block or one per block. 1 (the
             default) is full ablation; a write whose weight is 0 gets no hook at all.
+        writes: which writes are ablated, a subset of ``("embed", "attn", "mlp")`` (default all).
 
     Yields:
         The unit directions ``[n_layers, d_model]``.
@@ -290,12 +292,15 @@ def ablate_direction(lm: LoadedModel, direction: object,
             return (ablated, *output[1:]) if isinstance(output, tuple) else ablated
         return hook
 
-    writes = [(lm.layout.embed, units[0], weights[0])]
-    writes += [(module, units[layer], weights[layer]) for layer in range(lm.n_layers)
-               for module in (lm.layout.attn[layer], lm.layout.mlp[layer])]
+    unknown = set(writes) - set(WRITES)
+    if unknown:
+        raise TorsionError(f"unknown residual write(s) {sorted(unknown)}; choose from {', '.join(WRITES)}")
+    hooked = [(lm.layout.embed, units[0], weights[0])] if "embed" in writes else []
+    hooked += [(getattr(lm.layout, name)[layer], units[layer], weights[layer]) for layer in range(lm.n_layers)
+               for name in ("attn", "mlp") if name in writes]
     handles: list[RemovableHandle] = []
     try:
-        for module, unit, w in writes:
+        for module, unit, w in hooked:
             if w != 0.0:
                 handles.append(module.register_forward_hook(make_hook(unit, w), prepend=True))
         yield units

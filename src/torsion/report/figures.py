@@ -189,3 +189,40 @@ def methods_figure(result: dict[str, Any], path: Path) -> Path:
     axes[0].set_ylabel("% of judged held-out responses")
     axes[1].legend(fontsize=7, frameon=False)
     return _save(figure, path)
+
+
+def front_figure(result: dict[str, Any], path: Path) -> Path:
+    """A refusal/KL front (``analysis/front_<study>.json``): held-out refusal rate (Wilson 95% bars) against
+    held-out KL on the left, the same points' train objectives on the right; numbers label front indices.
+    KL axes are symlog, so KL 0 is drawn."""
+    figure = Figure(figsize=(10, 3.8))
+    held_ax, train_ax = figure.subplots(1, 2, sharey=True)
+    points = result["points"]
+    panels = [(train_ax, "train (search)", [(p["train"]["kl"], p["train"]["refusal_rate"], None) for p in points])]
+    held = [p["heldout"] for p in points if p.get("heldout")]
+    if len(held) == len(points):
+        panels.append((held_ax, "held-out", [(h["kl_base_to_steered"], h["refusal_rate"], h["refusal_ci"])
+                                             for h in held]))
+    else:
+        held_ax.text(0.5, 0.5, "not evaluated on the holdout yet", ha="center", va="center",
+                     transform=held_ax.transAxes)
+    kls = [kl for _, _, values in panels for kl, _, _ in values if kl > 0]
+    for ax, title, values in panels:
+        order = sorted(range(len(values)), key=lambda i: values[i][0])
+        ax.plot([values[i][0] for i in order], [100 * values[i][1] for i in order], marker="o", ms=4,
+                color=COLOURS["resid"], drawstyle="steps-post")
+        for i, (kl, rate, ci) in enumerate(values):
+            if ci is not None and ci[0] is not None:
+                ax.plot([kl, kl], [100 * ci[0], 100 * ci[1]], color=COLOURS["resid"], lw=0.8, alpha=0.6)
+            ax.annotate(str(i), (kl, 100 * rate), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.set_xscale("symlog", linthresh=min(kls, default=1e-3))
+        ax.set_xlabel("first-token KL base→steered (neutral)")
+        ax.set_title(f"{result['study']}: {title} front", fontsize=10)
+        ax.grid(alpha=0.2, which="both")
+    baseline = (result.get("baseline") or {}).get("refusal_rate")
+    if baseline is not None:
+        held_ax.axhline(100 * baseline, color="black", lw=0.8, ls=":", label="base model (held-out)")
+        held_ax.legend(fontsize=7, frameon=False)
+    held_ax.set_ylabel("refusal rate, % of judged")
+    held_ax.set_ylim(-2, 102)
+    return _save(figure, path)

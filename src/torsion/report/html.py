@@ -36,7 +36,7 @@ from torsion.store import RunDir, atomic_write_text, read_jsonl
 
 Section = Callable[[dict[str, Any], Path], str]
 
-ORDER = ("review", "rotation", "propagation", "random_control", "categories", "arditi", "optimize", "asymmetry",
+ORDER = ("review", "rotation", "propagation", "random_control", "categories", "arditi", "optimize", "front", "asymmetry",
          "motion", "hedge", "stability", "methods")
 # what the main pipeline writes, and the stage that writes it
 EXPECTED_FILES = {"prompts.jsonl": "prompts", "responses.jsonl": "generate", "activations.safetensors": "capture",

@@ -10,7 +10,7 @@ from html import escape
 from pathlib import Path
 from typing import Any, Callable
 
-from torsion.report.figures import SYMBOLS, methods_figure, strength_figure
+from torsion.report.figures import SYMBOLS, front_figure, methods_figure, strength_figure
 from torsion.report.geometry_figures import categories_figure, propagation_figure, random_control_figure
 from torsion.report.html import SECTIONS, angle, embedded_png, interval, number, table
 
@@ -184,6 +184,42 @@ def optimize_section(result: dict[str, Any], run_dir: Path) -> str:
     )
 
 
+def front_section(result: dict[str, Any], run_dir: Path) -> str:
+    """A multi-objective study's front: every point's train and held-out numbers, hypervolumes, the figure."""
+    rows = []
+    for point in result["points"]:
+        held, train, mp = point.get("heldout") or {}, point["train"], point["method_params"]
+        source = "per-block" if mp["direction_index"] is None else number(mp["direction_index"], ".2f")
+        rows.append([str(point["index"]), str(point["trial"]),
+                     escape(f"{mp['components']}, peak {mp['peak_weight']:.2f}@{mp['peak_position']:.1f}, "
+                            f"width {mp['width']:.1f}, floor {mp['floor']:.2f}, dir {source}"),
+                     number(100 * train["refusal_rate"], ".1f", "%"), number(train["kl"], ".3g"),
+                     number(100 * held["refusal_rate"], ".1f", "%") + " " + interval(held["refusal_ci"])
+                     if held else "n/a", number(held.get("kl_base_to_steered"), ".3g"),
+                     number(held.get("kl_steered_to_base"), ".3g"),
+                     number(100 * held["genuine_rate"], ".1f", "%") if held else "n/a",
+                     number(100 * held["degenerate_rate"], ".1f", "%") if held else "n/a",
+                     number(100 * held["mcq_accuracy"], ".1f", "%") if held.get("mcq_accuracy") is not None
+                     else "n/a",
+                     number(held.get("perplexity_ratio"), ".3f")])
+    base = result.get("baseline") or {}
+    return (
+        f"<h2>Refusal removal front: {escape(result['study'])}</h2>"
+        f"<p>{escape(result['method'])} searched over the kernel with {result['n_trials']} trials "
+        f"({escape(result['sampler'])}), minimising the train refusal rate and the probe first-token KL; the "
+        f"{len(result['points'])} Pareto points are each evaluated once on the held-out harmful prompts and the "
+        f"held-out neutral half. Hypervolume against {escape(str(result['reference_point']))}: train "
+        f"{number(result['hypervolume_train'], '.4f')}, held-out {number(result['hypervolume_heldout'], '.4f')}. "
+        f"Base model held-out refusal {number(100 * base['refusal_rate'], '.1f', '%') if base else 'n/a'}, MCQ "
+        f"{number(100 * base['mcq_accuracy'], '.1f', '%') if base.get('mcq_accuracy') is not None else 'n/a'}. Bake a point with `torsion "
+        "orthogonalize --from-study RUN_DIR/STUDY --pick ...`.</p>"
+        + table(["#", "trial", "kernel", "train refusal", "train KL", "held-out refusal", "KL base→edited",
+                 "KL edited→base", "genuine", "degenerate", "MCQ", "ppl ratio"], rows, numeric_from=3)
+        + embedded_png(front_figure(result, run_dir / "analysis" / f"front_{result['study']}.png"),
+                       "held-out refusal rate (Wilson 95%) against held-out KL, and the train front beside it")
+    )
+
+
 def _cell(share: dict[str, Any]) -> str:
     """A rate with its Wilson interval and n, from a :func:`torsion.judge.correction.share`."""
     return f"{_class_rate({'x': share}, 'x')} (n={share['n']})"
@@ -261,4 +297,4 @@ def asymmetry_section(result: dict[str, Any], run_dir: Path) -> str:
 
 SECTIONS.update(review=review_section, propagation=propagation_section, random_control=random_control_section,
                 categories=categories_section, arditi=arditi_section,
-                optimize=optimize_section, asymmetry=asymmetry_section, methods=methods_section)
+                optimize=optimize_section, front=front_section, asymmetry=asymmetry_section, methods=methods_section)

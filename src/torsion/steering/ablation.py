@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from torsion.capture import output_tensor
 from torsion.errors import TorsionError
 from torsion.models import LoadedModel
-from torsion.steer import ablate_direction
+from torsion.steer import WRITES, ablate_direction
 from torsion.steering.base import MethodRecord, SteeringMethod
 from torsion.steering.registry import register
 
@@ -64,18 +64,24 @@ class Ablation(SteeringMethod):
         """What :func:`ablate_direction` normalises: ``[d_model]`` or ``[n_layers, d_model]``."""
         return self.directions
 
+    def writes(self) -> tuple[str, ...]:
+        """The residual writes ablated (:data:`torsion.steer.WRITES`): every one."""
+        return WRITES
+
     def _context(self, lm: LoadedModel, strength: float) -> AbstractContextManager[MethodRecord]:
-        return ablation_context(lm, self.name, strength, self.unit_source(), self.block_weights(lm, strength))
+        return ablation_context(lm, self.name, strength, self.unit_source(), self.block_weights(lm, strength),
+                                writes=self.writes())
 
 
 @contextmanager
 def ablation_context(lm: LoadedModel, name: str, strength: float, directions: Tensor,
-                     weights: Sequence[float]) -> Iterator[MethodRecord]:
-    """:func:`ablate_direction` with per-block ``weights``, and the observer that records ``‖h' − h‖``."""
+                     weights: Sequence[float], writes: Sequence[str] = WRITES) -> Iterator[MethodRecord]:
+    """:func:`ablate_direction` with per-block ``weights`` at ``writes``, and the observer that records ``‖h' − h‖``."""
     layers = tuple(range(lm.n_layers))
-    record = MethodRecord(name, strength, layers, tuple(map(float, weights)), (0.0,) * len(layers), "attn+mlp",
+    components = "+".join(w for w in writes if w != "embed")
+    record = MethodRecord(name, strength, layers, tuple(map(float, weights)), (0.0,) * len(layers), components,
                           "all", replacement=True)
-    with ablate_direction(lm, directions, weight=list(weights)) as units:
+    with ablate_direction(lm, directions, weight=list(weights), writes=writes) as units:
         handles: list[RemovableHandle] = []
 
         def make_observer(index: int, unit: Tensor, w: float):
@@ -88,7 +94,7 @@ def ablation_context(lm: LoadedModel, name: str, strength: float, directions: Te
             for layer, w in enumerate(weights):
                 if w == 0.0:
                     continue
-                for module in (lm.layout.attn[layer], lm.layout.mlp[layer]):
+                for module in (getattr(lm.layout, part)[layer] for part in ("attn", "mlp") if part in writes):
                     handles.append(module.register_forward_hook(make_observer(layer, units[layer], w), prepend=True))
             yield record
         finally:

@@ -11,6 +11,11 @@ The strength multiplies the kernel: block ``l`` removes ``strength · w(l)`` of 
 along its direction. ``direction_index`` ``None`` ablates each block's own ``v̂_l``; a number
 ``i`` ablates one direction everywhere, ``normalize(lerp(v_⌊i⌋, v_⌊i⌋+1, i − ⌊i⌋))`` (block
 indexing; heretic's index is shifted by one because its row 0 is the embedding).
+
+``components`` picks the writes ablated: ``attn+mlp`` (default: the embedding, every attention
+and MLP output, as plain ablation), ``attn`` (attention outputs only, heretic's ``o_proj``) or
+``mlp`` (MLP outputs only, heretic's ``down_proj``); the embedding is edited only with
+``attn+mlp``, with weight ``w(0)``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from torsion.models import LoadedModel
 from torsion.steering.ablation import Ablation
 from torsion.steering.base import as_matrix
 from torsion.steering.registry import register
+
+COMPONENTS = {"attn+mlp": ("embed", "attn", "mlp"), "attn": ("attn",), "mlp": ("mlp",)}  # name -> residual writes
 
 
 def kernel_weights(n_layers: int, *, peak_weight: float, peak_position: float, width: float,
@@ -51,8 +58,12 @@ class WeightedAblation(Ablation):
     width: float = 1.0
     floor: float = 0.0
     direction_index: float | None = None
+    components: str = "attn+mlp"
 
     def _normalise(self) -> None:
+        if self.components not in COMPONENTS:
+            raise TorsionError(f"weighted-ablation components {self.components!r}; choose "
+                               f"{', '.join(COMPONENTS)}")
         object.__setattr__(self, "directions", as_matrix(self.directions, "weighted-ablation directions"))
         for key in ("peak_weight", "peak_position", "width", "floor"):
             value = float(getattr(self, key))
@@ -72,6 +83,9 @@ class WeightedAblation(Ablation):
         return [strength * w for w in kernel_weights(lm.n_layers, peak_weight=self.peak_weight,
                                                      peak_position=self.peak_position, width=self.width,
                                                      floor=self.floor)]
+
+    def writes(self) -> tuple[str, ...]:
+        return COMPONENTS[self.components]
 
     def unit_source(self) -> Tensor:
         if self.direction_index is None:
