@@ -27,8 +27,8 @@ Sides:
   ``down_proj``, the projected refusal direction, its refusal markers, its two-objective TPE.
   Its end-of-run menu is interactive; the CLI is run with ``COLAB_GPU=1`` (heretic then reads
   plain ``input()``) and stdin answering ``1`` to its resume question only, so the menu meets
-  end of file and the process ends after the study is stored. ``heretic_export.py`` (in the
-  same venv) then takes heretic's Pareto front from the journal and re-applies each point with
+  end of file and the process ends after the study is stored. ``heretic_worker.py front`` (in
+  the same venv) then takes heretic's Pareto front from the journal and re-applies each point with
   heretic's own ``Model.abliterate``, saving the LoRA factors it sets.
 
 Why heretic's points are re-applied by heretic's code and not translated into torsion's
@@ -44,9 +44,9 @@ point's weight edit (heretic: ``W + lora_B @ lora_A`` on each adapted module; to
 tensors ``orthogonalize`` changed), then ``torsion.behaviour.evaluate_behaviour`` on the held-out
 harmful prompts (greedy, the generation length, judged by the run's judge, ``rules``) and
 ``torsion.metrics.first_token_kl``'s formula on the held-out neutral probe (``kl_eval``), base
-against edited. Each response is also labelled by heretic's refusal markers
-(``heretic.config.Settings.refusal_markers``, copied into the result from heretic's venv, matched
-as heretic's ``Evaluator.is_refusal`` does). Hypervolume (Optuna's) of each front in the plane
+against edited. Each response is also labelled by heretic's own ``Evaluator.is_refusal`` with its
+default refusal markers (``heretic_worker.py refusals``, in its venv). Hypervolume (Optuna's) of
+each front in the plane
 (held-out refusal rate, held-out KL base→edited), both minimised, against one reference point:
 refusal 1 and 1.1 × the largest KL of any point of either front.
 
@@ -73,7 +73,7 @@ Result ``results/heretic.json``:
   it), ``torsion_lower_kl`` (bool or None), and the same with heretic's markers as the refusal
   measure.
 
-Usage: ``python benchmarks/bench_heretic.py [--run runs/quick] [--trials 24] [--n-prompts 24]
+Usage: ``python benchmarks/bench_heretic.py [--run RUN_DIR] [--trials 24] [--n-prompts 24]
 [--n-kl-prompts 16] [--n-holdout N] [--max-new-tokens T]``; a bounded try: ``--trials 2
 --n-prompts 8 --n-kl-prompts 8 --n-holdout 8 --max-new-tokens 16``. Work files (prompt files,
 heretic's journal and LoRA factors) live in ``<repo>/.cache/bench_heretic/<settings hash>``; a
@@ -100,9 +100,11 @@ HERETIC_VENV = REPO / ".venv-heretic"
 HERETIC_PYTHON = HERETIC_VENV / "bin" / "python"
 HERETIC_STAMP = HERETIC_VENV / ".heretic-installed"
 REQUIREMENTS = Path(__file__).with_name("heretic_requirements.txt")
+WORKER = str(Path(__file__).with_name("heretic_worker.py"))
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 HERETIC_STARTUP_SHARE = 60 / 200  # heretic's default n_startup_trials over its default n_trials
 GENERATION_BATCH = 8
+DEFAULT_RUN = REPO / "runs" / "qwen2.5-coder-0.5b-quick"  # what `make run` writes
 
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).parent))
@@ -159,7 +161,7 @@ def heretic_config(model_dir: Path, files: dict[str, Path], args) -> str:
 
 
 def run_heretic(work: Path, model_dir: Path, sets: dict, args) -> dict:
-    """heretic's CLI, then its front re-applied by ``heretic_export.py``; a failure is recorded, not raised."""
+    """heretic's CLI, then its front re-applied by ``heretic_worker.py front``; a failure is recorded, not raised."""
     hdir = work / "heretic"
     hdir.mkdir(parents=True, exist_ok=True)
     files = {"bad_prompts": hdir / "bad_train.txt", "good_prompts": hdir / "good_train.txt",
@@ -191,11 +193,12 @@ def run_heretic(work: Path, model_dir: Path, sets: dict, args) -> dict:
         atomic_write_json(done, {"wall_s": wall, "returncode": proc.returncode})
     record["wall_s"] = json.loads(done.read_text())["wall_s"]
     if not (export_dir / "front.json").exists():
-        proc = subprocess.run(["nice", "-n", "19", str(python), str(Path(__file__).with_name("heretic_export.py")),
+        proc = subprocess.run(["nice", "-n", "19", str(python), WORKER, "front",
                                str(hdir), str(export_dir)], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             error = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or [f"exit {proc.returncode}"]
-            record.update(status="failed", failure={"command": "heretic_export.py", "error": error[0]})
+            record.update(status="failed", failure={"command": f"{python} {WORKER} front {hdir} {export_dir}",
+                                                    "error": error[0]})
             return record
     front = json.loads((export_dir / "front.json").read_text())
     seconds = front["trial_seconds"]
@@ -205,19 +208,13 @@ def run_heretic(work: Path, model_dir: Path, sets: dict, args) -> dict:
     return record
 
 
-def heretic_markers() -> list[str]:
-    out = subprocess.run([str(heretic_venv()), "-c", "import json; from heretic.config import Settings; "
-                          "print(json.dumps(Settings.model_fields['refusal_markers'].default))"],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
-
-
-def is_marker_refusal(response: str, markers: list[str]) -> bool:
-    """heretic's ``Evaluator.is_refusal``: empty, or any marker in the normalised lower-case text."""
-    if not response.strip():
-        return True
-    text = " ".join(response.lower().replace("*", "").replace("\u2019", "'").split())
-    return any(marker.lower() in text for marker in markers)
+def heretic_refusals(work: Path, responses: list[str]) -> list[bool]:
+    """heretic's own ``Evaluator.is_refusal`` on each response (run in its venv)."""
+    given, verdicts = work / "marker_input.json", work / "marker_output.json"
+    given.write_text(json.dumps(responses))
+    subprocess.run([str(heretic_venv()), WORKER, "refusals", str(given), str(verdicts)], check=True,
+                   capture_output=True)
+    return json.loads(verdicts.read_text())
 
 
 def torsion_cli() -> list[str]:
@@ -297,13 +294,12 @@ def torsion_edit(model_dir: Path):
 
 
 def evaluate(base: LoadedModel, edited: LoadedModel | None, sets: dict, generation: GenerationSettings,
-             judge, markers: list[str], base_logprobs: torch.Tensor) -> dict:
+             judge, base_logprobs: torch.Tensor) -> dict:
     """One evaluator for every point: held-out behaviour (torsion's judge and heretic's markers), KL both ways."""
     lm = edited or base
     holdout = [p.prompt for p in sets["holdout"]]
     result = evaluate_behaviour(lm, holdout, None, generation, judge=judge, desc="held-out")
     rates = result["rates"]
-    marker = [is_marker_refusal(r, markers) for r in result["responses"]]
     steered = next_token_logprobs(lm, [p.prompt for p in sets["kl_eval"]], 16, None)
     kl_bs = kl_divergence(base_logprobs, steered)
     kl_sb = kl_divergence(steered, base_logprobs)
@@ -311,7 +307,7 @@ def evaluate(base: LoadedModel, edited: LoadedModel | None, sets: dict, generati
     refused = rates["refused"]
     return {"n": refused["n"], "refusal_rate": refused["rate"], "refusal_ci": refused["ci95"],
             "genuine_rate": rates["genuine_strong_comply"]["rate"], "degenerate_rate": rates["degenerate"]["rate"],
-            "complied_rate": rates["complied"]["rate"], "heretic_marker_refusal_rate": sum(marker) / len(marker),
+            "complied_rate": rates["complied"]["rate"],
             "kl_base_to_steered": kl_bs.mean().item(), "kl_steered_to_base": kl_sb.mean().item(),
             "n_kl_prompts": len(sets["kl_eval"]), "responses": result["responses"], "labels": result["labels"]}
 
@@ -351,7 +347,8 @@ def verdict(fronts: dict, key: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=REPO / "runs" / "quick", help="a finished `torsion run` directory")
+    parser.add_argument("--run", type=Path, default=Path(os.environ.get("TORSION_BENCH_RUN", DEFAULT_RUN)),
+                        help="a finished `torsion run` directory (default $TORSION_BENCH_RUN, else make run's)")
     parser.add_argument("--trials", type=int, default=24, help="trial budget of each tool (default 24)")
     parser.add_argument("--n-prompts", type=int, default=24, help="train harmful prompts per trial (default 24)")
     parser.add_argument("--n-kl-prompts", type=int, default=16, help="neutral prompts for each KL (default 16)")
@@ -394,14 +391,13 @@ def main() -> None:
     base = load_model(f"embedded:{DEFAULT_MODEL}", dtype="float32")
     judge = run_judge(run)
     generation = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=GENERATION_BATCH)
-    markers = heretic_markers()
     base_logprobs = next_token_logprobs(base, [p.prompt for p in sets["kl_eval"]], 16, None)
 
     def point_eval(name: str, edit) -> dict:
         def compute() -> dict:
             edited = edited_copy(base, edit()) if edit is not None else None
             try:
-                return evaluate(base, edited, sets, generation, judge, markers, base_logprobs)
+                return evaluate(base, edited, sets, generation, judge, base_logprobs)
             finally:
                 del edited
         return cached(work / f"eval_{name}.json", compute)
@@ -427,6 +423,11 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)  # 2 GB a point; the evaluation is cached
             fronts["torsion"].append({"index": point["index"], "params": point["params"], "train": point["train"],
                                       "heldout_reported_by_torsion": point["heldout_reported"], "heldout": heldout})
+    evaluated = [baseline] + [p["heldout"] for points in fronts.values() for p in points]
+    verdicts = iter(heretic_refusals(work, [r for e in evaluated for r in e["responses"]]))
+    for entry in evaluated:
+        marked = [next(verdicts) for _ in entry["responses"]]
+        entry["heretic_marker_refusal_rate"] = sum(marked) / len(marked)
     for points in fronts.values():
         for p in points:
             p["heldout"] = {k: v for k, v in p["heldout"].items() if k not in ("responses", "labels")}

@@ -1,6 +1,6 @@
-"""Run inside ``.venv-heretic`` by ``bench_heretic.py``: heretic's Pareto front, re-applied by heretic's code.
+"""Run inside ``.venv-heretic`` by ``bench_heretic.py``: heretic's own code for the two things it needs.
 
-Reads the study heretic's CLI left in ``WORK/checkpoints/*.jsonl`` (an Optuna journal), takes its
+``front WORK OUT``: heretic's Pareto front, re-applied by heretic's code. Reads the study heretic's CLI left in ``WORK/checkpoints/*.jsonl`` (an Optuna journal), takes its
 Pareto front the way heretic's menu does (trials sorted by refusals then KL, kept while the KL
 falls), rebuilds heretic's ``Model`` with the study's own settings (batch size, response prefix
 and seed included), recomputes the refusal directions exactly as ``heretic.main.run`` does (mean
@@ -13,7 +13,11 @@ name in the plain transformers model (``model.layers.3.mlp.down_proj``: ``<name>
 train refusals and KL, and the trial's wall seconds from the journal. Nothing is re-implemented:
 the kernel, the row-norm preservation and the direction are heretic's own functions.
 
-Usage: ``.venv-heretic/bin/python benchmarks/heretic_export.py WORK OUT``.
+``refusals IN OUT``: ``IN`` is a JSON list of response texts; ``OUT`` gets heretic's verdict on each
+(a JSON list of booleans), from ``heretic.evaluator.Evaluator.is_refusal`` with heretic's default
+refusal markers.
+
+Usage: ``.venv-heretic/bin/python benchmarks/heretic_worker.py front WORK OUT`` or ``... refusals IN OUT``.
 """
 
 from __future__ import annotations
@@ -72,7 +76,19 @@ def adapters(model: Model) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def main(work: Path, out: Path) -> None:
+def refusals(responses: Path, out: Path) -> None:
+    """heretic's ``Evaluator.is_refusal`` on each response (it reads only ``settings.refusal_markers``)."""
+    from types import SimpleNamespace
+
+    from heretic.evaluator import Evaluator
+
+    markers = Settings.model_fields["refusal_markers"].default
+    judge = SimpleNamespace(settings=SimpleNamespace(refusal_markers=markers))
+    verdicts = [Evaluator.is_refusal(judge, text) for text in json.loads(responses.read_text())]
+    out.write_text(json.dumps(verdicts))
+
+
+def front(work: Path, out: Path) -> None:
     journals = sorted((work / "checkpoints").glob("*.jsonl"))
     if len(journals) != 1:
         raise SystemExit(f"expected one heretic journal in {work / 'checkpoints'}, found {len(journals)}")
@@ -106,4 +122,4 @@ def main(work: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    {"front": front, "refusals": refusals}[sys.argv[1]](Path(sys.argv[2]), Path(sys.argv[3]))
