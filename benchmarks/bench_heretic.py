@@ -67,7 +67,9 @@ Result ``results/heretic.json``:
   ``heretic_marker_refusal_rate`` (heretic's markers on the same responses),
   ``kl_base_to_steered``, ``kl_steered_to_base`` (mean nats, first token, held-out neutral);
 - ``baseline_heldout``: the unedited model under the same evaluator;
-- ``hypervolume``: ``reference_point``, ``{tool: value}``, ``ratio_torsion_over_heretic``;
+- ``hypervolume``: ``reference_point``, ``{tool: value}``, ``ratio_torsion_over_heretic``, and
+  ``at_torsion_reference_point`` (both fronts against the front file's own reference point, when
+  it has a two-value one);
 - ``verdict``: heretic's lowest held-out refusal rate (torsion judge), heretic's lowest KL at
   that rate, torsion's lowest KL among its points at or below that rate (None if none reaches
   it), ``torsion_lower_kl`` (bool or None), and the same with heretic's markers as the refusal
@@ -92,7 +94,6 @@ import shutil
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,8 +246,9 @@ def run_torsion(run_dir: Path, work: Path, study: str, args) -> dict:
     record.update(front_file=str(front_file), trial_seconds=seconds or None,
                   seconds_per_trial=(sum(seconds) / len(seconds)) if seconds else record["wall_s"] / args.trials,
                   hypervolume_reported={k: v for k, v in front.items() if k.startswith("hypervolume")},
+                  reference_point=front.get("reference_point"),
                   points=[])
-    for index, point in enumerate(front["points"]):
+    for index, point in enumerate(front.get("points", front.get("front", []))):
         out = work / "torsion_models" / f"point_{index}"
         record["points"].append({"index": index, "params": point.get("params"), "train": point.get("train"),
                                  "heldout_reported": point.get("heldout"), "model_dir": str(out),
@@ -287,6 +289,9 @@ def torsion_edit(model_dir: Path):
         state.update(load_file(file))
 
     def edit(params: dict) -> None:
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise SystemExit(f"{model_dir} holds tensors the base model lacks, e.g. {unknown[0]}")
         for name, weight in params.items():
             if name in state and not torch.equal(state[name].to(weight.dtype), weight):
                 weight.copy_(state[name].to(weight.dtype))
@@ -435,6 +440,10 @@ def main() -> None:
     reference = (1.0, 1.1 * max(all_kl)) if all_kl else None
     volumes = {tool: hypervolume([(p["heldout"]["refusal_rate"], p["heldout"]["kl_base_to_steered"]) for p in points],
                                  reference) for tool, points in fronts.items()} if reference else {}
+    reported = torsion.get("reference_point")  # the front file's own, when it holds one in this plane
+    at_reported = ({tool: hypervolume([(p["heldout"]["refusal_rate"], p["heldout"]["kl_base_to_steered"])
+                                       for p in points], tuple(reported)) for tool, points in fronts.items()}
+                   if isinstance(reported, list) and len(reported) == 2 else None)
     result = {
         "settings": {**spec, "torsion_search_max_new_tokens": run_tokens, "study": study,
                      "generation_batch_size": GENERATION_BATCH, "judge": judge.name,
@@ -446,7 +455,9 @@ def main() -> None:
         "hypervolume": {"plane": "(held-out refusal rate by torsion's judge, held-out KL base->edited), minimised",
                         "reference_point": reference, **volumes,
                         "ratio_torsion_over_heretic": (volumes["torsion"] / volumes["heretic"]
-                                                       if volumes.get("heretic") and "torsion" in volumes else None)},
+                                                       if volumes.get("heretic") and "torsion" in volumes else None),
+                        "at_torsion_reference_point": ({"reference_point": reported, **at_reported}
+                                                       if at_reported else None)},
         "verdict": {"torsion_judge": verdict(fronts, "refusal_rate"),
                     "heretic_markers": verdict(fronts, "heretic_marker_refusal_rate")},
     }

@@ -1,7 +1,7 @@
 """Run inside ``.venv-heretic`` by ``bench_heretic.py``: heretic's own code for the two things it needs.
 
-``front WORK OUT``: heretic's Pareto front, re-applied by heretic's code. Reads the study heretic's CLI left in ``WORK/checkpoints/*.jsonl`` (an Optuna journal), takes its
-Pareto front the way heretic's menu does (trials sorted by refusals then KL, kept while the KL
+``front WORK OUT``: heretic's Pareto front, re-applied by heretic's code. Reads the study
+heretic's CLI left in ``WORK/checkpoints/*.jsonl`` (an Optuna journal), takes its Pareto front the way heretic's menu does (trials sorted by refusals then KL, kept while the KL
 falls), rebuilds heretic's ``Model`` with the study's own settings (batch size, response prefix
 and seed included), recomputes the refusal directions exactly as ``heretic.main.run`` does (mean
 residuals of the good and bad prompts, normalised difference, projected against the good mean),
