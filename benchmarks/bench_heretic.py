@@ -47,8 +47,12 @@ harmful prompts (greedy, the generation length, judged by the run's judge, ``rul
 against edited. Each response is also labelled by heretic's own ``Evaluator.is_refusal`` with its
 default refusal markers (``heretic_worker.py refusals``, in its venv). Hypervolume (Optuna's) of
 each front in the plane
-(held-out refusal rate, held-out KL base→edited), both minimised, against one reference point:
-refusal 1 and 1.1 × the largest KL of any point of either front.
+(held-out refusal rate, held-out KL base→edited), both minimised, against one reference point,
+torsion's front files' own (1, 1): every prompt refused, a KL past any usable model (a point
+beyond it adds nothing); also against (1, 1.1 × the largest KL of any point), which counts every
+point. Wall time per trial: start to finish of each complete trial, from each tool's Optuna
+storage (heretic's journal, torsion's SQLite), so model loading and set-up are left out of both;
+each tool's whole wall time is recorded too.
 
 Result ``results/heretic.json``:
 
@@ -59,17 +63,16 @@ Result ``results/heretic.json``:
 - ``heretic``: ``status`` (ok / failed), ``failure`` {command, error} when it failed, ``config``
   (heretic's stored settings), ``wall_s`` (CLI), ``trial_seconds`` (per trial, from its journal),
   ``seconds_per_trial`` (mean), ``base_refusals``;
-- ``torsion``: the same fields (``seconds_per_trial`` from the front's trials when it records
-  them, else wall over trials), ``front_file``;
+- ``torsion``: the same fields, ``command``, ``front_file``, ``hypervolume_reported`` and
+  ``reference_point`` (the front file's own);
 - ``fronts``: ``{tool: [point]}``, a point = ``params``, ``train`` (each tool's own search
   numbers), ``heldout``: ``refusal_rate`` (torsion judge, refused/judged), ``refusal_ci`` (Wilson
   95%), ``genuine_rate``, ``degenerate_rate``, ``complied_rate``, ``n``,
   ``heretic_marker_refusal_rate`` (heretic's markers on the same responses),
   ``kl_base_to_steered``, ``kl_steered_to_base`` (mean nats, first token, held-out neutral);
 - ``baseline_heldout``: the unedited model under the same evaluator;
-- ``hypervolume``: ``reference_point``, ``{tool: value}``, ``ratio_torsion_over_heretic``, and
-  ``at_torsion_reference_point`` (both fronts against the front file's own reference point, when
-  it has a two-value one);
+- ``hypervolume``: ``reference_point`` (1, 1), ``{tool: value}``, ``ratio_torsion_over_heretic``,
+  and ``covering_every_point`` (the same against (1, 1.1 × the largest KL));
 - ``verdict``: heretic's lowest held-out refusal rate (torsion judge), heretic's lowest KL at
   that rate, torsion's lowest KL among its points at or below that rate (None if none reaches
   it), ``torsion_lower_kl`` (bool or None), and the same with heretic's markers as the refusal
@@ -105,6 +108,7 @@ WORKER = str(Path(__file__).with_name("heretic_worker.py"))
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 HERETIC_STARTUP_SHARE = 60 / 200  # heretic's default n_startup_trials over its default n_trials
 GENERATION_BATCH = 8
+REFERENCE_POINT = (1.0, 1.0)  # torsion's front files' own: every prompt refused, a KL past any usable model
 DEFAULT_RUN = REPO / "runs" / "qwen2.5-coder-0.5b-quick"  # what `make run` writes
 
 sys.path.insert(0, str(REPO / "src"))
@@ -119,6 +123,7 @@ from torsion.metrics import kl_divergence, next_token_logprobs  # noqa: E402
 from torsion.models import LoadedModel, find_layout, load_model  # noqa: E402
 from torsion.optimize import SearchSettings, prompt_sets  # noqa: E402
 from torsion.runs import labelled_prompts, neutral_halves, run_judge  # noqa: E402
+from torsion.search import storage_url  # noqa: E402
 from torsion.store import RunDir, atomic_write_json  # noqa: E402
 
 
@@ -242,9 +247,9 @@ def run_torsion(run_dir: Path, work: Path, study: str, args) -> dict:
         atomic_write_json(timing, {"wall_s": time.perf_counter() - start})
     record["wall_s"] = json.loads(timing.read_text())["wall_s"]
     front = json.loads(front_file.read_text())
-    seconds = [t["seconds"] for t in front.get("trials", []) if isinstance(t, dict) and t.get("seconds")]
-    record.update(front_file=str(front_file), trial_seconds=seconds or None,
-                  seconds_per_trial=(sum(seconds) / len(seconds)) if seconds else record["wall_s"] / args.trials,
+    seconds = trial_seconds(storage_url(run_dir, None), study)
+    record.update(front_file=str(front_file), trial_seconds=seconds,
+                  seconds_per_trial=sum(seconds) / len(seconds) if seconds else None,
                   hypervolume_reported={k: v for k, v in front.items() if k.startswith("hypervolume")},
                   reference_point=front.get("reference_point"),
                   points=[])
@@ -255,6 +260,15 @@ def run_torsion(run_dir: Path, work: Path, study: str, args) -> dict:
                                  "export": [*torsion_cli(), "orthogonalize", "--from-study", f"{run_dir}/{study}",
                                             "--pick", str(index), "--out", str(out)]})
     return record
+
+
+def trial_seconds(url: str, study: str) -> list[float]:
+    """Start to finish of every complete trial of an Optuna study (as heretic's journal gives them)."""
+    import optuna
+
+    trials = optuna.load_study(study_name=study, storage=url).get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials]
 
 
 def edited_copy(base: LoadedModel, edit) -> LoadedModel:
@@ -333,6 +347,10 @@ def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float
     if not inside:
         return 0.0
     return float(compute_hypervolume(np.asarray(inside, dtype=float), np.asarray(reference, dtype=float)))
+
+
+def ratio(volumes: dict) -> float | None:
+    return volumes["torsion"] / volumes["heretic"] if volumes.get("heretic") and "torsion" in volumes else None
 
 
 def verdict(fronts: dict, key: str) -> dict:
@@ -421,8 +439,11 @@ def main() -> None:
 
             def export(point=point, out=out):
                 if not any(out.glob("*.safetensors")):
-                    subprocess.run(["nice", "-n", "19", *point["export"]], check=True,
-                                   env={**os.environ, "PYTHONPATH": str(REPO / "src")}, capture_output=True)
+                    proc = subprocess.run(["nice", "-n", "19", *point["export"]], capture_output=True, text=True,
+                                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+                    if proc.returncode != 0:
+                        lines = [line for line in proc.stderr.splitlines() if line.strip()] or ["no output"]
+                        raise SystemExit(f"{' '.join(point['export'])} failed: {lines[-1]}")
                 return torsion_edit(out)
             heldout = point_eval(f"torsion_{point['index']}", export)
             shutil.rmtree(out, ignore_errors=True)  # 2 GB a point; the evaluation is cached
@@ -436,14 +457,14 @@ def main() -> None:
     for points in fronts.values():
         for p in points:
             p["heldout"] = {k: v for k, v in p["heldout"].items() if k not in ("responses", "labels")}
+
+    def volumes(reference: tuple[float, float]) -> dict:
+        return {tool: hypervolume([(p["heldout"]["refusal_rate"], p["heldout"]["kl_base_to_steered"])
+                                   for p in points], reference) for tool, points in fronts.items()}
+
     all_kl = [p["heldout"]["kl_base_to_steered"] for points in fronts.values() for p in points]
-    reference = (1.0, 1.1 * max(all_kl)) if all_kl else None
-    volumes = {tool: hypervolume([(p["heldout"]["refusal_rate"], p["heldout"]["kl_base_to_steered"]) for p in points],
-                                 reference) for tool, points in fronts.items()} if reference else {}
-    reported = torsion.get("reference_point")  # the front file's own, when it holds one in this plane
-    at_reported = ({tool: hypervolume([(p["heldout"]["refusal_rate"], p["heldout"]["kl_base_to_steered"])
-                                       for p in points], tuple(reported)) for tool, points in fronts.items()}
-                   if isinstance(reported, list) and len(reported) == 2 else None)
+    fixed = volumes(REFERENCE_POINT)
+    covering = (1.0, 1.1 * max(all_kl)) if all_kl else None
     result = {
         "settings": {**spec, "torsion_search_max_new_tokens": run_tokens, "study": study,
                      "generation_batch_size": GENERATION_BATCH, "judge": judge.name,
@@ -453,11 +474,11 @@ def main() -> None:
         "baseline_heldout": {k: v for k, v in baseline.items() if k not in ("responses", "labels")},
         "fronts": fronts,
         "hypervolume": {"plane": "(held-out refusal rate by torsion's judge, held-out KL base->edited), minimised",
-                        "reference_point": reference, **volumes,
-                        "ratio_torsion_over_heretic": (volumes["torsion"] / volumes["heretic"]
-                                                       if volumes.get("heretic") and "torsion" in volumes else None),
-                        "at_torsion_reference_point": ({"reference_point": reported, **at_reported}
-                                                       if at_reported else None)},
+                        "reference_point": list(REFERENCE_POINT), **fixed,
+                        "ratio_torsion_over_heretic": ratio(fixed),
+                        "covering_every_point": {"reference_point": list(covering), **volumes(covering),
+                                                 "ratio_torsion_over_heretic": ratio(volumes(covering))}
+                        if covering else None},
         "verdict": {"torsion_judge": verdict(fronts, "refusal_rate"),
                     "heretic_markers": verdict(fronts, "heretic_marker_refusal_rate")},
     }

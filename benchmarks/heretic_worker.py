@@ -122,4 +122,6 @@ def front(work: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    {"front": front, "refusals": refusals}[sys.argv[1]](Path(sys.argv[2]), Path(sys.argv[3]))
+    command, given, out = sys.argv[1:4]
+    sys.argv[1:] = []  # heretic's Settings parse the command line whenever one is built
+    {"front": front, "refusals": refusals}[command](Path(given), Path(out))
