@@ -385,6 +385,8 @@ def main() -> None:
     from torsion.assets import DEFAULT_MODEL, cached_hf_dir
     from torsion.data import sample
 
+    if not (args.run / "manifest.json").is_file():
+        raise SystemExit(f"bench_heretic: {args.run} is not a finished torsion run; run `make run` or pass --run DIR")
     run = RunDir(args.run)
     manifest = run.manifest()
     run_tokens = int(manifest.get("generation", manifest.get("config", {})).get("max_new_tokens", 32))
