@@ -68,3 +68,29 @@ def test_edits_change_only_a_copy_by_the_stored_amount(bench, tiny_model_dir, tm
     save_file(saved, str(tmp_path / "model" / "model.safetensors"))
     again = bench.edited_copy(base, bench.torsion_edit(tmp_path / "model"))
     assert torch.equal(dict(again.model.named_parameters())[f"{name}.weight"], before + 1.0)
+
+
+def test_evaluator_gives_zero_kl_and_the_base_rates_for_an_unchanged_copy(bench, tiny_model_dir, tmp_path):
+    from tiny_run import OracleJudge
+    from torsion.data.records import Prompt
+    from torsion.generate import GenerationSettings
+    from torsion.metrics import next_token_logprobs
+    from torsion.models import load_model
+
+    base = load_model(str(tiny_model_dir))
+    rows = [Prompt(id=f"p{i}", prompt=f"prompt number {i}", category="", source="t", prompt_hash=str(i))
+            for i in range(6)]
+    sets = {"holdout": rows[:4], "kl_eval": rows[4:]}
+    generation = GenerationSettings(max_new_tokens=3, batch_size=2)
+    base_logprobs = next_token_logprobs(base, [p.prompt for p in sets["kl_eval"]], 16, None)
+    plain = bench.evaluate(base, None, sets, generation, OracleJudge(), base_logprobs)
+    same = bench.evaluate(base, bench.edited_copy(base, lambda params: None), sets, generation, OracleJudge(),
+                          base_logprobs)
+    assert plain["kl_base_to_steered"] == same["kl_base_to_steered"] == 0.0
+    assert same["responses"] == plain["responses"] and same["refusal_rate"] == plain["refusal_rate"]
+    assert same["n"] == 4 and same["n_kl_prompts"] == 2
+
+    def push(params):  # a large edit of the last block's MLP output moves the next-token distribution
+        params["model.layers.3.mlp.down_proj.weight"].mul_(50.0)
+    moved = bench.evaluate(base, bench.edited_copy(base, push), sets, generation, OracleJudge(), base_logprobs)
+    assert moved["kl_base_to_steered"] > 1e-3 and moved["kl_steered_to_base"] > 1e-3
