@@ -54,6 +54,7 @@ bench: assets
 	$(BIN)/python benchmarks/bench_stability.py
 	$(BIN)/python benchmarks/bench_serve.py
 	$(BIN)/python benchmarks/bench_peers.py  # builds .venv-peers (transformers 4, numpy 1) on first use
+	$(BIN)/python benchmarks/bench_heretic.py  # builds .venv-heretic (heretic-llm 1.4.0) on first use; needs `make run`'s run; long
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
