@@ -394,3 +394,102 @@ def test_serve_arguments_fail_in_one_line_before_loading(args, message, capsys):
 
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+LONG = [{"role": "system", "content": "explain why " * 6}, {"role": "user", "content": PROMPT + " " + OTHER}]
+STAGGERED = [  # (messages, steering spec, extra Job fields): mixed steering, short and long prompts
+    (PROMPT, None, {}),
+    (OTHER, {"vector": "axis", "layers": [1], "strength": 8.0}, {}),
+    (LONG, {"method": "dense", "vector": "axis", "strength": 0.5}, {}),
+    ("hello", {"vector": "axis", "layers": [0, 2], "strength": -6.0, "positions": "all"}, {}),
+    (PROMPT, {"method": "ablation", "vector": "axis"}, {"max_tokens": 5}),
+    (LONG, {"method": "ace", "vector": "axis", "layers": [1], "strength": 3.0}, {}),
+    (OTHER, {"method": "weighted-ablation", "vector": "axis", "strength": 0.5, "params": {"width": 2.0}}, {}),
+    (PROMPT, {"method": "ace", "vector": "axis", "layers": [1], "strength": 3.0}, {"stop": ("dragon",)}),
+    ("what is the capital of france", None, {"temperature": 1.0, "seed": 7, "n": 2}),
+    (LONG, {"vector": "axis", "layers": [2], "strength": 4.0, "component": "mlp"}, {"max_tokens": 3}),
+]
+
+
+def engine_jobs(lm, axis, max_batch_size: int = 16, continuous: bool = True, window_s: float = 0.0):
+    """An engine over the tiny model and a ``run(indices, stagger)`` that returns each job's choices.
+
+    ``stagger``: job ``k + 1`` is submitted when job ``k`` is admitted, from the engine thread, so
+    it arrives while job ``k`` decodes; otherwise every job is submitted at once.
+    """
+    from torsion.serve.engine import Engine, Job
+    from torsion.serve.steering import VectorRegistry, resolve_steering
+
+    registry = VectorRegistry(lm)
+    registry.add("axis", axis, source="test")
+    means = axis.flip(0).tolist()
+    engine = Engine(lm, max_batch_size=max_batch_size, batch_window_s=window_s, continuous=continuous).start()
+
+    def run(indices: list[int], stagger: bool) -> list[list[tuple[str, str, int]]]:
+        results: list[dict[int, tuple[str, str, int]]] = [{} for _ in indices]
+        finished = threading.Semaphore(0)
+        jobs: list[Job] = []
+
+        def emit_for(k: int):
+            def emit(event: dict[str, Any]) -> None:
+                if event["type"] == "steering" and stagger and k + 1 < len(jobs):
+                    engine.submit(jobs[k + 1])  # queued during job k's admission: it joins a later step
+                if event["type"] == "error":
+                    results[k][-1] = ("error", event["message"], 0)
+                    finished.release()
+                if event["type"] == "done":
+                    results[k][event["choice"]] = (event["text"], event["finish_reason"], event["tokens"])
+                    if len(results[k]) == jobs[k].n:
+                        finished.release()
+            return emit
+
+        for k, index in enumerate(indices):
+            messages, spec, extra = STAGGERED[index]
+            if spec is not None and spec.get("method") == "ace":
+                spec = {**spec, "params": {"means": means}}
+            steering = resolve_steering(spec, lm, registry, {})
+            jobs.append(Job(prompt_ids(lm, messages), extra.get("max_tokens", 12), emit_for(k), steering=steering,
+                            **{key: value for key, value in extra.items() if key != "max_tokens"}))
+        for k in range(len(jobs) if not stagger else 1):
+            engine.submit(jobs[k])
+        for _ in jobs:
+            assert finished.acquire(timeout=TIMEOUT)
+        return [[result[c] for c in sorted(result)] for result in results]
+
+    return engine, run
+
+
+def test_staggered_arrivals_join_the_running_batch_and_equal_each_request_alone(lm, axis):
+    engine, run = engine_jobs(lm, axis)
+    try:
+        everyone = list(range(len(STAGGERED)))
+        alone = [run([i], stagger=False)[0] for i in everyone]
+        assert engine.stats["joined"] == 0 and engine.stats["largest_batch"] == 2  # the n=2 sampled request
+        staggered = run(everyone, stagger=True)
+        # each job arrives while the one before decodes: all but the first join a running lane, except a
+        # hooked method's first row (its own lane) and the rows that find their lane gone
+        assert engine.stats["joined"] >= 6 and engine.stats["largest_batch"] >= 4
+        assert engine.mode == "continuous"
+    finally:
+        engine.close()
+    assert staggered == alone
+    assert alone[0][0][0] == reference(lm, PROMPT, 12)[0]
+    assert len({choices[0][0] for choices in alone}) > 6  # the steerings differ
+
+
+def test_continuous_batches_stay_within_max_batch_size_and_static_waits(lm, axis):
+    everyone = list(range(len(STAGGERED)))
+    engine, run = engine_jobs(lm, axis, max_batch_size=3)
+    try:
+        alone = [run([i], stagger=False)[0] for i in everyone]
+        together = run(everyone, stagger=False)
+        assert engine.stats["largest_batch"] <= 3 and engine.stats["joined"] > 0  # later jobs fill freed rows
+    finally:
+        engine.close()
+    assert together == alone
+    engine, run = engine_jobs(lm, axis, continuous=False)
+    try:
+        assert run(everyone, stagger=True) == alone
+        assert engine.stats["joined"] == 0 and engine.mode == "static"
+    finally:
+        engine.close()
