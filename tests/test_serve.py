@@ -493,3 +493,54 @@ def test_continuous_batches_stay_within_max_batch_size_and_static_waits(lm, axis
         assert engine.stats["joined"] == 0 and engine.mode == "static"
     finally:
         engine.close()
+
+
+def forced_logprobs(lm, prompt: list[int], new: list[int]) -> torch.Tensor:
+    """``[len(new), vocab]`` log-softmax of the model at each generated position (teacher forcing)."""
+    with model_lock(lm), torch.inference_mode():
+        logits = lm.model(torch.tensor([prompt + new])).logits[0, len(prompt) - 1:-1]
+    return logits.float().log_softmax(-1)
+
+
+def test_logprobs_in_openai_format_plain_and_streamed_for_chat_and_completions(lm, server):
+    reply = ask(server, max_tokens=6, logprobs=True, top_logprobs=3)
+    plain = reply.choices[0].logprobs.content
+    chunks = list(ask(server, max_tokens=6, logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in plain]
+    assert len(plain) == reply.usage.completion_tokens
+    ids = prompt_ids(lm, PROMPT)
+    vocab = {lm.tokenizer.decode([i]): i for i in range(len(lm.tokenizer))}
+    new = [vocab[e.token] for e in plain]
+    expected = forced_logprobs(lm, ids, new)
+    for row, entry in zip(expected, plain):
+        values, top = row.topk(3)
+        assert entry.logprob == pytest.approx(float(row.max()), abs=1e-5)  # greedy: the chosen token is the top
+        assert [t.token for t in entry.top_logprobs] == [lm.tokenizer.decode([int(i)]) for i in top]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(values.tolist(), abs=1e-5)
+        assert entry.bytes == list(entry.token.encode())
+    assert ask(server, max_tokens=2, logprobs=True).choices[0].logprobs.content[0].top_logprobs == []
+    assert ask(server, max_tokens=2).choices[0].logprobs is None
+
+    completions = client(server).completions
+    text = completions.create(model="any", prompt="tell me", max_tokens=5, temperature=0, logprobs=2).choices[0]
+    legacy = text.logprobs
+    ids = lm.tokenizer("tell me")["input_ids"]
+    expected = forced_logprobs(lm, ids, [vocab[t] for t in legacy.tokens])
+    assert legacy.token_logprobs == pytest.approx(expected.max(-1).values.tolist(), abs=1e-5)
+    for row, token, top in zip(expected, legacy.tokens, legacy.top_logprobs):
+        values, best = row.topk(2)
+        assert top == pytest.approx({lm.tokenizer.decode([int(i)]): float(v) for v, i in zip(values, best)},
+                                    abs=1e-5)
+        assert token in top  # greedy: the chosen token is one of the two
+    assert legacy.text_offset == [sum(len(t) for t in legacy.tokens[:k]) for k in range(len(legacy.tokens))]
+    stream = list(completions.create(model="any", prompt="tell me", max_tokens=5, temperature=0, logprobs=2,
+                                     stream=True))
+    pieces = [c.choices[0].logprobs for c in stream if c.choices and c.choices[0].logprobs]
+    assert [t for p in pieces for t in p.tokens] == legacy.tokens
+    assert [o for p in pieces for o in p.text_offset] == legacy.text_offset
+    assert [x for p in pieces for x in p.token_logprobs] == legacy.token_logprobs
+    assert completions.create(model="any", prompt="tell me", max_tokens=2, temperature=0).choices[0].logprobs is None
+    for bad, words in ((6, "between 0 and 5"), (True, "must be an integer")):
+        with pytest.raises(openai.BadRequestError, match=words):
+            completions.create(model="any", prompt="tell me", max_tokens=2, logprobs=bad)

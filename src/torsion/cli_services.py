@@ -52,8 +52,9 @@ def add_service_parsers(subcommands: argparse._SubParsersAction) -> None:
         "/v1/models, /health, and GET/POST /v1/steering. A request steers itself with the extension field "
         "steering = {method (flat, dense, ablation, weighted-ablation, ace, spline-a, spline-b or none), "
         "vector: NAME, layers, strength, scale, component, positions, beta, params, condition}; without it "
-        "the --steering default applies. Requests arriving within "
-        "--batch-window-ms are generated as one batch, each row with its own steering. Binds 127.0.0.1 by "
+        "the --steering default applies. Requests are generated in batches, each row with its own "
+        "steering: an idle server waits --batch-window-ms for more requests, and (continuous batching, the "
+        "default) a request arriving while others decode joins them at the next decode step. Binds 127.0.0.1 by "
         "default; any other address needs --api-key-env.")
     add_model_options(serve, "embedded:qwen2.5-coder-0.5b")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -68,9 +69,13 @@ def add_service_parsers(subcommands: argparse._SubParsersAction) -> None:
                        help="load a condition file from `torsion condition fit`; repeatable")
     serve.add_argument("--steering", type=json_object, default=None, metavar="JSON",
                        help="the default steering for requests without a steering field (default none)")
-    serve.add_argument("--max-batch-size", type=positive_int, default=8, help="rows per batch (default 8)")
+    serve.add_argument("--max-batch-size", type=positive_int, default=8,
+                       help="most rows decoding at once (default 8)")
     serve.add_argument("--batch-window-ms", type=nonneg_float, default=20.0,
-                       help="how long the first request of a batch waits for others (default 20)")
+                       help="how long the first request reaching an idle server waits for others (default 20)")
+    serve.add_argument("--batching", choices=["continuous", "static"], default="continuous",
+                       help="continuous: a request joins the running batch at the next decode step; static: it "
+                       "waits until the running batch has finished (default continuous)")
     serve.add_argument("--max-applied-norm", type=positive_float, default=None,
                        help="refuse additive steering whose ||alpha v_l|| exceeds this at any block (default no limit)")
     serve.add_argument("--api-key-env", default=None, type=env_name, metavar="NAME",

@@ -145,7 +145,8 @@ def serve(args: argparse.Namespace) -> int:
     run_server(args.model, args.host, args.port, vectors=args.vector, method_files=args.method_file,
                conditions=args.condition,
                default_steering=args.steering, max_batch_size=args.max_batch_size,
-               batch_window_ms=args.batch_window_ms, max_applied_norm=args.max_applied_norm,
+               batch_window_ms=args.batch_window_ms, continuous=args.batching == "continuous",
+               max_applied_norm=args.max_applied_norm,
                api_key_env=args.api_key_env, dtype=args.dtype, device=args.device,
                log=lambda message: print(message, file=sys.stderr))
     return 0
