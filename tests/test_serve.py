@@ -544,3 +544,62 @@ def test_logprobs_in_openai_format_plain_and_streamed_for_chat_and_completions(l
     for bad, words in ((6, "between 0 and 5"), (True, "must be an integer")):
         with pytest.raises(openai.BadRequestError, match=words):
             completions.create(model="any", prompt="tell me", max_tokens=2, logprobs=bad)
+
+
+def test_condition_eval_cli_writes_the_three_arms_and_fails_in_one_line(tiny_run, capsys):
+    from torsion.behaviour import correct_rows
+    from torsion.cli import main
+    from torsion.judge.correction import refusal_rate
+    from torsion.runs import labelled_prompts
+    from torsion.serve.condition import fit_condition, save_condition
+    from torsion.store import RunDir
+
+    run = RunDir(tiny_run)
+    args = ["condition", "eval", str(tiny_run), "--category", "a", "--judge", "rules"]
+    for extra, message in (([], "optimize_comply-global.json does not exist"),
+                           (["--study", "other"], "optimize_other.json does not exist")):
+        assert main(args + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("torsion: error: ") and message in err and len(err.strip().splitlines()) == 1
+    (tiny_run / "analysis").mkdir(exist_ok=True)
+    (tiny_run / "analysis" / "optimize_comply-global.json").write_text(json.dumps({"alpha": -4.0, "layers": [1]}))
+    fitted = fit_condition(run, "a")
+    never = save_condition(dataclasses.replace(fitted, threshold=1e9), tiny_run / "never.safetensors")
+    always = save_condition(dataclasses.replace(fitted, threshold=-1e9), tiny_run / "always.safetensors")
+    for extra, message in ((["--condition", str(tiny_run / "absent.safetensors")], "does not exist"),
+                           (["--condition", str(never), "--category", "b"], "gates category 'a', not 'b'")):
+        assert main(args + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert main(["condition", "fit", str(tiny_run), "--category", "a", "--study", "x"]) == 2
+    assert "--study is an option of `torsion condition eval`" in capsys.readouterr().err
+    assert main(["condition", "eval", str(tiny_run / "nowhere"), "--category", "a"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    out = tiny_run / "analysis" / "condition_a.json"
+    results = {}
+    for name, extra in (("fit", []), ("never", ["--condition", str(never)]), ("always", ["--condition", str(always)])):
+        assert main(args + extra) == 0
+        assert capsys.readouterr().out.strip() == str(out)
+        results[name] = json.loads(out.read_text())
+    prompts, rows = labelled_prompts(run)
+    held = [i for i, p in enumerate(prompts) if p.split == "holdout"]
+    inside = [i for i in held if prompts[i].category == "a"]
+    outside = [i for i in held if prompts[i].category != "a"]
+    assert inside and outside
+    for name, result in results.items():
+        assert result["fired"]["n_targeted"] == len(inside) and result["fired"]["n_others"] == len(outside)
+        assert result["steering"] == {"method": "flat", "vector": "md/resid", "alpha": -4.0, "layers": [1],
+                                      "study": "comply-global"}
+        for scope, ids in (("targeted", inside), ("others", outside)):
+            base = correct_rows([prompts[i].prompt for i in ids], [rows[i]["response"] for i in ids],
+                                [rows[i]["label"] for i in ids])
+            assert result["arms"]["unsteered"][scope]["refused"] == refusal_rate(base)
+    assert results["fit"]["condition"]["layer"] == fitted.layer
+    assert results["fit"]["condition"]["threshold"] == pytest.approx(fitted.threshold)
+    arms = results["never"]["arms"]
+    assert arms["conditional"] == arms["unsteered"] and results["never"]["fired"]["targeted"] == 0
+    arms = results["always"]["arms"]
+    assert arms["conditional"] == arms["unconditional"] and results["always"]["fired"]["others"] == len(outside)
+    assert results["always"]["arms"]["unconditional"] == results["fit"]["arms"]["unconditional"]
+    assert results["fit"]["arms"]["unconditional"] != results["fit"]["arms"]["unsteered"]  # the arms differ

@@ -1,7 +1,8 @@
 """The FastAPI app: OpenAI-compatible routes over the batch engine, steering routes, auth, limits.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true`` answers with
-server-sent events in OpenAI's chunk format, ending ``data: [DONE]``), ``GET /v1/models``,
+server-sent events in OpenAI's chunk format, ending ``data: [DONE]``; ``logprobs`` as OpenAI
+gives them, per chunk when streamed: see :mod:`~torsion.serve.protocol`), ``GET /v1/models``,
 ``GET /health``, ``GET /v1/steering`` (vectors with provenance, conditions, methods, limits)
 and ``POST /v1/steering`` (``{"name", "vector": [..] or [[..], ..], "meta": {..}}``).
 
