@@ -43,7 +43,6 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.hooks import RemovableHandle
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
