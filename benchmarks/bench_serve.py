@@ -9,14 +9,15 @@ directions), greedy, ``max_tokens`` 16, through the real ``openai`` client.
 
 Staggered scenario: the first 16 of those requests, client ``i`` arriving ``i * gap`` s after
 the first, ``gap`` = 1/8 of the median latency of a request served alone (measured above, so
-arrivals span about two single-request generations whatever the machine's speed), served by a static-batching server (a request arriving mid-batch waits for the
-whole batch) and by a continuous-batching one (it joins at the next decode step), same model,
-same run; p50/p95 latency (each request from its own arrival) and throughput (requests over
-the time from the first arrival to the last answer) side by side, and every output checked
-against the same request alone. Bounded: 97 requests in all (one warm-up), each with a
-timeout. ``os.getloadavg()`` is recorded before and after, and the process CPU seconds of each
-staggered arm (``time.process_time``, server and clients are one process), since the machine is
-shared: under contention wall times measure the neighbours as much as the server.
+arrivals span about two single-request generations whatever the machine's speed), served by a
+static-batching server (a request arriving mid-batch waits for the whole batch) and by a
+continuous-batching one (it joins at the next decode step), same model, same run; p50/p95
+latency (each request from its own arrival) and throughput (requests over the time from the
+first arrival to the last answer) side by side, and every output checked against the same
+request alone. Bounded: 99 requests in all (three warm-ups), each with a timeout.
+``os.getloadavg()`` is recorded before and after, and the process CPU seconds of each staggered
+arm (``time.process_time``; server and clients are one process), since the machine is shared:
+under contention wall times measure the neighbours as much as the server.
 """
 
 from __future__ import annotations
