@@ -394,3 +394,212 @@ def test_serve_arguments_fail_in_one_line_before_loading(args, message, capsys):
 
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+LONG = [{"role": "system", "content": "explain why " * 6}, {"role": "user", "content": PROMPT + " " + OTHER}]
+STAGGERED = [  # (messages, steering spec, extra Job fields): mixed steering, short and long prompts
+    (PROMPT, None, {}),
+    (OTHER, {"vector": "axis", "layers": [1], "strength": 8.0}, {}),
+    (LONG, {"method": "dense", "vector": "axis", "strength": 0.5}, {}),
+    ("hello", {"vector": "axis", "layers": [0, 2], "strength": -6.0, "positions": "all"}, {}),
+    (PROMPT, {"method": "ablation", "vector": "axis"}, {"max_tokens": 5}),
+    (LONG, {"method": "ace", "vector": "axis", "layers": [1], "strength": 3.0}, {}),
+    (OTHER, {"method": "weighted-ablation", "vector": "axis", "strength": 0.5, "params": {"width": 2.0}}, {}),
+    (PROMPT, {"method": "ace", "vector": "axis", "layers": [1], "strength": 3.0}, {"stop": ("dragon",)}),
+    ("what is the capital of france", None, {"temperature": 1.0, "seed": 7, "n": 2}),
+    (LONG, {"vector": "axis", "layers": [2], "strength": 4.0, "component": "mlp"}, {"max_tokens": 3}),
+]
+
+
+def engine_jobs(lm, axis, max_batch_size: int = 16, continuous: bool = True, window_s: float = 0.0):
+    """An engine over the tiny model and a ``run(indices, stagger)`` that returns each job's choices.
+
+    ``stagger``: job ``k + 1`` is submitted when job ``k`` is admitted, from the engine thread, so
+    it arrives while job ``k`` decodes; otherwise every job is submitted at once.
+    """
+    from torsion.serve.engine import Engine, Job
+    from torsion.serve.steering import VectorRegistry, resolve_steering
+
+    registry = VectorRegistry(lm)
+    registry.add("axis", axis, source="test")
+    means = axis.flip(0).tolist()
+    engine = Engine(lm, max_batch_size=max_batch_size, batch_window_s=window_s, continuous=continuous).start()
+
+    def run(indices: list[int], stagger: bool) -> list[list[tuple[str, str, int]]]:
+        results: list[dict[int, tuple[str, str, int]]] = [{} for _ in indices]
+        finished = threading.Semaphore(0)
+        jobs: list[Job] = []
+
+        def emit_for(k: int):
+            def emit(event: dict[str, Any]) -> None:
+                if event["type"] == "steering" and stagger and k + 1 < len(jobs):
+                    engine.submit(jobs[k + 1])  # queued during job k's admission: it joins a later step
+                if event["type"] == "error":
+                    results[k][-1] = ("error", event["message"], 0)
+                    finished.release()
+                if event["type"] == "done":
+                    results[k][event["choice"]] = (event["text"], event["finish_reason"], event["tokens"])
+                    if len(results[k]) == jobs[k].n:
+                        finished.release()
+            return emit
+
+        for k, index in enumerate(indices):
+            messages, spec, extra = STAGGERED[index]
+            if spec is not None and spec.get("method") == "ace":
+                spec = {**spec, "params": {"means": means}}
+            steering = resolve_steering(spec, lm, registry, {})
+            jobs.append(Job(prompt_ids(lm, messages), extra.get("max_tokens", 12), emit_for(k), steering=steering,
+                            **{key: value for key, value in extra.items() if key != "max_tokens"}))
+        for k in range(len(jobs) if not stagger else 1):
+            engine.submit(jobs[k])
+        for _ in jobs:
+            assert finished.acquire(timeout=TIMEOUT)
+        return [[result[c] for c in sorted(result)] for result in results]
+
+    return engine, run
+
+
+def test_staggered_arrivals_join_the_running_batch_and_equal_each_request_alone(lm, axis):
+    engine, run = engine_jobs(lm, axis)
+    try:
+        everyone = list(range(len(STAGGERED)))
+        alone = [run([i], stagger=False)[0] for i in everyone]
+        assert engine.stats["joined"] == 0 and engine.stats["largest_batch"] == 2  # the n=2 sampled request
+        staggered = run(everyone, stagger=True)
+        # each job arrives while the one before decodes: all but the first join a running lane, except a
+        # hooked method's first row (its own lane) and the rows that find their lane gone
+        assert engine.stats["joined"] >= 6 and engine.stats["largest_batch"] >= 4
+        assert engine.mode == "continuous"
+    finally:
+        engine.close()
+    assert staggered == alone
+    assert alone[0][0][0] == reference(lm, PROMPT, 12)[0]
+    assert len({choices[0][0] for choices in alone}) > 6  # the steerings differ
+
+
+def test_continuous_batches_stay_within_max_batch_size_and_static_waits(lm, axis):
+    everyone = list(range(len(STAGGERED)))
+    engine, run = engine_jobs(lm, axis, max_batch_size=3)
+    try:
+        alone = [run([i], stagger=False)[0] for i in everyone]
+        together = run(everyone, stagger=False)
+        assert engine.stats["largest_batch"] <= 3 and engine.stats["joined"] > 0  # later jobs fill freed rows
+    finally:
+        engine.close()
+    assert together == alone
+    engine, run = engine_jobs(lm, axis, continuous=False)
+    try:
+        assert run(everyone, stagger=True) == alone
+        assert engine.stats["joined"] == 0 and engine.mode == "static"
+    finally:
+        engine.close()
+
+
+def forced_logprobs(lm, prompt: list[int], new: list[int]) -> torch.Tensor:
+    """``[len(new), vocab]`` log-softmax of the model at each generated position (teacher forcing)."""
+    with model_lock(lm), torch.inference_mode():
+        logits = lm.model(torch.tensor([prompt + new])).logits[0, len(prompt) - 1:-1]
+    return logits.float().log_softmax(-1)
+
+
+def test_logprobs_in_openai_format_plain_and_streamed_for_chat_and_completions(lm, server):
+    reply = ask(server, max_tokens=6, logprobs=True, top_logprobs=3)
+    plain = reply.choices[0].logprobs.content
+    chunks = list(ask(server, max_tokens=6, logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in plain]
+    assert len(plain) == reply.usage.completion_tokens
+    ids = prompt_ids(lm, PROMPT)
+    vocab = {lm.tokenizer.decode([i]): i for i in range(len(lm.tokenizer))}
+    new = [vocab[e.token] for e in plain]
+    expected = forced_logprobs(lm, ids, new)
+    for row, entry in zip(expected, plain):
+        values, top = row.topk(3)
+        assert entry.logprob == pytest.approx(float(row.max()), abs=1e-5)  # greedy: the chosen token is the top
+        assert [t.token for t in entry.top_logprobs] == [lm.tokenizer.decode([int(i)]) for i in top]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(values.tolist(), abs=1e-5)
+        assert entry.bytes == list(entry.token.encode())
+    assert ask(server, max_tokens=2, logprobs=True).choices[0].logprobs.content[0].top_logprobs == []
+    assert ask(server, max_tokens=2).choices[0].logprobs is None
+
+    completions = client(server).completions
+    text = completions.create(model="any", prompt="tell me", max_tokens=5, temperature=0, logprobs=2).choices[0]
+    legacy = text.logprobs
+    ids = lm.tokenizer("tell me")["input_ids"]
+    expected = forced_logprobs(lm, ids, [vocab[t] for t in legacy.tokens])
+    assert legacy.token_logprobs == pytest.approx(expected.max(-1).values.tolist(), abs=1e-5)
+    for row, token, top in zip(expected, legacy.tokens, legacy.top_logprobs):
+        values, best = row.topk(2)
+        assert top == pytest.approx({lm.tokenizer.decode([int(i)]): float(v) for v, i in zip(values, best)},
+                                    abs=1e-5)
+        assert token in top  # greedy: the chosen token is one of the two
+    assert legacy.text_offset == [sum(len(t) for t in legacy.tokens[:k]) for k in range(len(legacy.tokens))]
+    stream = list(completions.create(model="any", prompt="tell me", max_tokens=5, temperature=0, logprobs=2,
+                                     stream=True))
+    pieces = [c.choices[0].logprobs for c in stream if c.choices and c.choices[0].logprobs]
+    assert [t for p in pieces for t in p.tokens] == legacy.tokens
+    assert [o for p in pieces for o in p.text_offset] == legacy.text_offset
+    assert [x for p in pieces for x in p.token_logprobs] == legacy.token_logprobs
+    assert completions.create(model="any", prompt="tell me", max_tokens=2, temperature=0).choices[0].logprobs is None
+    for bad, words in ((6, "between 0 and 5"), (True, "must be an integer")):
+        with pytest.raises(openai.BadRequestError, match=words):
+            completions.create(model="any", prompt="tell me", max_tokens=2, logprobs=bad)
+
+
+def test_condition_eval_cli_writes_the_three_arms_and_fails_in_one_line(tiny_run, capsys):
+    from torsion.behaviour import correct_rows
+    from torsion.cli import main
+    from torsion.judge.correction import refusal_rate
+    from torsion.runs import labelled_prompts
+    from torsion.serve.condition import fit_condition, save_condition
+    from torsion.store import RunDir
+
+    run = RunDir(tiny_run)
+    args = ["condition", "eval", str(tiny_run), "--category", "a", "--judge", "rules"]
+    for extra, message in (([], "optimize_comply-global.json does not exist"),
+                           (["--study", "other"], "optimize_other.json does not exist")):
+        assert main(args + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("torsion: error: ") and message in err and len(err.strip().splitlines()) == 1
+    (tiny_run / "analysis").mkdir(exist_ok=True)
+    (tiny_run / "analysis" / "optimize_comply-global.json").write_text(json.dumps({"alpha": -4.0, "layers": [1]}))
+    fitted = fit_condition(run, "a")
+    never = save_condition(dataclasses.replace(fitted, threshold=1e9), tiny_run / "never.safetensors")
+    always = save_condition(dataclasses.replace(fitted, threshold=-1e9), tiny_run / "always.safetensors")
+    for extra, message in ((["--condition", str(tiny_run / "absent.safetensors")], "does not exist"),
+                           (["--condition", str(never), "--category", "b"], "gates category 'a', not 'b'")):
+        assert main(args + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert main(["condition", "fit", str(tiny_run), "--category", "a", "--study", "x"]) == 2
+    assert "--study is an option of `torsion condition eval`" in capsys.readouterr().err
+    assert main(["condition", "eval", str(tiny_run / "nowhere"), "--category", "a"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    out = tiny_run / "analysis" / "condition_a.json"
+    results = {}
+    for name, extra in (("fit", []), ("never", ["--condition", str(never)]), ("always", ["--condition", str(always)])):
+        assert main(args + extra) == 0
+        assert capsys.readouterr().out.strip() == str(out)
+        results[name] = json.loads(out.read_text())
+    prompts, rows = labelled_prompts(run)
+    held = [i for i, p in enumerate(prompts) if p.split == "holdout"]
+    inside = [i for i in held if prompts[i].category == "a"]
+    outside = [i for i in held if prompts[i].category != "a"]
+    assert inside and outside
+    for name, result in results.items():
+        assert result["fired"]["n_targeted"] == len(inside) and result["fired"]["n_others"] == len(outside)
+        assert result["steering"] == {"method": "flat", "vector": "md/resid", "alpha": -4.0, "layers": [1],
+                                      "study": "comply-global"}
+        for scope, ids in (("targeted", inside), ("others", outside)):
+            base = correct_rows([prompts[i].prompt for i in ids], [rows[i]["response"] for i in ids],
+                                [rows[i]["label"] for i in ids])
+            assert result["arms"]["unsteered"][scope]["refused"] == refusal_rate(base)
+    assert results["fit"]["condition"]["layer"] == fitted.layer
+    assert results["fit"]["condition"]["threshold"] == pytest.approx(fitted.threshold)
+    arms = results["never"]["arms"]
+    assert arms["conditional"] == arms["unsteered"] and results["never"]["fired"]["targeted"] == 0
+    arms = results["always"]["arms"]
+    assert arms["conditional"] == arms["unconditional"] and results["always"]["fired"]["others"] == len(outside)
+    assert results["always"]["arms"]["unconditional"] == results["fit"]["arms"]["unconditional"]
+    assert results["fit"]["arms"]["unconditional"] != results["fit"]["arms"]["unsteered"]  # the arms differ

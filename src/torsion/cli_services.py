@@ -52,8 +52,9 @@ def add_service_parsers(subcommands: argparse._SubParsersAction) -> None:
         "/v1/models, /health, and GET/POST /v1/steering. A request steers itself with the extension field "
         "steering = {method (flat, dense, ablation, weighted-ablation, ace, spline-a, spline-b or none), "
         "vector: NAME, layers, strength, scale, component, positions, beta, params, condition}; without it "
-        "the --steering default applies. Requests arriving within "
-        "--batch-window-ms are generated as one batch, each row with its own steering. Binds 127.0.0.1 by "
+        "the --steering default applies. Requests are generated in batches, each row with its own "
+        "steering: an idle server waits --batch-window-ms for more requests, and (continuous batching, the "
+        "default) a request arriving while others decode joins them at the next decode step. Binds 127.0.0.1 by "
         "default; any other address needs --api-key-env.")
     add_model_options(serve, "embedded:qwen2.5-coder-0.5b")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -68,9 +69,13 @@ def add_service_parsers(subcommands: argparse._SubParsersAction) -> None:
                        help="load a condition file from `torsion condition fit`; repeatable")
     serve.add_argument("--steering", type=json_object, default=None, metavar="JSON",
                        help="the default steering for requests without a steering field (default none)")
-    serve.add_argument("--max-batch-size", type=positive_int, default=8, help="rows per batch (default 8)")
+    serve.add_argument("--max-batch-size", type=positive_int, default=8,
+                       help="most rows decoding at once (default 8)")
     serve.add_argument("--batch-window-ms", type=nonneg_float, default=20.0,
-                       help="how long the first request of a batch waits for others (default 20)")
+                       help="how long the first request reaching an idle server waits for others (default 20)")
+    serve.add_argument("--batching", choices=["continuous", "static"], default="continuous",
+                       help="continuous: a request joins the running batch at the next decode step; static: it "
+                       "waits until the running batch has finished (default continuous)")
     serve.add_argument("--max-applied-norm", type=positive_float, default=None,
                        help="refuse additive steering whose ||alpha v_l|| exceeds this at any block (default no limit)")
     serve.add_argument("--api-key-env", default=None, type=env_name, metavar="NAME",
@@ -79,17 +84,31 @@ def add_service_parsers(subcommands: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=commands.serve)
 
     condition = subcommands.add_parser(
-        "condition", help="fit a CAST condition (direction and threshold) on a run's train rows",
+        "condition", help="fit a CAST condition (direction and threshold) on a run's train rows, or evaluate one",
         description="`torsion condition fit RUN_DIR --category C` writes a condition file: the direction c = "
         "mean(resid of C's train rows) - mean(the other train rows), normalised, at one block (default: the "
         "block with the best train balanced accuracy), and the threshold tau maximising balanced accuracy of "
-        "x.c > tau on train rows. `torsion serve --condition NAME=FILE` gates steering with it.")
-    condition.add_argument("action", choices=["fit"])
+        "x.c > tau on train rows. `torsion serve --condition NAME=FILE` gates steering with it. "
+        "`torsion condition eval RUN_DIR --category C` measures conditional steering on the held-out harmful "
+        "prompts: flat md/resid steering at the alpha and blocks of the strength search --study, applied where "
+        "the condition (fit as above, or --condition FILE) fires; refusal and genuine-compliance rates with "
+        "Wilson 95% intervals for C and for the other categories, unsteered, conditional and unconditional "
+        "-> RUN_DIR/analysis/condition_<C>.json.")
+    condition.add_argument("action", choices=["fit", "eval"])
     condition.add_argument("run_dir", type=run_directory, help="a directory made by `torsion run`")
     condition.add_argument("--category", required=True, type=nonempty_text, help="the category to steer")
     condition.add_argument("--layer", type=block_index, default=None, help="the block (default: best on train)")
     condition.add_argument("--out", type=output_path, default=None,
-                           help="condition file (default RUN_DIR/condition-<category>.safetensors)")
+                           help="fit: condition file (default RUN_DIR/condition-<category>.safetensors); eval: "
+                           "result JSON (default RUN_DIR/analysis/condition_<category>.json)")
+    evaluation = condition.add_argument_group("eval only")
+    evaluation.add_argument("--study", type=nonempty_text, default=None,
+                            help="the strength search whose chosen alpha and blocks steer (default comply-global)")
+    evaluation.add_argument("--condition", type=Path, default=None, metavar="FILE",
+                            help="a condition file from `condition fit` (default: fit one now, as fit does)")
+    evaluation.add_argument("--judge", default=None, choices=["rules", "llm"],
+                            help="judge for the steered responses (default: the one that labelled the run)")
+    add_model_options(evaluation)
     condition.set_defaults(func=commands.condition)
 
     review = subcommands.add_parser(

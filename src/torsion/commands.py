@@ -157,7 +157,8 @@ def serve(args: argparse.Namespace) -> int:
     run_server(args.model, args.host, args.port, vectors=args.vector, method_files=args.method_file,
                conditions=args.condition,
                default_steering=args.steering, max_batch_size=args.max_batch_size,
-               batch_window_ms=args.batch_window_ms, max_applied_norm=args.max_applied_norm,
+               batch_window_ms=args.batch_window_ms, continuous=args.batching == "continuous",
+               max_applied_norm=args.max_applied_norm,
                api_key_env=args.api_key_env, dtype=args.dtype, device=args.device,
                log=lambda message: print(message, file=sys.stderr))
     return 0
@@ -167,6 +168,11 @@ def condition(args: argparse.Namespace) -> int:
     from torsion.serve.condition import fit_condition, save_condition
     from torsion.store import RunDir
 
+    if args.action == "eval":
+        return condition_eval(args)
+    for option in ("condition", "study", "judge", "model"):
+        if getattr(args, option) is not None:
+            raise TorsionError(f"--{option} is an option of `torsion condition eval`; drop it from `condition fit`")
     fitted = fit_condition(RunDir(args.run_dir), args.category, layer=args.layer)
     out = args.out or args.run_dir / f"condition-{args.category}.safetensors"
     save_condition(fitted, out)
@@ -174,6 +180,32 @@ def condition(args: argparse.Namespace) -> int:
     print(f"{out}: block {fitted.layer}, threshold {fitted.threshold:.6g}, balanced accuracy "
           f"{fitted.meta['train_balanced_accuracy']:.3f} train, "
           f"{'n/a' if held is None else format(held, '.3f')} held-out")
+    return 0
+
+
+def condition_eval(args: argparse.Namespace) -> int:
+    from torsion.models import load_model
+    from torsion.runs import run_judge
+    from torsion.serve.condition import condition_search, evaluate_condition, fit_condition, load_condition
+    from torsion.store import RunDir
+
+    run = RunDir(args.run_dir)
+    study = args.study or "comply-global"
+    condition_search(run, study)  # a missing search, condition file or judge fails before the model loads
+    if args.condition is not None:
+        if not args.condition.is_file():
+            raise TorsionError(f"condition file {args.condition} does not exist; fit one with "
+                               f"`torsion condition fit {run.root} --category {args.category}`")
+        condition = load_condition(args.condition)
+        if condition.category != args.category:
+            raise TorsionError(f"{args.condition} gates category {condition.category!r}, not {args.category!r}; "
+                               "pass the matching --category or condition file")
+    else:
+        condition = fit_condition(run, args.category, layer=args.layer)
+    judge = run_judge(run, args.judge)
+    lm = load_model(run_model_spec(args.run_dir, args.model), dtype=args.dtype or "float32",
+                    device=args.device or "cpu")
+    print(evaluate_condition(run, condition, lm, judge=judge, study=study, out=args.out))
     return 0
 
 

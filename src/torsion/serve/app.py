@@ -1,7 +1,8 @@
 """The FastAPI app: OpenAI-compatible routes over the batch engine, steering routes, auth, limits.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true`` answers with
-server-sent events in OpenAI's chunk format, ending ``data: [DONE]``), ``GET /v1/models``,
+server-sent events in OpenAI's chunk format, ending ``data: [DONE]``; ``logprobs`` as OpenAI
+gives them, per chunk when streamed: see :mod:`~torsion.serve.protocol`), ``GET /v1/models``,
 ``GET /health``, ``GET /v1/steering`` (vectors with provenance, conditions, methods, limits)
 and ``POST /v1/steering`` (``{"name", "vector": [..] or [[..], ..], "meta": {..}}``).
 
@@ -151,7 +152,8 @@ async def _complete(state: ServeState, job: Job, events: asyncio.Queue, chat: bo
             choice["message"] = {"role": "assistant", "content": texts[i]}
             choice["logprobs"] = None if job.top_logprobs is None else {"content": logprobs[i], "refusal": None}
         else:
-            choice["text"], choice["logprobs"] = texts[i], None
+            choice["text"] = texts[i]
+            choice["logprobs"] = None if job.top_logprobs is None else protocol.completion_logprobs(logprobs[i])
         choices.append({**choice, "finish_reason": finish[i], "steering": meta})
     body = {**protocol.envelope(protocol.completion_id(chat), chat, state.lm.model_id, chunk=False),
             "choices": choices, "usage": protocol.usage(len(job.prompt_ids), sum(tokens.values()))}
@@ -162,12 +164,21 @@ async def _stream(state: ServeState, job: Job, sampling: protocol.Sampling, even
                   chat: bool) -> AsyncIterator[str]:
     head = protocol.envelope(protocol.completion_id(chat), chat, state.lm.model_id, chunk=True)
 
-    def chunk(choice: int, text: str | None, finish: str | None = None, extra: Mapping[str, Any] = {}) -> str:
+    offsets = [0] * job.n  # characters of each choice's token entries sent so far (completions' text_offset)
+
+    def chunk(choice: int, text: str | None, finish: str | None = None, extra: Mapping[str, Any] = {},
+              entries: list | None = None) -> str:
+        logprobs = None
+        if entries and chat:
+            logprobs = {"content": entries, "refusal": None}
+        elif entries:
+            logprobs = protocol.completion_logprobs(entries, offsets[choice])
+            offsets[choice] += sum(len(entry["token"]) for entry in entries)
         if chat:
             delta = {} if text is None else {"content": text}
-            body = {"index": choice, "delta": delta, "logprobs": None, "finish_reason": finish, **extra}
+            body = {"index": choice, "delta": delta, "logprobs": logprobs, "finish_reason": finish, **extra}
         else:
-            body = {"index": choice, "text": text or "", "logprobs": None, "finish_reason": finish, **extra}
+            body = {"index": choice, "text": text or "", "logprobs": logprobs, "finish_reason": finish, **extra}
         return f"data: {json.dumps({**head, 'choices': [body]}, ensure_ascii=False)}\n\n"
 
     try:
@@ -188,8 +199,8 @@ async def _stream(state: ServeState, job: Job, sampling: protocol.Sampling, even
             elif event["type"] == "record":
                 record = event["record"]
             elif event["type"] == "delta":
-                if event["text"]:
-                    yield chunk(event["choice"], event["text"])
+                if event["text"] or event["logprobs"]:
+                    yield chunk(event["choice"], event["text"], entries=event["logprobs"])
             elif event["type"] == "done":
                 done, total = done + 1, total + event["tokens"]
                 yield chunk(event["choice"], None, event["finish_reason"], {"steering": _metadata(job, fired, record)})
@@ -230,7 +241,7 @@ def create_app(state: ServeState) -> FastAPI:
         default = state.default_steering
         return {"status": "ok", "model": state.lm.model_id,
                 "default_steering": None if default is None else default.metadata(None),
-                "max_batch_size": state.engine.max_batch_size,
+                "max_batch_size": state.engine.max_batch_size, "batching": state.engine.mode,
                 "batch_window_ms": state.engine.batch_window_s * 1000, "engine": dict(state.engine.stats)}
 
     @app.get("/v1/models")

@@ -8,10 +8,18 @@ of ``x·ĉ > τ`` for "is in the category" on those rows. Without ``layer`` the 
 best train balanced accuracy is chosen. The file is safetensors: tensor ``direction`` and a
 JSON ``condition`` metadata entry (block, threshold, category, position, model, scores).
 
+:func:`evaluate_condition` (``torsion condition eval``) measures a condition on the run's held-out
+harmful prompts: the condition fires on a prompt when its unsteered resid state at the condition's
+block, as captured by the run, passes the threshold, exactly what ``torsion serve`` tests on its
+unsteered prefill. A conditionally steered prompt therefore answers as the steered model where the
+condition fires and as the unsteered model elsewhere (greedy rows give the tokens they give alone),
+so the steered arm is generated once and the unsteered arm is the run's own responses.
+
 Example::
 
     condition = fit_condition(RunDir("runs/quick"), "cyber")
     save_condition(condition, "runs/quick/condition-cyber.safetensors")
+    evaluate_condition(RunDir("runs/quick"), condition, lm, judge=run_judge(RunDir("runs/quick")))
 """
 
 from __future__ import annotations
@@ -171,3 +179,76 @@ def check_condition(condition: Condition, lm: Any) -> None:
     if fitted and fitted != lm.model_id:
         raise TorsionError(f"condition {condition.name!r} was fit on {fitted} but the model is {lm.model_id}; "
                            "fit it on a run of this model")
+
+
+def condition_search(run: RunDir, study: str) -> tuple[float, list[int]]:
+    """The chosen ``alpha`` and blocks of the strength search ``study`` (``analysis/optimize_<study>.json``)."""
+    from torsion.store import read_json
+
+    path = run.root / "analysis" / f"optimize_{study}.json"
+    if not path.is_file():
+        raise TorsionError(f"{path} does not exist; run `torsion optimize {run.root} --objective comply` first, "
+                           "or name another study with --study")
+    search = read_json(path)
+    try:
+        return float(search["alpha"]), [int(layer) for layer in search["layers"]]
+    except (KeyError, TypeError, ValueError):
+        raise TorsionError(f"{path} has no chosen alpha and layers; finish the search with `torsion optimize`") \
+            from None
+
+
+def evaluate_condition(run: RunDir, condition: Condition, lm: Any, *, judge: Any, study: str = "comply-global",
+                       out: str | Path | None = None) -> Path:
+    """Refusal and genuine-compliance rates (Wilson 95% intervals) on the held-out prompts, for the condition's
+    category and for the others, unsteered, conditional and unconditional; written to ``out`` (default
+    ``RUN_DIR/analysis/condition_<category>.json``, atomic).
+
+    Steering: ``flat`` with ``md/resid`` at the ``alpha`` and blocks chosen by the strength search ``study``.
+    """
+    from torsion.behaviour import correct_rows, evaluate_behaviour
+    from torsion.capture import load_activations
+    from torsion.generate import GenerationSettings
+    from torsion.judge.correction import genuine_rate, refusal_rate
+    from torsion.runs import labelled_prompts
+    from torsion.steering import get_method
+    from torsion.store import atomic_write_json
+    from torsion.vectors import load_vector
+
+    alpha, layers = condition_search(run, study)
+    check_condition(condition, lm)
+    prompts, responses = labelled_prompts(run)
+    held = [i for i, p in enumerate(prompts) if p.split == "holdout"]
+    if not held:
+        raise TorsionError(f"{run.root} has no held-out prompts; run with a holdout split")
+    resid, _ = load_activations(run.activations_path)
+    fires = condition.fires(resid["resid"][held, condition.layer])
+    vector = load_vector(run.vectors_path, "md/resid", d_model=lm.d_model)
+    method = get_method("flat", vectors=vector.directions, layers=layers, component="resid", positions="last")
+    settings = GenerationSettings(max_new_tokens=run.manifest()["config"]["max_new_tokens"])
+    texts = [prompts[i].prompt for i in held]
+    steered = evaluate_behaviour(lm, texts, lambda: method.apply(lm, alpha), settings, judge=judge,
+                                 desc="steered holdout")
+    base_rows = correct_rows(texts, [responses[i]["response"] for i in held], [responses[i]["label"] for i in held])
+    steered_rows = correct_rows(texts, steered["responses"], steered["labels"])
+    arms = {"unsteered": base_rows, "unconditional": steered_rows,
+            "conditional": [s if fire else b for s, b, fire in zip(steered_rows, base_rows, fires)]}
+    inside = [k for k, i in enumerate(held) if prompts[i].category == condition.category]
+    outside = [k for k, i in enumerate(held) if prompts[i].category != condition.category]
+
+    def rates(rows: list) -> dict:
+        return {"refused": refusal_rate(rows), "genuine_strong_comply": genuine_rate(rows)}
+
+    result = {
+        "analysis": "conditional steering (CAST), held-out harmful prompts",
+        "condition": {"category": condition.category, "layer": condition.layer, "threshold": condition.threshold,
+                      **{k: condition.meta.get(k) for k in ("train_balanced_accuracy", "heldout_balanced_accuracy")}},
+        "steering": {"method": "flat", "vector": "md/resid", "alpha": alpha, "layers": layers, "study": study},
+        "fired": {"targeted": sum(fires[k] for k in inside), "others": sum(fires[k] for k in outside),
+                  "n_targeted": len(inside), "n_others": len(outside)},
+        "arms": {name: {"targeted": rates([rows[k] for k in inside]), "others": rates([rows[k] for k in outside])}
+                 for name, rows in arms.items()},
+        "conventions": {"layer_indexing": "block", "refusal_rate": "refused / judged", "intervals": "Wilson 95%"},
+    }
+    path = Path(out) if out is not None else run.root / "analysis" / f"condition_{condition.category}.json"
+    atomic_write_json(path, result)
+    return path

@@ -1,18 +1,28 @@
 """The batch engine: one worker thread owns the model and generates requests in batches.
 
-Requests that arrive within ``batch_window_s`` of the first (up to ``max_batch_size`` rows)
-form one static batch: prompts left-padded, one prefill, then one forward per step with a KV
-cache. Each row carries its own steering (:class:`~torsion.serve.steering.RowSteering`):
-hooks add a ``[batch, d_model]`` per-row offset at every steered block (zeros for the other
-rows) and ablate per row with a ``[batch]`` weight per direction, so one forward serves every
-row and unsteered rows compute exactly what they would unsteered. A row that finishes (EOS,
-a stop sequence, ``max_tokens``, or a closed stream) is answered at once and dropped from
-the batch and its cache; requests arriving meanwhile wait for the next batch (no rows join a
-running batch: static batching). Greedy rows give the tokens they give alone.
+Rows decode in *lanes*: one lane for every row whose steering applies row by row, one lane per
+hooked method and strength. A lane holds its rows' KV cache, left-padded, with an attention
+mask and position ids per row (``position = real tokens so far - 1``), and takes one forward
+per decode step. Each row carries its own steering (:class:`~torsion.serve.steering.RowSteering`):
+the per-row lane's hooks add a ``[batch, d_model]`` per-row offset at every steered block (zeros
+for the other rows) and ablate per row with a ``[batch]`` weight per direction, so one forward
+serves every row and unsteered rows compute exactly what they would unsteered. Methods that
+cannot be applied row by row (ACE, splines: ``RowSteering.hooked``) run their own hooks over
+their lane only (installed around that lane's forwards, so other lanes never see them).
 
-Methods that cannot be applied row by row (ACE, splines: ``RowSteering.hooked``) run their
-own hooks over a sub-batch of the rows with the same method and strength, after the per-row
-batch.
+Batching: an idle engine waits ``batch_window_s`` after the first request (or until
+``max_batch_size`` rows are waiting) and prefills them together. With ``continuous=True`` (the
+default) a request arriving while rows decode joins at the next decode step: its prompts are
+prefilled (their lane's hooks on), and their KV cache is left-padded to the running one's
+length and concatenated to it, with the mask marking the padding. With ``continuous=False``
+(static batching) it waits until every running row has finished. Either way at most
+``max_batch_size`` rows run at once (a first request with more rows still runs), waiting
+requests are admitted first come first served, and a row that finishes (EOS, a stop sequence,
+``max_tokens``, or a closed stream) is answered at once and leaves its lane and its cache;
+cache columns that have become padding for every row are dropped. Greedy rows give the tokens
+they give alone. Caches that cannot be merged this way (any cache layer other than
+``transformers``' plain ``DynamicLayer``, e.g. sliding-window layers) fall back to static
+batching.
 
 Conditional rows (CAST) are decided first by one unsteered prefill of their prompts: a row
 whose condition does not fire runs unsteered.
@@ -20,17 +30,21 @@ whose condition does not fire runs unsteered.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import queue
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.hooks import RemovableHandle
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from torsion.capture import output_tensor
 from torsion.models import LoadedModel
@@ -54,7 +68,7 @@ class Job:
     """One request's generation. ``emit`` receives its events, from the engine thread:
 
     ``{"type": "steering", "fired": bool | None}`` first, ``{"type": "record", "record"}`` (a
-    hooked method's :meth:`MethodRecord.conventions`) when its sub-batch starts, then per choice ``{"type": "delta",
+    hooked method's :meth:`MethodRecord.conventions`) when its prefill starts, then per choice ``{"type": "delta",
     "choice", "text", "logprobs"}`` and ``{"type": "done", "choice", "finish_reason", "tokens",
     "text"}``, or one ``{"type": "error", "message"}``. Greedy (``temperature == 0``) choices
     are copies of one row.
@@ -88,7 +102,7 @@ class _Row:
 
 
 class _RowHooks:
-    """Per-row steering of one batch; row tensors are sliced as rows leave (:meth:`keep`)."""
+    """Per-row steering of one set of rows, in row order."""
 
     def __init__(self, lm: LoadedModel, steerings: Sequence[RowSteering | None]) -> None:
         self.lm = lm
@@ -116,24 +130,24 @@ class _RowHooks:
         self.ablate = {name: (units.to(weight.device), weights.to(weight.device))
                        for name, (units, weights) in ablate.items()}
 
-    def keep(self, index: Tensor) -> None:
-        for pair in self.adds.values():
-            pair[:] = [None if t is None else t[index.to(t.device)] for t in pair]
-        for name, (units, weights) in self.ablate.items():
-            self.ablate[name] = (units, weights[index.to(weights.device)])
-
-    def install(self) -> list[RemovableHandle]:
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
         layout, handles = self.lm.layout, []
-        for (component, layer), pair in self.adds.items():
-            hook = self._add_hook(pair)
-            handles.append(layout.component_module(component, layer).register_forward_hook(hook, prepend=True))
-        for name, (_units, weights) in self.ablate.items():
-            writes = [(layout.embed, 0)] + [(module, layer) for layer in range(self.lm.n_layers)
-                                            for module in (layout.attn[layer], layout.mlp[layer])]
-            for module, layer in writes:
-                if weights[:, layer].any():  # a block no row ablates gets no hook, as in ablate_direction
-                    handles.append(module.register_forward_hook(self._ablate_hook(name, layer), prepend=True))
-        return handles
+        try:
+            for (component, layer), pair in self.adds.items():
+                module = layout.component_module(component, layer)
+                handles.append(module.register_forward_hook(self._add_hook(pair), prepend=True))
+            for name, (units, weights) in self.ablate.items():
+                writes = [(layout.embed, 0)] + [(module, layer) for layer in range(self.lm.n_layers)
+                                                for module in (layout.attn[layer], layout.mlp[layer])]
+                for module, layer in writes:
+                    if weights[:, layer].any():  # a block no row ablates gets no hook, as in ablate_direction
+                        hook = self._ablate_hook(units[layer], weights[:, layer])
+                        handles.append(module.register_forward_hook(hook, prepend=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @staticmethod
     def _add_hook(pair: list[Tensor | None]) -> Callable[..., Any]:
@@ -151,15 +165,52 @@ class _RowHooks:
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
         return hook
 
-    def _ablate_hook(self, name: str, layer: int) -> Callable[..., Any]:
+    @staticmethod
+    def _ablate_hook(unit: Tensor, weights: Tensor) -> Callable[..., Any]:
         def hook(_module: torch.nn.Module, _inputs: tuple, output: Any) -> Any:
-            units, weights = self.ablate[name]
             hidden = output_tensor(output)
-            u = units[layer].to(hidden)
-            removed = ((hidden @ u) * weights[:, layer].to(hidden)[:, None])[..., None] * u  # [batch, seq, d_model]
+            u = unit.to(hidden)
+            removed = ((hidden @ u) * weights.to(hidden)[:, None])[..., None] * u  # [batch, seq, d_model]
             ablated = hidden - removed
             return (ablated, *output[1:]) if isinstance(output, tuple) else ablated
         return hook
+
+
+@dataclass
+class _Lane:
+    """Rows decoding together under one set of hooks, with their KV cache.
+
+    ``steering`` is the hooked method's steering (None: the per-row lane); ``mask`` marks the
+    cached tokens of each row (``[rows, cache length]``, left-padded); ``pending`` is each
+    row's last chosen token, the next forward's input.
+    """
+
+    steering: RowSteering | None
+    rows: list[_Row] = field(default_factory=list)
+    cache: DynamicCache | None = None
+    mask: Tensor | None = None
+    pending: list[int] = field(default_factory=list)
+    _hooks: _RowHooks | None = None
+
+    @property
+    def key(self) -> Any:
+        return _lane_key(self.steering)
+
+    def hooks(self, lm: LoadedModel, rows: Sequence[_Row] | None = None) -> contextlib.AbstractContextManager:
+        """The context that steers this lane's forwards (over ``rows``, default the lane's rows)."""
+        if self.steering is not None:
+            return self.steering.hooked.apply(lm, self.steering.strength)
+        if rows is not None:
+            return _RowHooks(lm, [row.steering for row in rows]).installed()
+        if self._hooks is None:
+            self._hooks = _RowHooks(lm, [row.steering for row in self.rows])
+        return self._hooks.installed()
+
+
+def _lane_key(steering: RowSteering | None) -> Any:
+    """Rows of a hooked method share its hooks: one lane per method and strength; all others share one."""
+    hooked = None if steering is None else steering.hooked
+    return None if hooked is None else (id(hooked), steering.strength)
 
 
 def _left_pad(lm: LoadedModel, prompts: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
@@ -175,6 +226,34 @@ def _left_pad(lm: LoadedModel, prompts: Sequence[Sequence[int]]) -> tuple[Tensor
     return ids.to(lm.device), mask.to(lm.device)
 
 
+def mergeable(cache: Any) -> bool:
+    """Whether rows of ``cache`` can be padded, merged and trimmed: every layer a plain ``DynamicLayer``."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+def merge_caches(cache: DynamicCache, mask: Tensor, other: DynamicCache, other_mask: Tensor) -> Tensor:
+    """Append ``other``'s rows to ``cache`` (in place), both left-padded to the longer; return the merged mask."""
+    width = max(mask.shape[1], other_mask.shape[1])
+
+    def pad(t: Tensor, length: int) -> Tensor:  # [rows, heads, length, head_dim]: zeros on the left
+        return F.pad(t, (0, 0, width - length, 0))
+
+    for layer, new in zip(cache.layers, other.layers):
+        layer.keys = torch.cat([pad(layer.keys, mask.shape[1]), pad(new.keys, other_mask.shape[1])])
+        layer.values = torch.cat([pad(layer.values, mask.shape[1]), pad(new.values, other_mask.shape[1])])
+    return torch.cat([F.pad(mask, (width - mask.shape[1], 0)), F.pad(other_mask, (width - other_mask.shape[1], 0))])
+
+
+def trim_padding(cache: DynamicCache, mask: Tensor) -> Tensor:
+    """Drop the leading cache columns that are padding for every row; return the trimmed mask."""
+    start = int(mask.any(0).int().argmax())
+    if start:
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+    return mask[:, start:]
+
+
 def _token_entry(lm: LoadedModel, token_id: int, logprob: float) -> dict[str, Any]:
     text = lm.tokenizer.decode([token_id])
     return {"token": text, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(text.encode("utf-8"))}
@@ -183,14 +262,26 @@ def _token_entry(lm: LoadedModel, token_id: int, logprob: float) -> dict[str, An
 class Engine:
     """Generates submitted :class:`Job` s in batches on one worker thread (:meth:`start`, :meth:`close`)."""
 
-    def __init__(self, lm: LoadedModel, *, max_batch_size: int = 8, batch_window_s: float = 0.02) -> None:
+    def __init__(self, lm: LoadedModel, *, max_batch_size: int = 8, batch_window_s: float = 0.02,
+                 continuous: bool = True) -> None:
         self.lm, self.max_batch_size, self.batch_window_s = lm, max_batch_size, batch_window_s
+        self.continuous = continuous
         config = lm.model.generation_config
         eos = config.eos_token_id if config.eos_token_id is not None else lm.tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        self.stats = {"requests": 0, "batches": 0, "rows": 0, "largest_batch": 0}
+        # batches: prefills (each admits a group of rows); rows: rows admitted; largest_batch: most rows in
+        # one forward; joined: rows that joined rows already decoding (continuous batching)
+        self.stats = {"requests": 0, "batches": 0, "rows": 0, "largest_batch": 0, "joined": 0}
         self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._lanes: list[_Lane] = []
+        self._mergeable: bool | None = None  # known after the first prefill
         self._thread: threading.Thread | None = None
+
+    @property
+    def mode(self) -> str:
+        """``continuous`` or ``static`` (asked for, or forced by a cache that cannot be merged)."""
+        return "continuous" if self.continuous and self._mergeable is not False else "static"
 
     def start(self) -> Engine:
         self._thread = threading.Thread(target=self._loop, name="torsion-serve-engine", daemon=True)
@@ -207,38 +298,73 @@ class Engine:
         self.stats["requests"] += 1
         self._queue.put(job)
 
-    def _loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            jobs, rows, closing = [first], first.rows, False
-            deadline = time.monotonic() + self.batch_window_s
-            while rows < self.max_batch_size:
-                try:
-                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if job is None:
-                    closing = True
-                    break
-                jobs.append(job)
-                rows += job.rows
-            self.run_batch(jobs)
-            if closing:
-                return
+    @property
+    def running_rows(self) -> int:
+        return sum(len(lane.rows) for lane in self._lanes)
 
-    def run_batch(self, jobs: Sequence[Job]) -> None:
-        """Generate ``jobs`` as one batch (synchronously); failures become each job's error event."""
+    def _collect(self, deadline: float | None) -> bool:
+        """Move queued jobs to the waiting line: until ``deadline`` or a full batch, or (None) those queued now.
+
+        Returns True when :meth:`close` was called.
+        """
+        while True:
+            if deadline is not None and sum(job.rows for job in self._waiting) >= self.max_batch_size:
+                return False
+            try:
+                if deadline is None:
+                    job = self._queue.get_nowait()
+                else:
+                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return False
+            if job is None:
+                return True
+            self._waiting.append(job)
+
+    def _admissible(self) -> list[Job]:
+        """Waiting jobs that start now, first come first served, within ``max_batch_size`` rows."""
+        running = self.running_rows
+        if running and self.mode == "static":
+            return []
+        admitted: list[Job] = []
+        while self._waiting and (running == 0 or running + self._waiting[0].rows <= self.max_batch_size):
+            job = self._waiting.popleft()
+            admitted.append(job)
+            running += job.rows
+        return admitted
+
+    def _loop(self) -> None:
+        closing = False
+        while True:
+            if not self._lanes and not self._waiting:
+                if closing:
+                    return
+                first = self._queue.get()
+                if first is None:
+                    return
+                self._waiting.append(first)
+            if not self._lanes:  # a new batch: wait the window for others
+                closing = self._collect(time.monotonic() + self.batch_window_s) or closing
+            else:
+                closing = self._collect(None) or closing
+            self.step(self._admissible())
+
+    def step(self, admitted: Sequence[Job]) -> None:
+        """Prefill ``admitted`` into the lanes, then one decode step of every lane; failures become errors."""
         try:
-            with model_lock(self.lm):
-                self._generate(jobs)
+            with model_lock(self.lm), torch.inference_mode():
+                if admitted:
+                    self._admit(admitted)
+                for lane in list(self._lanes):
+                    self._step(lane)
         except Exception as error:  # the engine keeps serving; the clients see a server error
             logger.exception("generation failed")
-            for job in jobs:
+            jobs = {id(job): job for job in admitted}
+            jobs.update((id(row.job), row.job) for lane in self._lanes for row in lane.rows)
+            self._lanes = []
+            for job in jobs.values():
                 job.emit({"type": "error", "message": f"{type(error).__name__}: {error}"})
 
-    @torch.inference_mode()
     def _conditions(self, jobs: Sequence[Job]) -> list[bool | None]:
         """Whether each job's condition fires, from one unsteered prefill of the conditional prompts."""
         gated = [i for i, job in enumerate(jobs) if job.steering is not None and job.steering.condition is not None]
@@ -266,71 +392,85 @@ class Engine:
             fired[i] = condition.fires(condition.pick(captured[condition.layer][row:row + 1]).cpu())[0]
         return fired
 
-    @torch.inference_mode()
-    def _generate(self, jobs: Sequence[Job]) -> None:
+    def _admit(self, jobs: Sequence[Job]) -> None:
+        """Prefill the rows of ``jobs``, one forward per lane, and merge the rows that go on into their lanes."""
         fired = self._conditions(jobs)
-        rows: list[_Row] = []
+        groups: dict[Any, list[_Row]] = {}
         for job, fire in zip(jobs, fired):
             job.emit({"type": "steering", "fired": fire})
             steering = job.steering if fire is not False else None
             seed = job.seed if job.seed is not None else int(torch.randint(0, 2 ** 62, ()))
             generator = None if job.temperature == 0 else torch.Generator().manual_seed(seed)
-            if job.temperature == 0:
-                rows.append(_Row(job, list(range(job.n)), steering, None))
-            else:
-                rows += [_Row(job, [choice], steering, generator) for choice in range(job.n)]
-        groups: dict[Any, list[_Row]] = {}
-        for row in rows:  # rows of a hooked method share its hooks: one sub-batch per method and strength
-            hooked = None if row.steering is None else row.steering.hooked
-            groups.setdefault(None if hooked is None else (id(hooked), row.steering.strength), []).append(row)
-        for key, group in groups.items():
+            rows = [_Row(job, list(range(job.n)), steering, None)] if job.temperature == 0 else \
+                [_Row(job, [choice], steering, generator) for choice in range(job.n)]
+            groups.setdefault(_lane_key(steering), []).extend(rows)
+        for key, rows in groups.items():
+            lane = next((lane for lane in self._lanes if lane.key == key), None)
+            joining = lane is not None
+            if lane is None:
+                lane = _Lane(rows[0].steering if key is not None else None)
             self.stats["batches"] += 1
-            self.stats["rows"] += len(group)
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(group))
-            if key is None:
-                hooks = _RowHooks(self.lm, [row.steering for row in group])
-                handles = hooks.install()
-                try:
-                    self._decode(group, hooks)
-                finally:
-                    for handle in handles:
-                        handle.remove()
-            else:
-                steering = group[0].steering
-                with steering.hooked.apply(self.lm, steering.strength) as record:
+            self.stats["rows"] += len(rows)
+            self.stats["joined"] += len(rows) if joining else 0
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+            ids, mask = _left_pad(self.lm, [row.job.prompt_ids for row in rows])
+            cache = DynamicCache(config=self.lm.model.config)
+            with lane.hooks(self.lm, rows) as record:
+                if key is not None:
                     conventions = record.conventions()
-                    for job in {id(row.job): row.job for row in group}.values():
+                    for job in {id(row.job): row.job for row in rows}.values():
                         job.emit({"type": "record", "record": conventions})
-                    self._decode(group, None)
-
-    def _decode(self, rows: list[_Row], hooks: _RowHooks | None) -> None:
-        ids, mask = _left_pad(self.lm, [row.job.prompt_ids for row in rows])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = None
-        while rows:
-            out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :].float()
-            keep, tokens = [], []
-            for index, row in enumerate(rows):
-                token = self._choose(logits[index], row)
-                tokens.append(token)
-                if not self._advance(row, token, logits[index]):
-                    keep.append(index)
+                out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+            if self._mergeable is None:
+                self._mergeable = mergeable(cache)
+            keep, tokens = self._advance_all(rows, out.logits[:, -1, :].float())
+            if not keep:
+                continue
             if len(keep) < len(rows):
-                if not keep:
-                    break
-                index = torch.tensor(keep, device=ids.device)
+                index = torch.tensor(keep, device=mask.device)
                 cache.batch_select_indices(index)
-                if hooks is not None:
-                    hooks.keep(index)
                 mask = mask[index]
-                rows = [rows[i] for i in keep]
-                tokens = [tokens[i] for i in keep]
-            ids = torch.tensor(tokens, device=mask.device)[:, None]
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            positions = mask.sum(-1, keepdim=True) - 1
+            rows, tokens = [rows[i] for i in keep], [tokens[i] for i in keep]
+            if joining:
+                lane.mask = merge_caches(lane.cache, lane.mask, cache, mask)
+            else:
+                lane.cache, lane.mask = cache, mask
+                self._lanes.append(lane)
+            lane.rows += rows
+            lane.pending += tokens
+            lane._hooks = None
+
+    def _step(self, lane: _Lane) -> None:
+        """One decode forward of ``lane``; finished rows leave it (and it leaves when empty)."""
+        mask = torch.cat([lane.mask, lane.mask.new_ones((len(lane.rows), 1))], dim=1)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(lane.rows))
+        with lane.hooks(self.lm):
+            out = self.lm.model(input_ids=torch.tensor(lane.pending, device=mask.device)[:, None],
+                                attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                                past_key_values=lane.cache, use_cache=True, logits_to_keep=1)
+        lane.mask = mask
+        keep, tokens = self._advance_all(lane.rows, out.logits[:, -1, :].float())
+        if not keep:
+            self._lanes.remove(lane)
+            return
+        if len(keep) < len(lane.rows):
+            index = torch.tensor(keep, device=mask.device)
+            lane.cache.batch_select_indices(index)
+            lane.mask, lane.rows, lane._hooks = mask[index], [lane.rows[i] for i in keep], None
+            if self._mergeable:
+                lane.mask = trim_padding(lane.cache, lane.mask)
+        lane.pending = [tokens[i] for i in keep]
+
+    def _advance_all(self, rows: Sequence[_Row], logits: Tensor) -> tuple[list[int], list[int]]:
+        """Choose and record each row's token; return the indices of the rows that go on, and every token."""
+        keep, tokens = [], []
+        for index, row in enumerate(rows):
+            token = self._choose(logits[index], row)
+            tokens.append(token)
+            if not self._advance(row, token, logits[index]):
+                keep.append(index)
+        return keep, tokens
 
     @staticmethod
     def _choose(logits: Tensor, row: _Row) -> int:

@@ -2,8 +2,13 @@
 
 Chat and completion requests share ``max_tokens`` (or ``max_completion_tokens``),
 ``temperature`` (0 is greedy; OpenAI's default 1), ``top_p``, ``n``, ``seed``, ``stop`` (a
-string or up to 4), ``stream`` and ``stream_options.include_usage``; chat adds ``logprobs``
-and ``top_logprobs`` (every generated token). Unknown OpenAI fields are ignored, as OpenAI
+string or up to 4), ``stream`` and ``stream_options.include_usage``. Log probabilities of every
+generated token: chat takes ``logprobs: true`` and ``top_logprobs`` (0 to 20) and answers
+``{"content": [{"token", "logprob", "bytes", "top_logprobs"}], "refusal": null}``;
+completions take ``logprobs`` (0 to 5 alternatives) and answer OpenAI's legacy
+``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`` (:func:`completion_logprobs`).
+They are the model's own log-softmax (before temperature and top-p), floored at -9999, and
+come in streamed chunks too, one entry per token. Unknown OpenAI fields are ignored, as OpenAI
 ignores fields it does not use; the extension fields are ``steering`` and ``condition``.
 """
 
@@ -20,7 +25,8 @@ DEFAULT_MAX_TOKENS = 128
 MAX_TOKENS = 1 << 14
 MAX_N = 16
 MAX_STOP = 4
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit (chat)
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit (completions)
 ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -72,8 +78,8 @@ def parse_sampling(body: Mapping[str, Any], *, chat: bool) -> Sampling:
         if top and not logprobs:
             raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
         top_logprobs = top if logprobs else None
-    elif body.get("logprobs") is not None:
-        raise RequestError("logprobs is served on /v1/chat/completions only; remove it", param="logprobs")
+    else:
+        top_logprobs = _number(body, "logprobs", None, int, 0, MAX_COMPLETION_LOGPROBS)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError("stream_options must be an object", param="stream_options")
@@ -125,6 +131,25 @@ def completion_prompt(body: Mapping[str, Any]) -> str:
     if not isinstance(prompt, str) or not prompt:
         raise RequestError("prompt must be a non-empty string (or a list of one)", param="prompt")
     return prompt
+
+
+def completion_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[str, list]:
+    """OpenAI's legacy completion ``logprobs`` from chat-style token entries (:mod:`torsion.serve.engine`).
+
+    ``top_logprobs`` maps token text to logprob, the chosen token included (so up to ``logprobs + 1``
+    entries, as OpenAI); ``text_offset`` is each token's character offset in the completion, counting
+    from ``offset`` (the characters already sent, when streamed).
+    """
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for entry in entries:
+        top = {alternative["token"]: alternative["logprob"] for alternative in entry["top_logprobs"]}
+        top.setdefault(entry["token"], entry["logprob"])
+        out["tokens"].append(entry["token"])
+        out["token_logprobs"].append(entry["logprob"])
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(entry["token"])
+    return out
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,

@@ -50,9 +50,13 @@ def api_key_from_env(name: str | None, host: str) -> str | None:
 def build_state(lm: LoadedModel, *, vectors: Sequence[tuple[str, str | Path, str | None]] = (),
                 method_files: Sequence[tuple[str, str | Path]] = (), conditions: Sequence[tuple[str, str | Path]] = (),
                 default_steering: Mapping[str, Any] | None = None,
-                max_batch_size: int = 8, batch_window_ms: float = 20.0, max_applied_norm: float | None = None,
-                api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> ServeState:
-    """Load the named vectors (``NAME, FILE, KEY``), method files and conditions (``NAME, FILE``); check the default."""
+                max_batch_size: int = 8, batch_window_ms: float = 20.0, continuous: bool = True,
+                max_applied_norm: float | None = None, api_key: str | None = None,
+                max_body_bytes: int = MAX_BODY_BYTES) -> ServeState:
+    """Load the named vectors (``NAME, FILE, KEY``), method files and conditions (``NAME, FILE``); check the default.
+
+    ``continuous``: requests join running batches (else static batches; see :mod:`torsion.serve.engine`).
+    """
     from torsion.steering import load_method
     from torsion.vector_file import load_vector
 
@@ -72,7 +76,7 @@ def build_state(lm: LoadedModel, *, vectors: Sequence[tuple[str, str | Path, str
             dict(default_steering), lm, registry, loaded, max_applied_norm=max_applied_norm)
     except RequestError as error:
         raise TorsionError(f"start-up steering: {error}") from None
-    engine = Engine(lm, max_batch_size=max_batch_size, batch_window_s=batch_window_ms / 1000)
+    engine = Engine(lm, max_batch_size=max_batch_size, batch_window_s=batch_window_ms / 1000, continuous=continuous)
     return ServeState(lm, engine, registry, loaded, default, max_applied_norm, api_key, max_body_bytes)
 
 
@@ -130,14 +134,15 @@ def run_server(model_spec: str, host: str = "127.0.0.1", port: int = 8000, *,
                vectors: Sequence[tuple[str, Path, str | None]] = (), method_files: Sequence[tuple[str, Path]] = (),
                conditions: Sequence[tuple[str, Path]] = (),
                default_steering: Mapping[str, Any] | None = None, max_batch_size: int = 8,
-               batch_window_ms: float = 20.0, max_applied_norm: float | None = None, api_key_env: str | None = None,
+               batch_window_ms: float = 20.0, continuous: bool = True, max_applied_norm: float | None = None,
+               api_key_env: str | None = None,
                dtype: str = "float32", device: str = "cpu", log: Callable[[str], None] = print) -> None:
     """Load ``model_spec`` and serve until interrupted (Ctrl-C); ``log`` gets the base URL."""
     api_key = api_key_from_env(api_key_env, host)  # before the model loads: a missing key fails fast
     lm = load_model(model_spec, dtype=dtype, device=device)
     state = build_state(lm, vectors=vectors, method_files=method_files, conditions=conditions,
                         default_steering=default_steering,
-                        max_batch_size=max_batch_size, batch_window_ms=batch_window_ms,
+                        max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, continuous=continuous,
                         max_applied_norm=max_applied_norm, api_key=api_key)
     with ServerThread(state, host, port, log_level="info") as server:
         names = ", ".join(v["name"] for v in state.vectors.listing()) or "none"
