@@ -181,7 +181,7 @@ def run_heretic(work: Path, model_dir: Path, sets: dict, args) -> dict:
     python = heretic_venv()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "COLAB_GPU": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    command = ["nice", "-n", "19", str(python.with_name("heretic"))]
+    command = [str(python.with_name("heretic"))]
     done = hdir / "optimize.done"
     if not done.exists():
         resume = any((hdir / "checkpoints").glob("*.jsonl"))
@@ -199,7 +199,7 @@ def run_heretic(work: Path, model_dir: Path, sets: dict, args) -> dict:
         atomic_write_json(done, {"wall_s": wall, "returncode": proc.returncode})
     record["wall_s"] = json.loads(done.read_text())["wall_s"]
     if not (export_dir / "front.json").exists():
-        proc = subprocess.run(["nice", "-n", "19", str(python), WORKER, "front",
+        proc = subprocess.run([str(python), WORKER, "front",
                                str(hdir), str(export_dir)], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             error = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or [f"exit {proc.returncode}"]
@@ -238,7 +238,7 @@ def run_torsion(run_dir: Path, work: Path, study: str, args) -> dict:
     timing = work / "torsion_optimize.json"
     if not (front_file.is_file() and timing.exists()):
         start = time.perf_counter()
-        proc = subprocess.run(["nice", "-n", "19", *command], env=env, capture_output=True, text=True)
+        proc = subprocess.run([*command], env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not front_file.is_file():
             error = [line for line in (proc.stderr or proc.stdout).splitlines() if line.strip()][-1:]
             record.update(status="failed", failure={"command": " ".join(command), "returncode": proc.returncode,
@@ -441,7 +441,7 @@ def main() -> None:
 
             def export(point=point, out=out):
                 if not any(out.glob("*.safetensors")):
-                    proc = subprocess.run(["nice", "-n", "19", *point["export"]], capture_output=True, text=True,
+                    proc = subprocess.run([*point["export"]], capture_output=True, text=True,
                                           env={**os.environ, "PYTHONPATH": str(REPO / "src")})
                     if proc.returncode != 0:
                         lines = [line for line in proc.stderr.splitlines() if line.strip()] or ["no output"]
