@@ -12,7 +12,7 @@
    the knots mean).
 2. Fitting spline A and spline B (with its leave-one-block-out table) for 24 blocks, k = 8,
    from activations shaped like a quick run. Target ≤ 10 s. It uses the real
-   ``activations.safetensors`` of ``/work/main/runs/quick-old`` (or ``$TORSION_BENCH_RUN``) when
+   ``activations.safetensors`` of ``$TORSION_BENCH_RUN`` (default ``runs/quick`` in the repository) when
    that run has one, else synthetic activations of the same shape, and says which.
 """
 
@@ -36,7 +36,7 @@ from torsion.store import RunDir
 N_PROMPTS, BATCH, NEW_TOKENS, PAIRS, SEED = 4, 4, 16, 16, 0
 LAYERS, K, T = [8, 10, 12, 14], 8, 0.8
 FIT_BLOCKS, QUICK_SHAPE = 24, (190, 24, 896)  # fit rows of a quick run: train split, refused or complied
-RUN = Path(os.environ.get("TORSION_BENCH_RUN", "/work/main/runs/quick-old"))
+RUN = Path(os.environ.get("TORSION_BENCH_RUN", Path(__file__).resolve().parents[1] / "runs" / "quick"))
 PROMPTS = NEUTRAL_PROMPTS
 BINS = ("strong_refuse", "weak_refuse", "weak_comply", "strong_comply")
 

@@ -1,6 +1,7 @@
 """The stability analysis (learning curves with fits, CIs and bin contamination) over a quick-run shape.
 
-Input: ``activations.safetensors`` of a finished run under /work/main/runs when one exists
+Input: ``activations.safetensors`` of ``$TORSION_BENCH_RUN``, else of a finished run under the
+repository's ``runs/``, when one exists
 (its train rows, every captured component), else synthetic activations of a quick run's shape,
 ``[256, 24, 896]`` for ``resid``, ``attn`` and ``mlp``, with the quick run's six categories and all
 four behaviour bins populated; the JSON says which. 8 pool sizes, ``B = 200``, the default
@@ -41,7 +42,12 @@ def real_input() -> tuple[dict, list, list, list, str] | None:
     from torsion.runs import fit_rows, labelled_prompts
     from torsion.store import RunDir
 
-    for path in sorted(glob.glob("/work/main/runs/*/activations.safetensors")):
+    repo_runs = Path(__file__).resolve().parents[1] / "runs"
+    given = os.environ.get("TORSION_BENCH_RUN")
+    candidates = [str(Path(given) / "activations.safetensors")] if given else []
+    for path in candidates + sorted(glob.glob(str(repo_runs / "*" / "activations.safetensors"))):
+        if not Path(path).is_file():
+            continue
         run = RunDir(Path(path).parent)
         try:
             prompts, responses = labelled_prompts(run)
