@@ -5,7 +5,7 @@ that replays every prompt token (``positions="all"``), and each fast path gives 
 KLs to 1e-5. The arms compute the first-token KL, both directions, with the quick profile's
 settings: the embedded Qwen model, its four back-half blocks (``back_half_layers``), the
 pipeline's 102 directions per block (a stand-in steering step, its negative, 50 norm-matched
-random directions and their negatives), the residual stream, on the first ``N_PROMPTS`` of a
+random directions and their negatives), the residual stream, on the first ``--n-prompts`` of a
 seeded sample of the shipped neutral prompts drawn as ``run_random_control`` draws them (one
 batch: 408 replayed rows per block, matmuls of hundreds of rows as in the pipeline's batches of
 16; the cost per prompt hardly depends on the count, and the quick profile's 32 prompts through
@@ -23,7 +23,8 @@ head with the KL terms, and the rest (the base forward and the checks). Everythi
 process, one arm after another; wall and process CPU time are both recorded (other work on a
 shared machine inflates wall time; CPU time is steadier), with the load average before and after.
 
-Usage: ``python benchmarks/bench_random_control.py``.
+Usage: ``python benchmarks/bench_random_control.py [--n-prompts 16]`` (default 16, one pipeline batch,
+so the per-batch costs weigh as they do in the pipeline; 4 takes a quarter of the time).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from torsion.conventions import LAYER_INDEXING
 from torsion.data import load_source, sample
 from torsion.models import load_model
 
-N_PROMPTS, N_RANDOM, APPLIED_NORM, SEED, BATCH = 4, 50, 8.0, 0, 16
+N_PROMPTS, N_RANDOM, APPLIED_NORM, SEED, BATCH = 16, 50, 8.0, 0, 16
 NAIVE_ROWS = (0, 2, 2 + N_RANDOM)  # the steering step, the first random direction and its negative
 COMPONENT = "resid"
 KL_TOLERANCE = 1e-5
@@ -68,10 +69,10 @@ def timed(fn: Callable[[], object], profile: bool = False) -> dict[str, float]:
     return out
 
 
-def main() -> None:
+def main(n_prompts: int = N_PROMPTS) -> None:
     load_before = os.getloadavg()
     lm = load_model("embedded:qwen2.5-coder-0.5b")
-    prompts = [p.prompt for p in sample(load_source("neutral"), 32, seed=SEED)][:N_PROMPTS]
+    prompts = [p.prompt for p in sample(load_source("neutral"), 32, seed=SEED)][:n_prompts]
     layers = back_half_layers(lm.n_layers)
     naive_layers = [layers[0], layers[-1]]  # the most blocks to replay, and none
     axis = random_directions(lm.d_model, 1, APPLIED_NORM, seed=SEED + 1)  # a stand-in steering step
@@ -108,9 +109,9 @@ def main() -> None:
                                 "max_rel_kl_difference": float((difference / naive_values).max()),
                                 "smallest_kl": float(naive_values.min()), "largest_kl": float(naive_values.max()),
                                 "equal_to_tolerance": bool(difference.max() <= KL_TOLERANCE)}
-    units = {"fast_all": N_PROMPTS * len(layers) * len(steps), "fast_last": N_PROMPTS * len(layers) * len(steps),
-             "naive_all": N_PROMPTS * len(naive_layers) * len(NAIVE_ROWS),
-             "naive_last": N_PROMPTS * len(naive_layers) * len(NAIVE_ROWS)}
+    units = {"fast_all": n_prompts * len(layers) * len(steps), "fast_last": n_prompts * len(layers) * len(steps),
+             "naive_all": n_prompts * len(naive_layers) * len(NAIVE_ROWS),
+             "naive_last": n_prompts * len(naive_layers) * len(NAIVE_ROWS)}
     per_unit = {name: {key: value / units[name] for key, value in measured.items() if key in ("wall_s", "cpu_s")}
                 for name, measured in times.items()}
 
@@ -118,9 +119,9 @@ def main() -> None:
         return {key: round(per_unit[slow][key] / per_unit[quick][key], 2) for key in ("wall_s", "cpu_s")}
 
     write_result("random_control", {
-        "model": lm.model_id, "n_prompts": N_PROMPTS,
+        "model": lm.model_id, "n_prompts": n_prompts,
         "prompts": f"seeded sample (seed {SEED}) of the shipped neutral set, as run_random_control draws it; "
-                   f"the first {N_PROMPTS}",
+                   f"the first {n_prompts}",
         "batch_size": BATCH, "layers": layers, "naive_layers": naive_layers, "layer_indexing": LAYER_INDEXING,
         "component": COMPONENT, "applied_norm": APPLIED_NORM, "seed": SEED,
         "kl": "first token, kl_base_to_steered and kl_steered_to_base",
@@ -148,4 +149,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-prompts", type=int, default=N_PROMPTS, help=f"neutral prompts (default {N_PROMPTS})")
+    main(parser.parse_args().n_prompts)
