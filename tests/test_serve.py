@@ -551,7 +551,7 @@ def test_condition_eval_cli_writes_the_three_arms_and_fails_in_one_line(tiny_run
     from torsion.cli import main
     from torsion.judge.correction import refusal_rate
     from torsion.runs import labelled_prompts
-    from torsion.serve.condition import fit_condition, save_condition
+    from torsion.serve.condition import condition_search, fit_condition, save_condition
     from torsion.store import RunDir
 
     run = RunDir(tiny_run)
@@ -562,7 +562,11 @@ def test_condition_eval_cli_writes_the_three_arms_and_fails_in_one_line(tiny_run
         err = capsys.readouterr().err
         assert err.startswith("torsion: error: ") and message in err and len(err.strip().splitlines()) == 1
     (tiny_run / "analysis").mkdir(exist_ok=True)
-    (tiny_run / "analysis" / "optimize_comply-global.json").write_text(json.dumps({"alpha": -4.0, "layers": [1]}))
+    search = tiny_run / "analysis" / "optimize_comply-global.json"
+    search.write_text(json.dumps({"alpha": -4.0, "layers": [1]}))
+    assert condition_search(run, "comply-global") == (-4.0, [1], "all")  # a search without positions steered all
+    search.write_text(json.dumps({"alpha": -4.0, "layers": [1], "settings": {"positions": "last"}}))
+    assert condition_search(run, "comply-global") == (-4.0, [1], "last")
     fitted = fit_condition(run, "a")
     never = save_condition(dataclasses.replace(fitted, threshold=1e9), tiny_run / "never.safetensors")
     always = save_condition(dataclasses.replace(fitted, threshold=-1e9), tiny_run / "always.safetensors")
@@ -590,7 +594,7 @@ def test_condition_eval_cli_writes_the_three_arms_and_fails_in_one_line(tiny_run
     for name, result in results.items():
         assert result["fired"]["n_targeted"] == len(inside) and result["fired"]["n_others"] == len(outside)
         assert result["steering"] == {"method": "flat", "vector": "md/resid", "alpha": -4.0, "layers": [1],
-                                      "study": "comply-global"}
+                                      "positions": "last", "study": "comply-global"}
         for scope, ids in (("targeted", inside), ("others", outside)):
             base = correct_rows([prompts[i].prompt for i in ids], [rows[i]["response"] for i in ids],
                                 [rows[i]["label"] for i in ids])

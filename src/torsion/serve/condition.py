@@ -181,8 +181,9 @@ def check_condition(condition: Condition, lm: Any) -> None:
                            "fit it on a run of this model")
 
 
-def condition_search(run: RunDir, study: str) -> tuple[float, list[int]]:
-    """The chosen ``alpha`` and blocks of the strength search ``study`` (``analysis/optimize_<study>.json``)."""
+def condition_search(run: RunDir, study: str) -> tuple[float, list[int], str]:
+    """The chosen ``alpha``, blocks and steered positions of the strength search ``study``
+    (``analysis/optimize_<study>.json``; a search that recorded no positions steered all of them)."""
     from torsion.store import read_json
 
     path = run.root / "analysis" / f"optimize_{study}.json"
@@ -191,8 +192,11 @@ def condition_search(run: RunDir, study: str) -> tuple[float, list[int]]:
                            "or name another study with --study")
     search = read_json(path)
     try:
-        return float(search["alpha"]), [int(layer) for layer in search["layers"]]
-    except (KeyError, TypeError, ValueError):
+        positions = (search.get("settings") or {}).get("positions", "all")
+        if positions not in ("all", "last"):
+            raise ValueError(positions)
+        return float(search["alpha"]), [int(layer) for layer in search["layers"]], positions
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise TorsionError(f"{path} has no chosen alpha and layers; finish the search with `torsion optimize`") \
             from None
 
@@ -203,7 +207,8 @@ def evaluate_condition(run: RunDir, condition: Condition, lm: Any, *, judge: Any
     category and for the others, unsteered, conditional and unconditional; written to ``out`` (default
     ``RUN_DIR/analysis/condition_<category>.json``, atomic).
 
-    Steering: ``flat`` with ``md/resid`` at the ``alpha`` and blocks chosen by the strength search ``study``.
+    Steering: ``flat`` with ``md/resid`` at the ``alpha``, blocks and positions of the strength search ``study``
+    (so "unconditional" is the search's own steering).
     """
     from torsion.behaviour import correct_rows, evaluate_behaviour
     from torsion.capture import load_activations
@@ -214,7 +219,7 @@ def evaluate_condition(run: RunDir, condition: Condition, lm: Any, *, judge: Any
     from torsion.store import atomic_write_json
     from torsion.vectors import load_vector
 
-    alpha, layers = condition_search(run, study)
+    alpha, layers, positions = condition_search(run, study)
     check_condition(condition, lm)
     prompts, responses = labelled_prompts(run)
     held = [i for i, p in enumerate(prompts) if p.split == "holdout"]
@@ -223,7 +228,7 @@ def evaluate_condition(run: RunDir, condition: Condition, lm: Any, *, judge: Any
     resid, _ = load_activations(run.activations_path)
     fires = condition.fires(resid["resid"][held, condition.layer])
     vector = load_vector(run.vectors_path, "md/resid", d_model=lm.d_model)
-    method = get_method("flat", vectors=vector.directions, layers=layers, component="resid", positions="last")
+    method = get_method("flat", vectors=vector.directions, layers=layers, component="resid", positions=positions)
     settings = GenerationSettings(max_new_tokens=run.manifest()["config"]["max_new_tokens"])
     texts = [prompts[i].prompt for i in held]
     steered = evaluate_behaviour(lm, texts, lambda: method.apply(lm, alpha), settings, judge=judge,
@@ -242,7 +247,8 @@ def evaluate_condition(run: RunDir, condition: Condition, lm: Any, *, judge: Any
         "analysis": "conditional steering (CAST), held-out harmful prompts",
         "condition": {"category": condition.category, "layer": condition.layer, "threshold": condition.threshold,
                       **{k: condition.meta.get(k) for k in ("train_balanced_accuracy", "heldout_balanced_accuracy")}},
-        "steering": {"method": "flat", "vector": "md/resid", "alpha": alpha, "layers": layers, "study": study},
+        "steering": {"method": "flat", "vector": "md/resid", "alpha": alpha, "layers": layers,
+                     "positions": positions, "study": study},
         "fired": {"targeted": sum(fires[k] for k in inside), "others": sum(fires[k] for k in outside),
                   "n_targeted": len(inside), "n_others": len(outside)},
         "arms": {name: {"targeted": rates([rows[k] for k in inside]), "others": rates([rows[k] for k in outside])}
