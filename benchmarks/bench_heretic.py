@@ -45,7 +45,7 @@ tensors ``orthogonalize`` changed), then ``torsion.behaviour.evaluate_behaviour`
 harmful prompts (greedy, the generation length, judged by the run's judge, ``rules``) and
 ``torsion.metrics.first_token_kl``'s formula on the held-out neutral probe (``kl_eval``), base
 against edited. Each response is also labelled by heretic's own ``Evaluator.is_refusal`` with its
-default refusal markers (``heretic_worker.py refusals``, in its venv). Hypervolume (Optuna's) of
+default refusal markers (``heretic_worker.py refusals``, in its venv). Hypervolume (``torsion.pareto.hypervolume_2d``) of
 each front in the plane
 (held-out refusal rate, held-out KL base→edited), both minimised, against one reference point,
 torsion's front files' own (1, 1): every prompt refused, a KL past any usable model (a point
@@ -340,13 +340,10 @@ def cached(path: Path, compute) -> dict:
 
 
 def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float]) -> float:
-    import numpy as np
-    from optuna._hypervolume import compute_hypervolume
+    """The 2-D dominated area (both minimised), as torsion's front files compute it."""
+    from torsion.pareto import hypervolume_2d
 
-    inside = [p for p in points if p[0] < reference[0] and p[1] < reference[1]]
-    if not inside:
-        return 0.0
-    return float(compute_hypervolume(np.asarray(inside, dtype=float), np.asarray(reference, dtype=float)))
+    return hypervolume_2d(points, reference)
 
 
 def ratio(volumes: dict) -> float | None:

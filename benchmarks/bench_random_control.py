@@ -153,4 +153,7 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-prompts", type=int, default=N_PROMPTS, help=f"neutral prompts (default {N_PROMPTS})")
-    main(parser.parse_args().n_prompts)
+    n_prompts = parser.parse_args().n_prompts
+    if not 1 <= n_prompts <= 32:
+        parser.error(f"--n-prompts {n_prompts}: pass 1 to 32 (the seeded sample holds 32 prompts)")
+    main(n_prompts)
