@@ -131,8 +131,10 @@ def test_kernel_space_follows_heretic_ranges():
     assert space["peak_position"] == [pytest.approx(14.4), 24.0] and space["width"] == [1.0, pytest.approx(14.4)]
     assert space["direction_index"] == [pytest.approx(9.6), pytest.approx(21.6)]
     assert space["peak_weight"] == [0.8, 1.5] and space["components"] == ["attn+mlp", "attn", "mlp"]
+    assert space["direction_source"] == ["refusal", "harm"]
     sampled = {"peak_weight": 1.2, "peak_position": 20.0, "floor_fraction": 0.5, "width": 3.0,
-               "direction_index": 12.5, "direction_scope": "per-block", "components": "attn"}
+               "direction_index": 12.5, "direction_scope": "per-block", "components": "attn",
+               "direction_source": "harm"}
     assert method_params(sampled) == {"peak_weight": 1.2, "peak_position": 20.0, "width": 3.0, "floor": 0.6,
                                       "direction_index": None, "components": "attn"}
 
@@ -148,6 +150,36 @@ def _settings(**overrides):
     return SearchSettings(**{"objective": "comply", "method": "weighted-ablation", "multi": True, "n_trials": 5,
                              "n_prompts": 6, "n_kl_prompts": 3, "n_mcq": 0, "batch_size": 6, "seed": 0,
                              **overrides})
+
+
+def test_harm_directions_are_computed_once_from_train_rows_and_the_probe_half(tiny_run, tiny_lm_loaded,
+                                                                             monkeypatch):
+    from torsion.capture import capture_batch, load_activations
+    from torsion.data import read_prompts_jsonl
+    from torsion.runs import neutral_halves
+    from torsion.store import RunDir
+    from torsion.vectors import harm_direction
+
+    run = RunDir(tiny_run)
+    harmless = neutral_halves(run)[0]
+    vector = optimize_multi.harm_vector(run, tiny_lm_loaded, "harm-test", harmless)
+    prompts = read_prompts_jsonl(run.prompts_path)
+    rows = [i for i, p in enumerate(prompts) if p.split == "train"]
+    assert 0 < len(rows) < len(prompts) and vector.meta["n_harmful"] == len(rows)
+    harmful = load_activations(run.activations_path)[0]["resid"][rows]
+    neutral = torch.cat([capture_batch(tiny_lm_loaded, [p.prompt], components=("resid",))["resid"]["last"]
+                         for p in harmless])
+    torch.testing.assert_close(vector.directions, harm_direction(harmful, neutral), atol=1e-5, rtol=0)
+    assert (tiny_run / "analysis" / "harm_harm-test.safetensors").is_file()
+
+    # a resumed search reads the file; other harmless prompts make it compute again
+    captured = []
+    original = optimize_multi.capture_batch
+    monkeypatch.setattr(optimize_multi, "capture_batch", lambda *a, **k: captured.append(1) or original(*a, **k))
+    assert torch.equal(optimize_multi.harm_vector(run, tiny_lm_loaded, "harm-test", harmless).directions,
+                       vector.directions) and captured == []
+    other = optimize_multi.harm_vector(run, tiny_lm_loaded, "harm-test", harmless[:2])
+    assert captured and other.meta["n_harmless"] == 2 and not torch.equal(other.directions, vector.directions)
 
 
 def test_multi_search_front_file_and_resume(tiny_run, tiny_lm_loaded, monkeypatch):
@@ -252,17 +284,46 @@ def test_cli_multi_then_orthogonalize_from_the_study(tiny_run, tiny_model_dir, t
     point = front["points"][knee]
     assert f"front point {knee}" in card and front["prompts"]["holdout_ids_sha256"] in card
     assert f"{point['heldout']['kl_base_to_steered']:.4f}" in card
-    baked = load_model(str(target))
     lm = load_model(str(tiny_model_dir))
     from torsion.vectors import load_vectors
 
-    method = get_method("weighted-ablation", directions=load_vectors(tiny_run / "vectors.safetensors")["md/resid"]
-                        .directions, **point["method_params"])
-    inputs = encode(lm, PROMPTS)
-    with torch.inference_mode():
-        with method.apply(lm, 1.0):
-            hooked = lm.model(**inputs).logits
-        torch.testing.assert_close(baked.model(**inputs).logits, hooked, atol=1e-4, rtol=0)
+    directions = {"refusal": load_vectors(tiny_run / "vectors.safetensors")["md/resid"].directions,
+                  "harm": load_vectors(tiny_run / front["direction_sources"]["harm"]["file"])["harm/resid"].directions}
+    assert front["direction_sources"]["harm"]["sha256"] == hashlib.sha256(directions["harm"].numpy().tobytes()).hexdigest()
+
+    def assert_baked_equals_hooks(target, point):
+        source = point["params"]["direction_source"]
+        method = get_method("weighted-ablation", directions=directions[source], **point["method_params"])
+        inputs = encode(lm, PROMPTS)
+        with torch.inference_mode():
+            with method.apply(lm, 1.0):
+                hooked = lm.model(**inputs).logits
+            torch.testing.assert_close(load_model(str(target)).model(**inputs).logits, hooked, atol=1e-4, rtol=0)
+
+    assert_baked_equals_hooks(target, point)
+    # each direction source bakes its own directions (the card says which)
+    front_path = tiny_run / "analysis" / "front_multi-weighted-ablation-comply.json"
+    saved = front_path.read_text()
+    for source, phrase in (("harm", "the harm direction"), ("refusal", "the run's `md/resid` vector")):
+        edited = json.loads(saved)
+        edited["points"][0]["params"]["direction_source"] = source
+        front_path.write_text(json.dumps(edited))
+        assert main(["orthogonalize", "--from-study", str(study), "--pick", "0", "--out", str(tmp_path / source)]) == 0
+        assert_baked_equals_hooks(tmp_path / source, edited["points"][0])
+        assert phrase in (tmp_path / source / "README.md").read_text()
+    harm_file = tiny_run / front["direction_sources"]["harm"]["file"]
+    harm_bytes = harm_file.read_bytes()
+    from torsion.vector_file import SteeringVector, save_vectors
+
+    save_vectors(harm_file, {"harm/resid": SteeringVector(directions["harm"].flip(0))}, run_meta={})
+    edited["points"][0]["params"]["direction_source"] = "harm"
+    front_path.write_text(json.dumps(edited))
+    capsys.readouterr()
+    assert main(["orthogonalize", "--from-study", str(study), "--pick", "0", "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("torsion: error: ") and "changed since the study ran" in err.splitlines()[-1]
+    harm_file.write_bytes(harm_bytes)
+    front_path.write_text(saved)
 
     # bad input: one line, exit 2
     capsys.readouterr()
@@ -279,7 +340,6 @@ def test_cli_multi_then_orthogonalize_from_the_study(tiny_run, tiny_model_dir, t
         code = main(argv)
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, err
-    front_path = tiny_run / "analysis" / "front_multi-weighted-ablation-comply.json"
     for p in front["points"]:
         p["heldout"]["refusal_rate"] = 0.5
     front_path.write_text(json.dumps(front))

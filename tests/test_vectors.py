@@ -16,6 +16,7 @@ from torsion.vectors import (
     SteeringVector,
     clip_outliers,
     fit_vectors,
+    harm_direction,
     load_run_meta,
     load_vector,
     load_vectors,
@@ -63,6 +64,31 @@ def _numpy_ridge(x_r, x_c, w_r, w_c, lam, lam_mode):
 #   v = (1.75 + 3.75, -0.75 - 3.75)/3 = (11/6, -1.5).
 HAND_COMPLIED = torch.tensor([[[0, 0], [0, 0]], [[2, 0], [2, 3]], [[1, 3], [1, 3]]], dtype=torch.float32)
 HAND_REFUSED = torch.tensor([[[3, 1], [0.5, -0.5]], [[5, 1], [2.5, -0.5]], [[4, 4], [1.5, -0.5]]])
+
+
+def test_harm_direction_by_hand():
+    # one block, d = 2: harmful mean (3, 1), harmless mean (1, 0) -> difference (2, 1)
+    harmful = torch.tensor([[[2.0, 0.0]], [[4.0, 2.0]]])
+    harmless = torch.tensor([[[1.0, 1.0]], [[1.0, -1.0]]])
+    unprojected = harm_direction(harmful, harmless, project=False)
+    torch.testing.assert_close(unprojected, torch.tensor([[2.0, 1.0]]) / 5 ** 0.5)
+    # projected off the harmless mean's direction (1, 0): (0, 1/sqrt 5), renormalised -> (0, 1)
+    torch.testing.assert_close(harm_direction(harmful, harmless), torch.tensor([[0.0, 1.0]]))
+    with pytest.raises(TorsionError, match="at least one harmful"):
+        harm_direction(harmful[:0], harmless)
+
+
+def test_harm_direction_matches_numpy_per_layer():
+    rng = np.random.default_rng(3)
+    harmful, harmless = rng.normal(size=(9, 3, 5)) + 0.5, rng.normal(size=(7, 3, 5))
+    got = harm_direction(torch.from_numpy(harmful), torch.from_numpy(harmless)).numpy()
+    for layer in range(3):
+        g = harmless[:, layer].mean(0)
+        d = harmful[:, layer].mean(0) - g
+        d, g = d / np.linalg.norm(d), g / np.linalg.norm(g)
+        expected = d - (d @ g) * g
+        np.testing.assert_allclose(got[layer], expected / np.linalg.norm(expected), atol=1e-6)
+        assert abs(got[layer] @ g) < 1e-6 and abs(np.linalg.norm(got[layer]) - 1) < 1e-6
 
 
 def test_rmd_matches_hand_computation():

@@ -114,7 +114,10 @@ def add_analysis_parsers(subcommands: argparse._SubParsersAction) -> None:
         "\n" + textwrap.fill("--multi (weighted-ablation only): an Optuna study with two minimised objectives, the train-split refusal "
         "rate (after false-positive correction) and the probe first-token KL, over heretic's kernel ranges (peak "
         "weight 0.8-1.5, peak position 0.6-1.0 x last block, floor 0-1 x peak, width 1-0.6 x last, fractional "
-        "direction block 0.4-0.9 x last or per-block directions, components attn+mlp/attn/mlp). Default study "
+        "direction block 0.4-0.9 x last or per-block directions, components attn+mlp/attn/mlp) and the direction "
+        "source: refusal (the run's --key vector, refused minus complied) or harm (harmful minus harmless means, "
+        "projected off the harmless mean, as heretic ablates; train-split harmful prompts against the neutral probe "
+        "half, saved to analysis/harm_<study>.safetensors). Default study "
         "multi-weighted-ablation-comply. Every front point is evaluated once on the holdout (refusal rate, "
         "genuine compliance, degenerate share, KL both ways, MCQ accuracy, perplexity ratio) -> "
         "analysis/front_<study>.json; bake one with `torsion orthogonalize --from-study RUN_DIR/STUDY --pick ...`.", 100),

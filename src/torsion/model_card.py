@@ -3,7 +3,8 @@
 
 The point is picked by :func:`torsion.pareto.pick_index` on the front's held-out objectives
 (``analysis/front_<study>.json``, :mod:`torsion.optimize_multi`); its ``weighted-ablation`` method
-(strength 1) is rebuilt from the run's vector, checked against the hashes the study recorded,
+(strength 1) is rebuilt from the direction source the point searched (the run's vector, or the
+study's harm directions file), checked against the hashes the study recorded,
 and baked by :func:`torsion.orthogonalize.orthogonalize_method`. ``DIR/README.md`` records the
 numbers (train and held-out), the per-block weights, the prompts' hashes and how it was made.
 
@@ -21,7 +22,7 @@ from typing import Any
 from torsion import __version__
 from torsion.errors import TorsionError
 from torsion.models import LoadedModel, load_model
-from torsion.optimize_multi import load_front
+from torsion.optimize_multi import HARM_KEY, load_front, point_source
 from torsion.orthogonalize import orthogonalize_method, save_model_dir
 from torsion.pareto import pick_index
 from torsion.steering.registry import get_method
@@ -30,15 +31,22 @@ from torsion.vectors import load_vectors
 
 
 def front_method(run: RunDir, front: dict[str, Any], point: dict[str, Any], lm: LoadedModel):
-    """The point's ``weighted-ablation`` method on the run's vector; one line if the run or model changed."""
+    """The point's ``weighted-ablation`` method on its direction source; one line if the run or model changed."""
     theirs, ours = front.get("weights_sha256"), lm.weights_sha256
     if theirs and ours and theirs != ours:
         raise TorsionError(f"the study searched model weights {theirs[:12]} but {lm.model_id} has {ours[:12]}; "
                            "pass the run's own model (--model)")
-    vector = load_vectors(run.vectors_path, d_model=lm.d_model)[front["vector_key"]]
-    if hashlib.sha256(vector.directions.numpy().tobytes()).hexdigest() != front["vector_sha256"]:
-        raise TorsionError(f"{run.vectors_path} changed since the study ran (vector {front['vector_key']}); "
-                           "run the search again")
+    if point_source(point["params"]) == "harm":
+        recorded = front["direction_sources"]["harm"]
+        path, key, expected = run.root / recorded["file"], HARM_KEY, recorded["sha256"]
+        if not path.is_file():
+            raise TorsionError(f"{path} is missing; rerun `torsion optimize {run.root} --method weighted-ablation "
+                               f"--multi --study {front['study']}` (it rewrites the file and reuses the trials)")
+    else:
+        path, key, expected = run.vectors_path, front["vector_key"], front["vector_sha256"]
+    vector = load_vectors(path, d_model=lm.d_model)[key]
+    if hashlib.sha256(vector.directions.numpy().tobytes()).hexdigest() != expected:
+        raise TorsionError(f"{path} changed since the study ran (vector {key}); run the search again")
     return get_method("weighted-ablation", directions=vector.directions, **point["method_params"])
 
 
@@ -74,6 +82,13 @@ def model_card(front: dict[str, Any], index: int, rule: str, model_spec: str, we
     ci = held.get("refusal_ci") or [None, None]
     source = "per-block directions" if mp["direction_index"] is None else \
         f"one direction, block {mp['direction_index']:.3f} (adjacent blocks interpolated)"
+    if point_source(point["params"]) == "harm":
+        harm = front["direction_sources"]["harm"]
+        what = (f"the harm direction (harmful minus harmless means of {harm['n_harmful']} train-split harmful and "
+                f"{harm['n_harmless']} neutral prompts, projected off the harmless mean; `{harm['file']}`, sha256 "
+                f"`{harm['sha256'][:16]}`)")
+    else:
+        what = f"the run's `{front['vector_key']}` vector (sha256 `{front['vector_sha256'][:16]}`)"
     lines = [
         f"# {model_spec} with refusals removed (torsion weighted ablation, front point {index})",
         "",
@@ -82,7 +97,7 @@ def model_card(front: dict[str, Any], index: int, rule: str, model_spec: str, we
         "",
         "## What was changed",
         "",
-        f"Directional ablation of the run's `{front['vector_key']}` vector (sha256 `{front['vector_sha256'][:16]}`), "
+        f"Directional ablation of {what}, "
         f"baked into the weights: block l's {mp['components'].replace('+', ' and ')} output projections "
         "lose the share w_l of the direction, `W <- W - w_l v v^T W` (the embedding with w_0 when attn+mlp). "
         f"Direction: {source}. Kernel: peak {mp['peak_weight']:.3f} at block {mp['peak_position']:.2f}, "
@@ -120,7 +135,8 @@ def model_card(front: dict[str, Any], index: int, rule: str, model_spec: str, we
         *[f"- {name.removesuffix('_ids_sha256')}: `{value}` ({front['prompts']['n'].get(name.removesuffix('_ids_sha256'))} "
           "prompts)" for name, value in sorted(front["prompts"].items()) if name.endswith("_ids_sha256")],
         "",
-        "The held-out prompts chose nothing: the vector was fit on train rows, the kernel on train prompts "
+        "The held-out prompts chose nothing: the direction was fit on train rows (harm: and the neutral probe "
+        "half), the kernel on train prompts "
         "and the probe half; the held-out harmful prompts and neutral half were used once, to evaluate the front.",
         "",
     ]

@@ -13,8 +13,12 @@ The search space (:func:`kernel_space`, ``last = n_layers − 1``, block indexin
 1.4's ranges: ``peak_weight`` ∈ [0.8, 1.5], ``peak_position`` ∈ [0.6, 1.0]·last,
 ``floor_fraction`` ∈ [0, 1] (``floor = floor_fraction · peak_weight``), ``width`` ∈ [1, max(1, 0.6·last)]
 blocks, ``direction_index`` ∈ [0.4, 0.9]·last (fractional: adjacent blocks' directions interpolated),
-``direction_scope`` global (that one direction everywhere) or per-block (each block its own), and
-``components`` attn+mlp, attn or mlp. Methods in :data:`MULTI_METHODS` (those with a removal
+``direction_scope`` global (that one direction everywhere) or per-block (each block its own),
+``components`` attn+mlp, attn or mlp, and ``direction_source``: ``refusal`` (the run's vector,
+refused minus complied, ``--key``) or ``harm`` (harmful minus harmless, projected off the harmless
+mean, as heretic ablates it: :func:`torsion.vectors.harm_direction` of the train split against the
+neutral search half, :func:`harm_vector`). The search picks the source per trial, so a model whose
+refusal is carried by one more than the other is searched on equal budget either way. Methods in :data:`MULTI_METHODS` (those with a removal
 kernel) support ``--multi``; the objective is ``comply`` (refusals removed).
 
 Trials live in an Optuna storage (:mod:`torsion.search`): resumable, shareable by PostgreSQL
@@ -39,8 +43,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+from torch import Tensor
+
 from torsion.behaviour import evaluate_behaviour
+from torsion.capture import capture_batch, load_activations
 from torsion.conventions import LAYER_INDEXING
+from torsion.data import Prompt, read_prompts_jsonl
 from torsion.errors import TorsionError
 from torsion.generate import GenerationSettings
 from torsion.judge.base import Judge
@@ -49,20 +58,22 @@ from torsion.models import LoadedModel
 from torsion.optimize import (NOT_OBJECTIVE, SearchSettings, _ids_sha256, baseline_rates, check_vector,
                               held_out_evaluation, mcq_items, prompt_sets, run_generation_settings)
 from torsion.pareto import hypervolume_2d
-from torsion.runs import run_judge
+from torsion.runs import neutral_halves, run_judge
 from torsion.search import open_study, redact_url, run_worker, storage_url
 from torsion.steering.registry import get_method
 from torsion.store import RunDir, atomic_write_json, read_json
-from torsion.vectors import load_vectors
+from torsion.vectors import SteeringVector, harm_direction, load_vectors, save_vectors
 
 SCHEMA_VERSION = 1
 MULTI_METHODS = ("weighted-ablation",)  # methods with a removal kernel, hence a refusal/KL trade-off to search
 OBJECTIVE_NAMES = ("refusal_rate", "kl_base_to_steered")
 DIRECTIONS = ("minimize", "minimize")
+HARM_KEY = "harm/resid"
 DEFAULT_SAMPLER = "tpe"  # benchmarks/results/multi_sampler.json: the comparison that chose it
 REFERENCE_POINT = (1.0, 1.0)  # (refusal rate, KL nats): every refusal, and a KL past any usable model
 SCOPES = ("global", "per-block")
 COMPONENTS = ("attn+mlp", "attn", "mlp")
+DIRECTION_SOURCES = ("refusal", "harm")  # the run's refused-minus-complied vector; harmful minus harmless
 
 
 def kernel_space(n_layers: int) -> dict[str, Any]:
@@ -70,7 +81,8 @@ def kernel_space(n_layers: int) -> dict[str, Any]:
     last = n_layers - 1
     return {"peak_weight": [0.8, 1.5], "peak_position": [0.6 * last, 1.0 * last], "floor_fraction": [0.0, 1.0],
             "width": [1.0, max(1.0, 0.6 * last)], "direction_index": [0.4 * last, 0.9 * last],
-            "direction_scope": list(SCOPES), "components": list(COMPONENTS)}
+            "direction_scope": list(SCOPES), "components": list(COMPONENTS),
+            "direction_source": list(DIRECTION_SOURCES)}
 
 
 def suggest(trial: Any, space: dict[str, Any]) -> dict[str, Any]:
@@ -94,6 +106,50 @@ def method_params(sampled: dict[str, Any]) -> dict[str, Any]:
             "components": sampled["components"]}
 
 
+def point_source(params: dict[str, Any]) -> str:
+    """A trial's direction source (fronts written before ``direction_source`` existed searched ``refusal``)."""
+    return params.get("direction_source", "refusal")
+
+
+def harm_vector(run: RunDir, lm: LoadedModel, study_name: str, harmless: list[Prompt], *,
+                batch_size: int = 16) -> SteeringVector:
+    """The study's ``harm`` directions: the run's train-split harmful activations (``resid`` at its
+    primary position) against ``harmless`` captured now at the same position.
+
+    Written once to ``analysis/harm_<study>.safetensors`` (key ``harm/resid``) and read back by a
+    resumed search, a joining worker and ``orthogonalize --from-study``; a file made from other
+    prompts or another model is recomputed.
+    """
+    prompts = read_prompts_jsonl(run.prompts_path)
+    if not run.activations_path.is_file():
+        raise TorsionError(f"{run.activations_path} not found; finish the run (capture stage) first")
+    tensors, file_meta = load_activations(run.activations_path)
+    if tensors["resid"].shape[0] != len(prompts):
+        raise TorsionError(f"activations have {tensors['resid'].shape[0]} rows but the run has {len(prompts)} "
+                           "prompts; re-run the capture stage")
+    rows = [i for i, p in enumerate(prompts) if p.split == "train"]
+    position = file_meta.get("primary_position", "last")
+    meta = {"method": "harm", "projected": True, "component": "resid", "position": position,
+            "layer_indexing": LAYER_INDEXING, "model_id": lm.model_id, "weights_sha256": lm.weights_sha256,
+            "harmful_ids_sha256": _ids_sha256([prompts[i] for i in rows]),
+            "harmless_ids_sha256": _ids_sha256(harmless), "n_harmful": len(rows), "n_harmless": len(harmless)}
+    path = harm_path(run, study_name)
+    if path.is_file():
+        stored = load_vectors(path, d_model=lm.d_model).get(HARM_KEY)
+        if stored is not None and all(stored.meta.get(k) == v for k, v in meta.items()):
+            return stored
+    batches = [capture_batch(lm, [p.prompt for p in harmless[i:i + batch_size]], components=("resid",),
+                             positions=(position,))["resid"][position] for i in range(0, len(harmless), batch_size)]
+    directions = harm_direction(tensors["resid"][rows], torch.cat(batches))
+    vector = SteeringVector(directions, meta)
+    save_vectors(path, {HARM_KEY: vector}, run_meta={"study": study_name})
+    return vector
+
+
+def harm_path(run: RunDir, study_name: str) -> Path:
+    return run.root / "analysis" / f"harm_{study_name}.safetensors"
+
+
 def check_multi(settings: SearchSettings) -> None:
     """One line unless ``settings`` can run a multi-objective search."""
     if settings.method not in MULTI_METHODS:
@@ -107,15 +163,16 @@ def check_multi(settings: SearchSettings) -> None:
         raise TorsionError("--multi samples the whole kernel itself (strength 1); drop --param and --alpha-range")
 
 
-def _trial_objective(lm: LoadedModel, directions, space: dict[str, Any], sets: dict, generation: GenerationSettings,
-                     judge: Judge):
+def _trial_objective(lm: LoadedModel, directions: dict[str, Tensor], space: dict[str, Any], sets: dict,
+                     generation: GenerationSettings, judge: Judge):
     search = [p.prompt for p in sets["search"]]
     probe = [p.prompt for p in sets["kl_probe"]]
 
     def objective(trial) -> tuple[float, float]:
         start = time.perf_counter()
         sampled = suggest(trial, space)
-        method = get_method("weighted-ablation", directions=directions, **method_params(sampled))
+        method = get_method("weighted-ablation", directions=directions[point_source(sampled)],
+                            **method_params(sampled))
         steer = method.factory(lm, 1.0)
         kl = first_token_kl(lm, probe, steer)
         result = evaluate_behaviour(lm, search, steer, generation, judge=judge, desc=f"trial {trial.number}")
@@ -163,14 +220,20 @@ def run_optimize_multi(run_dir: Path, lm: LoadedModel, settings: SearchSettings,
     if vector.directions.shape[0] != lm.n_layers:
         raise TorsionError(f"vector {settings.vector_key} covers {vector.directions.shape[0]} blocks but the model has "
                            f"{lm.n_layers}; use the run's own model")
-    vector_sha256 = hashlib.sha256(vector.directions.numpy().tobytes()).hexdigest()
+    vector_sha256 = _sha256(vector.directions)
     space = kernel_space(lm.n_layers)
     sets = prompt_sets(run, settings)
+    harm = harm_vector(run, lm, study_name, neutral_halves(run)[0])
+    directions = {"refusal": vector.directions, "harm": harm.directions}
+    sources = {"refusal": {"vector_key": settings.vector_key, "sha256": vector_sha256},
+               "harm": {"file": str(harm_path(run, study_name).relative_to(run.root)), "key": HARM_KEY,
+                        "sha256": _sha256(harm.directions), **harm.meta}}
     generation = run_generation_settings(run, settings)
     scale = {k: v for k, v in asdict(settings).items() if k not in NOT_OBJECTIVE}
     prompts = {f"{name}_ids_sha256": _ids_sha256(items) for name, items in sets.items()}
     spec = {"settings": json.loads(json.dumps(scale)), "objectives": list(OBJECTIVE_NAMES), "space": space,
             "method": "weighted-ablation", "strength": 1.0, "vector_sha256": vector_sha256,
+            "harm_sha256": sources["harm"]["sha256"],
             "weights_sha256": lm.weights_sha256, "max_new_tokens": generation.max_new_tokens, "judge": judge.name,
             **{k: v for k, v in prompts.items() if k != "holdout_ids_sha256"}}
     url = storage_url(run.root, storage)
@@ -179,7 +242,7 @@ def run_optimize_multi(run_dir: Path, lm: LoadedModel, settings: SearchSettings,
                        grace_period=grace_period)
     log(f"study {study_name} in {redact_url(url)}: weighted-ablation kernel, objectives {list(OBJECTIVE_NAMES)}, "
         f"{settings.n_trials} trials ({settings.sampler}), judge {judge.name}")
-    summary = run_worker(study, _trial_objective(lm, vector.directions, space, sets, generation, judge), log=log)
+    summary = run_worker(study, _trial_objective(lm, directions, space, sets, generation, judge), log=log)
     by_number = {t["number"]: t for t in summary["trials"]}
     front = sorted((by_number[n] for n in summary["front"]), key=lambda t: (t["values"][0], t["values"][1], t["number"]))
     if not front:
@@ -194,7 +257,7 @@ def run_optimize_multi(run_dir: Path, lm: LoadedModel, settings: SearchSettings,
         "directions": list(DIRECTIONS), "sampler": settings.sampler, "n_trials": summary["n_finished"],
         "reference_point": list(REFERENCE_POINT), "space": space, "judge": judge.name,
         "settings": json.loads(json.dumps(asdict(settings))), "vector_key": settings.vector_key,
-        "vector_sha256": vector_sha256, "model_id": lm.model_id, "weights_sha256": lm.weights_sha256,
+        "vector_sha256": vector_sha256, "direction_sources": sources, "model_id": lm.model_id, "weights_sha256": lm.weights_sha256,
         "max_new_tokens": generation.max_new_tokens,
         "conventions": {"layer_indexing": LAYER_INDEXING, "strength": 1.0,
                         "refusal_rate": "refused/judged after false-positive correction (fp_refuse counts), Wilson 95%",
@@ -220,7 +283,8 @@ def run_optimize_multi(run_dir: Path, lm: LoadedModel, settings: SearchSettings,
         if key in done:
             point["heldout"] = done[key]
             continue
-        method = get_method("weighted-ablation", directions=vector.directions, **point["method_params"])
+        method = get_method("weighted-ablation", directions=directions[point_source(point["params"])],
+                            **point["method_params"])
         point["heldout"] = evaluate_point(run, lm, method, settings, sets, generation, judge, result["baseline"],
                                           log=log)
         atomic_write_json(path, result)  # a killed evaluation resumes after the last finished point
@@ -229,6 +293,10 @@ def run_optimize_multi(run_dir: Path, lm: LoadedModel, settings: SearchSettings,
         REFERENCE_POINT)
     atomic_write_json(path, result)
     return result
+
+
+def _sha256(directions: Tensor) -> str:
+    return hashlib.sha256(directions.numpy().tobytes()).hexdigest()
 
 
 def _point(index: int, trial: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from torsion.judge.base import is_complied, is_refused
 from torsion.vector_file import SteeringVector, load_run_meta, load_vector, load_vectors, save_vectors
 
 __all__ = [
-    "METHODS", "SteeringVector", "clip_outliers", "fit_vectors", "load_run_meta", "load_vector",
+    "METHODS", "SteeringVector", "clip_outliers", "fit_vectors", "harm_direction", "load_run_meta", "load_vector",
     "load_vectors", "mean_difference", "pca_direction", "probe_direction", "rmd", "save_vectors", "wrmd",
 ]
 
@@ -47,6 +47,32 @@ def mean_difference(refused: Tensor, complied: Tensor) -> Tensor:
         ``[n_layers, d_model]`` in float32 (means are accumulated in float64).
     """
     return (refused.double().mean(0) - complied.double().mean(0)).float()
+
+
+def harm_direction(harmful: Tensor, harmless: Tensor, *, project: bool = True) -> Tensor:
+    """Harmful minus harmless, the abliteration direction (heretic's, with ``project`` its default).
+
+    ``d_l = normalize(mean(H_l) − mean(N_l))``; with ``project``, only the part orthogonal to the
+    harmless mean's direction ``ĝ_l = normalize(mean(N_l))`` is kept and renormalised,
+    ``normalize(d_l − (d_l·ĝ_l) ĝ_l)``, so ablating it leaves the harmless mean's own direction alone.
+    Unlike :func:`mean_difference` it needs no judge: harmful and harmless are prompt sets, not labels.
+
+    Args:
+        harmful: ``[n_harmful, n_layers, d_model]``.
+        harmless: ``[n_harmless, n_layers, d_model]``.
+
+    Returns:
+        Unit rows ``[n_layers, d_model]`` in float32 (computed in float64).
+    """
+    if harmful.shape[0] == 0 or harmless.shape[0] == 0:
+        raise TorsionError("the harm direction needs at least one harmful and one harmless activation")
+    harmless_mean = harmless.double().mean(0)
+    direction = torch.nn.functional.normalize(harmful.double().mean(0) - harmless_mean, dim=-1)
+    if project:
+        anchor = torch.nn.functional.normalize(harmless_mean, dim=-1)
+        direction = direction - (direction * anchor).sum(-1, keepdim=True) * anchor
+        direction = torch.nn.functional.normalize(direction, dim=-1)
+    return direction.float()
 
 
 def rmd(refused: Tensor, complied: Tensor, *, neutral: Tensor | None = None, lam: float = 1e-2,

@@ -192,7 +192,8 @@ def front_section(result: dict[str, Any], run_dir: Path) -> str:
         source = "per-block" if mp["direction_index"] is None else number(mp["direction_index"], ".2f")
         rows.append([str(point["index"]), str(point["trial"]),
                      escape(f"{mp['components']}, peak {mp['peak_weight']:.2f}@{mp['peak_position']:.1f}, "
-                            f"width {mp['width']:.1f}, floor {mp['floor']:.2f}, dir {source}"),
+                            f"width {mp['width']:.1f}, floor {mp['floor']:.2f}, "
+                            f"{point['params'].get('direction_source', 'refusal')} dir {source}"),
                      number(100 * train["refusal_rate"], ".1f", "%"), number(train["kl"], ".3g"),
                      number(100 * held["refusal_rate"], ".1f", "%") + " " + interval(held["refusal_ci"])
                      if held else "n/a", number(held.get("kl_base_to_steered"), ".3g"),
