@@ -83,7 +83,7 @@ Usage: ``python benchmarks/bench_heretic.py [--run RUN_DIR] [--trials 24] [--n-p
 --n-prompts 8 --n-kl-prompts 8 --n-holdout 8 --max-new-tokens 16``. Work files (prompt files,
 heretic's journal and LoRA factors) live in ``<repo>/.cache/bench_heretic/<settings hash>``; a
 killed run resumes there (heretic's journal resumes its study; torsion's study resumes in the
-run's storage; finished evaluations are kept in ``WORK/eval_<tool>_<point>.json``).
+run's storage; finished evaluations are kept in ``WORK/eval_heretic_<trial>.json`` and ``WORK/eval_torsion_<study>_<point>.json``; the torsion study is named after the settings and a hash of the search space, so a changed space is a new study).
 """
 
 from __future__ import annotations
@@ -122,6 +122,7 @@ from torsion.generate import GenerationSettings  # noqa: E402
 from torsion.metrics import kl_divergence, next_token_logprobs  # noqa: E402
 from torsion.models import LoadedModel, find_layout, load_model  # noqa: E402
 from torsion.optimize import SearchSettings, prompt_sets  # noqa: E402
+from torsion.optimize_multi import kernel_space  # noqa: E402
 from torsion.runs import labelled_prompts, neutral_halves, run_judge  # noqa: E402
 from torsion.search import storage_url  # noqa: E402
 from torsion.store import RunDir, atomic_write_json  # noqa: E402
@@ -254,7 +255,7 @@ def run_torsion(run_dir: Path, work: Path, study: str, args) -> dict:
                   reference_point=front.get("reference_point"),
                   points=[])
     for index, point in enumerate(front.get("points", front.get("front", []))):
-        out = work / "torsion_models" / f"point_{index}"
+        out = work / "torsion_models" / f"{study}_point_{index}"
         record["points"].append({"index": index, "params": point.get("params"), "train": point.get("train"),
                                  "heldout_reported": point.get("heldout"), "model_dir": str(out),
                                  "export": [*torsion_cli(), "orthogonalize", "--from-study", f"{run_dir}/{study}",
@@ -403,7 +404,9 @@ def main() -> None:
     work = REPO / ".cache" / "bench_heretic" / key
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_json(work / "spec.json", spec)
-    study = f"bench-heretic-p{args.n_prompts}-k{args.n_kl_prompts}-s{args.seed}"
+    # the search space's hash in the name: a changed space (a new parameter) is a new study, not a clash
+    space = json.dumps(kernel_space(int(manifest["model"]["n_layers"])), sort_keys=True)
+    study = f"bench-heretic-p{args.n_prompts}-k{args.n_kl_prompts}-s{args.seed}-{hashlib.sha256(space.encode()).hexdigest()[:6]}"
     model_dir = cached_hf_dir(DEFAULT_MODEL)
 
     heretic = run_heretic(work, model_dir, sets, args)
@@ -444,7 +447,7 @@ def main() -> None:
                         lines = [line for line in proc.stderr.splitlines() if line.strip()] or ["no output"]
                         raise SystemExit(f"{' '.join(point['export'])} failed: {lines[-1]}")
                 return torsion_edit(out)
-            heldout = point_eval(f"torsion_{point['index']}", export)
+            heldout = point_eval(f"torsion_{study}_{point['index']}", export)
             shutil.rmtree(out, ignore_errors=True)  # 2 GB a point; the evaluation is cached
             fronts["torsion"].append({"index": point["index"], "params": point["params"], "train": point["train"],
                                       "heldout_reported_by_torsion": point["heldout_reported"], "heldout": heldout})
