@@ -86,7 +86,8 @@ def test_evaluator_gives_zero_kl_and_the_base_rates_for_an_unchanged_copy(bench,
     plain = bench.evaluate(base, None, sets, generation, OracleJudge(), base_logprobs)
     same = bench.evaluate(base, bench.edited_copy(base, lambda params: None), sets, generation, OracleJudge(),
                           base_logprobs)
-    assert plain["kl_base_to_steered"] == same["kl_base_to_steered"] == 0.0
+    # the copy's tensors sit at other addresses, so the CPU kernels may sum in another order (seen: 2e-8)
+    assert plain["kl_base_to_steered"] == 0.0 and 0.0 <= same["kl_base_to_steered"] < 1e-6
     assert same["responses"] == plain["responses"] and same["refusal_rate"] == plain["refusal_rate"]
     assert same["n"] == 4 and same["n_kl_prompts"] == 2
 
