@@ -66,7 +66,8 @@ Result ``results/heretic.json``:
 - ``torsion``: the same fields, ``command``, ``front_file``, ``hypervolume_reported`` and
   ``reference_point`` (the front file's own);
 - ``fronts``: ``{tool: [point]}``, a point = ``params``, ``train`` (each tool's own search
-  numbers), ``heldout``: ``refusal_rate`` (torsion judge, refused/judged), ``refusal_ci`` (Wilson
+  numbers; heretic's also ``kl_reapplied``, this process's KL of the re-applied edit on heretic's
+  own probe prompts, to compare with the ``kl`` heretic reported), ``heldout``: ``refusal_rate`` (torsion judge, refused/judged), ``refusal_ci`` (Wilson
   95%), ``genuine_rate``, ``degenerate_rate``, ``complied_rate``, ``n``,
   ``heretic_marker_refusal_rate`` (heretic's markers on the same responses),
   ``kl_base_to_steered``, ``kl_steered_to_base`` (mean nats, first token, held-out neutral);
@@ -427,13 +428,32 @@ def main() -> None:
                 del edited
         return cached(work / f"eval_{name}.json", compute)
 
+    probe = [p.prompt for p in sets["kl_probe"]]
+    base_probe = next_token_logprobs(base, probe, 16, None)
+
+    def probe_kl(name: str, edit) -> dict:
+        """KL on heretic's own search probe (its ``good_evaluation_prompts``): the re-applied edit against
+        the KL heretic reported, which checks that the point evaluated is the point heretic chose."""
+        def compute() -> dict:
+            edited = edited_copy(base, edit())
+            try:
+                return {"kl_base_to_steered": kl_divergence(base_probe, next_token_logprobs(edited, probe, 16, None))
+                        .mean().item()}
+            finally:
+                del edited
+        return cached(work / f"probe_{name}.json", compute)
+
     baseline = point_eval("baseline", None)
     fronts: dict[str, list] = {}
     if heretic["status"] == "ok":
-        fronts["heretic"] = [{"trial": p["number"], "params": p["abliteration_parameters"],
-                              "direction_index": p["direction_index"], "train": p["train"],
-                              "heldout": point_eval(f"heretic_{p['number']}", lambda p=p: heretic_edit(p["file"]))}
-                             for p in heretic.pop("points")]
+        fronts["heretic"] = []
+        for p in heretic.pop("points"):
+            edit = lambda p=p: heretic_edit(p["file"])  # noqa: E731
+            reapplied = probe_kl(f"heretic_{p['number']}", edit)["kl_base_to_steered"]
+            fronts["heretic"].append({"trial": p["number"], "params": p["abliteration_parameters"],
+                                      "direction_index": p["direction_index"],
+                                      "train": {**p["train"], "kl_reapplied": reapplied},
+                                      "heldout": point_eval(f"heretic_{p['number']}", edit)})
     if torsion["status"] == "ok":
         fronts["torsion"] = []
         for point in torsion.pop("points"):
