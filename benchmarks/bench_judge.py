@@ -10,7 +10,7 @@ Views, hand label against judge label (``torsion.judge.views``):
   a stance (a judge's degenerate there is wrong).
 
 Each judge is scored on every row with its label for that row coming from a judge that never saw
-the row's source: the rule judges are fixed (``rules-v2``, ``rules-v3`` and ``rules-v4`` are read from git history
+the row's source: the rule judges are fixed (``rules-v2`` to ``rules-v5`` are read from git history
 by ``frozen_rules.py``, at the commits recorded as ``frozen_rule_judges``), and each learned candidate and ensemble
 threshold is refitted once per source on all other sources (leave-one-source-out). ``per_source`` gives the binary accuracy per
 held-out source; ``held_out_sources`` the figures on the sources listed in
@@ -103,14 +103,14 @@ def timed(judge, rows: Sequence[dict]) -> float:
 
 
 def main() -> None:
-    RuleJudgeV2, RuleJudgeV3, RuleJudgeV4 = (frozen_rule_judge(FROZEN[name])
-                                             for name in ("rules-v2", "rules-v3", "rules-v4"))
+    RuleJudgeV2, RuleJudgeV3, RuleJudgeV4, RuleJudgeV5 = (frozen_rule_judge(FROZEN[name])
+                                                          for name in ("rules-v2", "rules-v3", "rules-v4", "rules-v5"))
     rows = [json.loads(line) for line in (FIXTURES / "responses.jsonl").read_text().splitlines() if line.strip()]
     held_out = set(json.loads((FIXTURES / "splits.json").read_text())["held_out_sources"])
     result: dict = {"rows": len(rows), "sources": len({r["source"] for r in rows}),
                     "held_out_sources": sorted(held_out), "frozen_rule_judges": FROZEN, "judges": {}}
     prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
-    for judge in (RuleJudgeV2(), RuleJudgeV3(), RuleJudgeV4(), RuleJudge()):
+    for judge in (RuleJudgeV2(), RuleJudgeV3(), RuleJudgeV4(), RuleJudgeV5(), RuleJudge()):
         result["judges"][judge.name] = report(rows, [v.label for v in judge.judge(prompts, responses)], held_out)
     best_name, best = None, -1.0
     for name, options in CANDIDATES.items():
@@ -126,7 +126,8 @@ def main() -> None:
     for threshold, labels in ensemble_predictions(rows, CANDIDATES[best_name]).items():
         result["judges"][f"ensemble[{best_name}, t={threshold}]"] = report(rows, labels, held_out)
     result["speed"] = {"n_responses": N_SPEED, "target_s": TARGET_S}
-    for judge in (RuleJudgeV2(), RuleJudgeV3(), RuleJudgeV4(), RuleJudge(), LearnedJudge(), EnsembleJudge()):
+    for judge in (RuleJudgeV2(), RuleJudgeV3(), RuleJudgeV4(), RuleJudgeV5(), RuleJudge(), LearnedJudge(),
+                  EnsembleJudge()):
         result["speed"][judge.name] = timed(judge, rows)
     result["speed"]["target_met"] = all(result["speed"][j.name] < TARGET_S for j in (RuleJudge(), LearnedJudge()))
     result["speed"]["rules_over_v2"] = round(result["speed"][RuleJudge().name] / result["speed"][RuleJudgeV2().name], 3)

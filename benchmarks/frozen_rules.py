@@ -26,6 +26,7 @@ FROZEN = {  # each judge's last commit (rules.py and patterns.py unchanged until
     "rules-v2": "71b320ec7a08870102160cf3749fd39c305e0dee",
     "rules-v3": "fbf874a73abb40892aacc4f096e5f93454ae0fdd",
     "rules-v4": "e98162b0b27b7fcb8898cdd24ba67a46e2340a28",
+    "rules-v5": "e09186297dc5fe276c8da4a5d3c387f49bcf80b5",
 }
 _TMP: list[tempfile.TemporaryDirectory] = []  # kept alive for the process
 

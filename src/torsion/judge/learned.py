@@ -1,13 +1,13 @@
 """The learned judge ``learned-v1``: logistic regression over text n-grams and the rule judge's reasons.
 
-Features of one response (:func:`features`), all from its text and the rule judge ``rules-v5``:
+Features of one response (:func:`features`), all from its text and the rule judge ``rules-v6``:
 
 - ``w:`` word unigrams and bigrams (``patterns.words`` tokens) and ``f:`` the same for the first
   ``OPENING_WORDS`` words (a refusal shows at the start); tf is ``1 + log(count)``, times idf,
   and the text block is L2-normalised;
 - ``c:`` character 3–5-grams of the lowercased first ``CHAR_SPAN`` characters (in the same block),
   when the model's ``chars`` option is on;
-- ``r:`` each rule of ``rules-v5`` that fired, and ``l:`` its label, with value 1.
+- ``r:`` each rule of ``rules-v6`` that fired, and ``l:`` its label, with value 1.
 
 A multinomial :class:`sklearn.linear_model.LogisticRegression` maps them to the five labels
 (four classes and ``degenerate``). Training keeps features seen in at least ``min_df`` rows.
@@ -65,7 +65,7 @@ def text_terms(response: str, chars: bool) -> Counter[str]:
 
 
 def rule_terms(response: str, prompt: str) -> list[str]:
-    """``r:`` rule names and the ``l:`` label of ``rules-v5`` on this response."""
+    """``r:`` rule names and the ``l:`` label of ``rules-v6`` on this response."""
     reasons = rule_reasons(response, prompt)
     return [f"r:{r}" for r in reasons] + [f"l:{label_for(reasons)}"]
 
@@ -161,7 +161,7 @@ class LearnedJudge:
 
 
 class EnsembleJudge:
-    """The learned label where its probability is at least ``threshold``, else the ``rules-v5`` label."""
+    """The learned label where its probability is at least ``threshold``, else the ``rules-v6`` label."""
 
     def __init__(self, weights: str | Path | None = None, threshold: float = 0.6,
                  trained: dict[str, Any] | None = None) -> None:
