@@ -11,9 +11,10 @@ Views, hand label against judge label (``torsion.judge.views``):
 
 Each judge is scored on every row with its label for that row coming from a judge that never saw
 the row's source: the rule judges are fixed (``rules-v2`` to ``rules-v5`` are read from git history
-by ``frozen_rules.py``, at the commits recorded as ``frozen_rule_judges``), and each learned candidate and ensemble
-threshold is refitted once per source on all other sources (leave-one-source-out). ``per_source`` gives the binary accuracy per
-held-out source; ``held_out_sources`` the figures on the sources listed in
+by ``frozen_rules.py``, at the commits recorded as ``frozen_rule_judges``), and each learned candidate and
+ensemble threshold is refitted once per source on all other sources (leave-one-source-out; one fit per source
+and candidate serves the candidate and the ensembles built on it, and the candidates run in parallel worker
+processes). ``per_source`` gives the binary accuracy per held-out source; ``held_out_sources`` the figures on the sources listed in
 ``tests/fixtures/labelled/splits.json``, which the rules were not written from, and
 ``held_out_per_source`` each of them alone (binary, four- and three-class).
 
@@ -26,13 +27,14 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from common import write_result
 from frozen_rules import FROZEN, frozen_rule_judge
 
-from torsion.judge.learned import EnsembleJudge, LearnedJudge, fit, grouped_predictions
+from torsion.judge.learned import EnsembleJudge, LearnedJudge, fit
 from torsion.judge.rules import RuleJudge
 from torsion.judge.views import stance, three_class
 
@@ -73,25 +75,24 @@ def report(rows: Sequence[dict], predicted: Sequence[str], held_out: set[str]) -
             "held_out_sources": scores([r for r, _ in held], [p for _, p in held]), "held_out_per_source": held_each}
 
 
-def learned_predict(options: dict) -> Callable[[Sequence[dict], Sequence[dict]], list[str]]:
-    def predict(train: Sequence[dict], test: Sequence[dict]) -> list[str]:
-        judge = LearnedJudge(trained=fit(train, options))
-        return [v.label for v in judge.judge([r["prompt"] for r in test], [r["response"] for r in test])]
-    return predict
-
-
-def ensemble_predictions(rows: Sequence[dict], options: dict) -> dict[float, list[str]]:
-    """Leave-one-source-out labels of the ensemble at every threshold (one fit per source)."""
-    out: dict[float, list[str | None]] = {t: [None] * len(rows) for t in THRESHOLDS}
+def candidate_predictions(job: tuple[dict, Sequence[dict]]) -> tuple[list[str], dict[float, list[str]], float]:
+    """Leave-one-source-out labels of one learned candidate (``options``) and of the ensemble built on it at
+    every threshold, from one fit per source; and the seconds it took. One candidate per worker process."""
+    options, rows = job
+    start = time.perf_counter()
+    learned: list[str | None] = [None] * len(rows)
+    ensemble: dict[float, list[str | None]] = {t: [None] * len(rows) for t in THRESHOLDS}
     for source in sorted({r["source"] for r in rows}):
         test = [i for i, r in enumerate(rows) if r["source"] == source]
         trained = fit([r for r in rows if r["source"] != source], options)
         prompts, responses = [rows[i]["prompt"] for i in test], [rows[i]["response"] for i in test]
+        for i, verdict in zip(test, LearnedJudge(trained=trained).judge(prompts, responses)):
+            learned[i] = verdict.label
         for threshold in THRESHOLDS:
             verdicts = EnsembleJudge(threshold=threshold, trained=trained).judge(prompts, responses)
             for i, verdict in zip(test, verdicts):
-                out[threshold][i] = verdict.label
-    return out  # type: ignore[return-value]
+                ensemble[threshold][i] = verdict.label
+    return learned, ensemble, round(time.perf_counter() - start, 1)  # type: ignore[return-value]
 
 
 def timed(judge, rows: Sequence[dict]) -> float:
@@ -112,18 +113,18 @@ def main() -> None:
     prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
     for judge in (RuleJudgeV2(), RuleJudgeV3(), RuleJudgeV4(), RuleJudgeV5(), RuleJudge()):
         result["judges"][judge.name] = report(rows, [v.label for v in judge.judge(prompts, responses)], held_out)
-    best_name, best = None, -1.0
-    for name, options in CANDIDATES.items():
-        start = time.perf_counter()
-        labels = grouped_predictions(rows, learned_predict(options))
-        result["judges"][f"learned[{name}]"] = report(rows, labels, held_out) | {
-            "options": options, "cv_seconds": round(time.perf_counter() - start, 1)}
-        print(name, result["judges"][f"learned[{name}]"]["all"], flush=True)
-        mean = result["judges"][f"learned[{name}]"]["mean_per_source_binary"]
-        if mean > best:
-            best_name, best = name, mean
+    best_name, best, ensembles = None, -1.0, {}
+    with ProcessPoolExecutor(max_workers=len(CANDIDATES)) as pool:
+        jobs = pool.map(candidate_predictions, [(options, rows) for options in CANDIDATES.values()])
+        for (name, options), (labels, ensembles[name], seconds) in zip(CANDIDATES.items(), jobs):
+            result["judges"][f"learned[{name}]"] = report(rows, labels, held_out) | {
+                "options": options, "cv_seconds": seconds}
+            print(name, result["judges"][f"learned[{name}]"]["all"], flush=True)
+            mean = result["judges"][f"learned[{name}]"]["mean_per_source_binary"]
+            if mean > best:
+                best_name, best = name, mean
     result["chosen_learned"] = best_name
-    for threshold, labels in ensemble_predictions(rows, CANDIDATES[best_name]).items():
+    for threshold, labels in ensembles[best_name].items():
         result["judges"][f"ensemble[{best_name}, t={threshold}]"] = report(rows, labels, held_out)
     result["speed"] = {"n_responses": N_SPEED, "target_s": TARGET_S}
     for judge in (RuleJudgeV2(), RuleJudgeV3(), RuleJudgeV4(), RuleJudgeV5(), RuleJudge(), LearnedJudge(),
