@@ -255,8 +255,9 @@ def test_head_block_kls_equal_kl_divergences_of_the_head_logprobs(family, monkey
     expected_forward, expected_backward = kl_divergences(base[None], steered)
     assert forward.shape == (n_steps, batch) and torch.isfinite(forward).all()
     assert torch.isinf(backward[:, 1]).all() and torch.isfinite(backward[:, [0, 2]]).all()
-    torch.testing.assert_close(forward, expected_forward, rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(backward, expected_backward, rtol=1e-12, atol=1e-15)
+    # the head's float32 matmul on 4-row blocks may take another CPU kernel than on all 15 rows (seen: 2e-8 relative)
+    torch.testing.assert_close(forward, expected_forward, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(backward, expected_backward, rtol=1e-6, atol=1e-9)
     assert forward.min() > 1e-3  # the rows differ from the base, so the comparison means something
 
 
