@@ -67,8 +67,8 @@ Result ``results/heretic.json``:
   ``reference_point`` (the front file's own);
 - ``fronts``: ``{tool: [point]}``, a point = ``params``, ``train`` (each tool's own search
   numbers; heretic's also ``kl_reapplied``, this process's KL of the re-applied edit on heretic's
-  own probe prompts, to compare with the ``kl`` heretic reported), ``heldout``: ``refusal_rate`` (torsion judge, refused/judged), ``refusal_ci`` (Wilson
-  95%), ``genuine_rate``, ``degenerate_rate``, ``complied_rate``, ``n``,
+  own probe prompts, to compare with the ``kl`` heretic reported), ``heldout``: ``refusal_rate``
+  (torsion judge, refused/judged), ``refusal_ci`` (Wilson 95%), ``genuine_rate``, ``degenerate_rate``, ``complied_rate``, ``n``,
   ``heretic_marker_refusal_rate`` (heretic's markers on the same responses),
   ``kl_base_to_steered``, ``kl_steered_to_base`` (mean nats, first token, held-out neutral);
 - ``baseline_heldout``: the unedited model under the same evaluator;
@@ -84,7 +84,9 @@ Usage: ``python benchmarks/bench_heretic.py [--run RUN_DIR] [--trials 24] [--n-p
 --n-prompts 8 --n-kl-prompts 8 --n-holdout 8 --max-new-tokens 16``. Work files (prompt files,
 heretic's journal and LoRA factors) live in ``<repo>/.cache/bench_heretic/<settings hash>``; a
 killed run resumes there (heretic's journal resumes its study; torsion's study resumes in the
-run's storage; finished evaluations are kept in ``WORK/eval_heretic_<trial>.json`` and ``WORK/eval_torsion_<study>_<point>.json``; the torsion study is named after the settings and a hash of the search space, so a changed space is a new study).
+run's storage; finished evaluations are kept in ``WORK/eval_heretic_<trial>.json`` and
+``WORK/eval_torsion_<study>_<point>.json``; the torsion study is named after the settings and a
+hash of the search space, so a changed space is a new study).
 """
 
 from __future__ import annotations
@@ -407,7 +409,8 @@ def main() -> None:
     atomic_write_json(work / "spec.json", spec)
     # the search space's hash in the name: a changed space (a new parameter) is a new study, not a clash
     space = json.dumps(kernel_space(int(manifest["model"]["n_layers"])), sort_keys=True)
-    study = f"bench-heretic-p{args.n_prompts}-k{args.n_kl_prompts}-s{args.seed}-{hashlib.sha256(space.encode()).hexdigest()[:6]}"
+    space_tag = hashlib.sha256(space.encode()).hexdigest()[:6]
+    study = f"bench-heretic-p{args.n_prompts}-k{args.n_kl_prompts}-s{args.seed}-{space_tag}"
     model_dir = cached_hf_dir(DEFAULT_MODEL)
 
     heretic = run_heretic(work, model_dir, sets, args)
@@ -419,14 +422,19 @@ def main() -> None:
     generation = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=GENERATION_BATCH)
     base_logprobs = next_token_logprobs(base, [p.prompt for p in sets["kl_eval"]], 16, None)
 
-    def point_eval(name: str, edit) -> dict:
+    def on_edited(path: Path, edit, measure) -> dict:
+        """``measure(model)`` of the base with ``edit`` applied (the base itself for None), cached at ``path``."""
         def compute() -> dict:
             edited = edited_copy(base, edit()) if edit is not None else None
             try:
-                return evaluate(base, edited, sets, generation, judge, base_logprobs)
+                return measure(edited or base)
             finally:
                 del edited
-        return cached(work / f"eval_{name}.json", compute)
+        return cached(path, compute)
+
+    def point_eval(name: str, edit) -> dict:
+        return on_edited(work / f"eval_{name}.json", edit,
+                         lambda lm: evaluate(base, lm, sets, generation, judge, base_logprobs))
 
     probe = [p.prompt for p in sets["kl_probe"]]
     base_probe = next_token_logprobs(base, probe, 16, None)
@@ -434,14 +442,8 @@ def main() -> None:
     def probe_kl(name: str, edit) -> dict:
         """KL on heretic's own search probe (its ``good_evaluation_prompts``): the re-applied edit against
         the KL heretic reported, which checks that the point evaluated is the point heretic chose."""
-        def compute() -> dict:
-            edited = edited_copy(base, edit())
-            try:
-                return {"kl_base_to_steered": kl_divergence(base_probe, next_token_logprobs(edited, probe, 16, None))
-                        .mean().item()}
-            finally:
-                del edited
-        return cached(work / f"probe_{name}.json", compute)
+        return on_edited(work / f"probe_{name}.json", edit, lambda lm: {"kl_base_to_steered": kl_divergence(
+            base_probe, next_token_logprobs(lm, probe, 16, None)).mean().item()})
 
     baseline = point_eval("baseline", None)
     fronts: dict[str, list] = {}

@@ -322,6 +322,10 @@ def test_cli_multi_then_orthogonalize_from_the_study(tiny_run, tiny_model_dir, t
     assert main(["orthogonalize", "--from-study", str(study), "--pick", "0", "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("torsion: error: ") and "changed since the study ran" in err.splitlines()[-1]
+    harm_file.unlink()
+    assert main(["orthogonalize", "--from-study", str(study), "--pick", "0", "--out", str(tmp_path / "y")]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("torsion: error: ") and "is missing; rerun `torsion optimize" in last
     harm_file.write_bytes(harm_bytes)
     front_path.write_text(saved)
 

@@ -18,8 +18,9 @@ blocks, ``direction_index`` ∈ [0.4, 0.9]·last (fractional: adjacent blocks' d
 refused minus complied, ``--key``) or ``harm`` (harmful minus harmless, projected off the harmless
 mean, as heretic ablates it: :func:`torsion.vectors.harm_direction` of the train split against the
 neutral search half, :func:`harm_vector`). The search picks the source per trial, so a model whose
-refusal is carried by one more than the other is searched on equal budget either way. Methods in :data:`MULTI_METHODS` (those with a removal
-kernel) support ``--multi``; the objective is ``comply`` (refusals removed).
+refusal is carried by one more than the other is searched on equal budget either way. Methods in
+:data:`MULTI_METHODS` (those with a removal kernel) support ``--multi``; the objective is ``comply``
+(refusals removed).
 
 Trials live in an Optuna storage (:mod:`torsion.search`): resumable, shareable by PostgreSQL
 workers. Every point of the final front is then evaluated once on the held-out harmful prompts
@@ -47,7 +48,7 @@ import torch
 from torch import Tensor
 
 from torsion.behaviour import evaluate_behaviour
-from torsion.capture import capture_batch, load_activations
+from torsion.capture import capture_batch
 from torsion.conventions import LAYER_INDEXING
 from torsion.data import Prompt, read_prompts_jsonl
 from torsion.errors import TorsionError
@@ -58,7 +59,7 @@ from torsion.models import LoadedModel
 from torsion.optimize import (NOT_OBJECTIVE, SearchSettings, _ids_sha256, baseline_rates, check_vector,
                               held_out_evaluation, mcq_items, prompt_sets, run_generation_settings)
 from torsion.pareto import hypervolume_2d
-from torsion.runs import neutral_halves, run_judge
+from torsion.runs import neutral_halves, run_activations, run_judge
 from torsion.search import open_study, redact_url, run_worker, storage_url
 from torsion.steering.registry import get_method
 from torsion.store import RunDir, atomic_write_json, read_json
@@ -121,12 +122,7 @@ def harm_vector(run: RunDir, lm: LoadedModel, study_name: str, harmless: list[Pr
     prompts or another model is recomputed.
     """
     prompts = read_prompts_jsonl(run.prompts_path)
-    if not run.activations_path.is_file():
-        raise TorsionError(f"{run.activations_path} not found; finish the run (capture stage) first")
-    tensors, file_meta = load_activations(run.activations_path)
-    if tensors["resid"].shape[0] != len(prompts):
-        raise TorsionError(f"activations have {tensors['resid'].shape[0]} rows but the run has {len(prompts)} "
-                           "prompts; re-run the capture stage")
+    harmful, file_meta = run_activations(run, "resid")
     rows = [i for i, p in enumerate(prompts) if p.split == "train"]
     position = file_meta.get("primary_position", "last")
     meta = {"method": "harm", "projected": True, "component": "resid", "position": position,
@@ -140,7 +136,7 @@ def harm_vector(run: RunDir, lm: LoadedModel, study_name: str, harmless: list[Pr
             return stored
     batches = [capture_batch(lm, [p.prompt for p in harmless[i:i + batch_size]], components=("resid",),
                              positions=(position,))["resid"][position] for i in range(0, len(harmless), batch_size)]
-    directions = harm_direction(tensors["resid"][rows], torch.cat(batches))
+    directions = harm_direction(harmful[rows], torch.cat(batches))
     vector = SteeringVector(directions, meta)
     save_vectors(path, {HARM_KEY: vector}, run_meta={"study": study_name})
     return vector
@@ -257,7 +253,8 @@ def run_optimize_multi(run_dir: Path, lm: LoadedModel, settings: SearchSettings,
         "directions": list(DIRECTIONS), "sampler": settings.sampler, "n_trials": summary["n_finished"],
         "reference_point": list(REFERENCE_POINT), "space": space, "judge": judge.name,
         "settings": json.loads(json.dumps(asdict(settings))), "vector_key": settings.vector_key,
-        "vector_sha256": vector_sha256, "direction_sources": sources, "model_id": lm.model_id, "weights_sha256": lm.weights_sha256,
+        "vector_sha256": vector_sha256, "direction_sources": sources, "model_id": lm.model_id,
+        "weights_sha256": lm.weights_sha256,
         "max_new_tokens": generation.max_new_tokens,
         "conventions": {"layer_indexing": LAYER_INDEXING, "strength": 1.0,
                         "refusal_rate": "refused/judged after false-positive correction (fp_refuse counts), Wilson 95%",

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+from torch import Tensor
+
+from torsion.capture import load_activations
 from torsion.data import Prompt, assign_split, load_source, read_prompts_jsonl
 from torsion.errors import TorsionError
 from torsion.judge import get_judge
@@ -67,6 +70,21 @@ def neutral_halves(run: RunDir) -> tuple[list[Prompt], list[Prompt]]:
                            "run without the neutral source")
     halves = assign_split(neutral, holdout_fraction=0.5, seed=int(run.manifest().get("seed", 0)))
     return [p for p in halves if p.split == "train"], [p for p in halves if p.split == "holdout"]
+
+
+def run_activations(run: RunDir, component: str = "resid") -> tuple[Tensor, dict[str, str]]:
+    """One component of the run's ``activations.safetensors``, ``[n_prompts, n_layers, d_model]`` in
+    ``prompts.jsonl`` order, and the file's metadata; one line if the capture is missing or stale."""
+    if not run.activations_path.is_file():
+        raise TorsionError(f"{run.activations_path} not found; finish the run (capture stage) first")
+    tensors, meta = load_activations(run.activations_path)
+    if component not in tensors:
+        raise TorsionError(f"activations have no component {component!r}; choose one of {', '.join(sorted(tensors))}")
+    n_prompts = len(read_prompts_jsonl(run.prompts_path))
+    if tensors[component].shape[0] != n_prompts:
+        raise TorsionError(f"activations have {tensors[component].shape[0]} rows but the run has {n_prompts} "
+                           "prompts; re-run the capture stage")
+    return tensors[component], meta
 
 
 def row_behaviour(row: dict) -> Corrected:

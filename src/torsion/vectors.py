@@ -66,10 +66,9 @@ def harm_direction(harmful: Tensor, harmless: Tensor, *, project: bool = True) -
     """
     if harmful.shape[0] == 0 or harmless.shape[0] == 0:
         raise TorsionError("the harm direction needs at least one harmful and one harmless activation")
-    harmless_mean = harmless.double().mean(0)
-    direction = torch.nn.functional.normalize(harmful.double().mean(0) - harmless_mean, dim=-1)
+    direction = torch.nn.functional.normalize(mean_difference(harmful, harmless).double(), dim=-1)
     if project:
-        anchor = torch.nn.functional.normalize(harmless_mean, dim=-1)
+        anchor = torch.nn.functional.normalize(harmless.double().mean(0), dim=-1)
         direction = direction - (direction * anchor).sum(-1, keepdim=True) * anchor
         direction = torch.nn.functional.normalize(direction, dim=-1)
     return direction.float()

@@ -141,19 +141,10 @@ def structural_bins(entries: Sequence[Mapping[str, Any]], *, component: str,
 def knots_from_run(run: Any, *, m: int = 5, component: str = "resid", neutral: Tensor | None = None,
                    exclude: Mapping[str, str] | None = None) -> Knots:
     """Knots from a run directory's fit rows (train split) and ``activations.safetensors``, less ``exclude``."""
-    from torsion.capture import load_activations
-    from torsion.runs import fit_rows, labelled_prompts
+    from torsion.runs import fit_rows, labelled_prompts, run_activations
 
     prompts, responses = labelled_prompts(run)
-    if not run.activations_path.is_file():
-        raise TorsionError(f"{run.activations_path} not found; finish the run (capture stage) first")
-    tensors, _ = load_activations(run.activations_path)
-    if component not in tensors:
-        raise TorsionError(f"activations have no component {component!r}; choose one of {', '.join(sorted(tensors))}")
-    acts = tensors[component]
-    if acts.shape[0] != len(prompts):
-        raise TorsionError(f"activations have {acts.shape[0]} rows but the run has {len(prompts)} prompts; "
-                           "re-run the capture stage")
+    acts, _ = run_activations(run, component)
     rows = fit_rows(prompts, responses)
     labels, scores = behaviour_labels([prompts[i] for i in rows], [responses[i] for i in rows])
     return fit_knots(acts[rows], labels, scores, m=m, neutral=neutral, exclude=exclude)
