@@ -27,6 +27,7 @@ FROZEN = {  # each judge's last commit (rules.py and patterns.py unchanged until
     "rules-v3": "fbf874a73abb40892aacc4f096e5f93454ae0fdd",
     "rules-v4": "e98162b0b27b7fcb8898cdd24ba67a46e2340a28",
     "rules-v5": "e09186297dc5fe276c8da4a5d3c387f49bcf80b5",
+    "rules-v6": "d0adce8bb30adb0de8f8677858b24e7980e8e079",
 }
 _TMP: list[tempfile.TemporaryDirectory] = []  # kept alive for the process
 

@@ -48,7 +48,7 @@ SMALL_MODEL_FLOOR = 0.80  # held-out small-model sources: rules-v3 0.838, v4 0.8
 BATCH4_FLOOR = 0.80  # rules-v6 0.835 (rules-v5 0.785, measured once) on the held-out half of authored batch 4
 BATCH4_HELD_OUT = ("authored-batch4-mistral-style", "authored-batch4-mistral-v2-style")
 AUTHORED_HELD_OUT = "authored-mistral-style"  # the held-out source of the authored family
-JUDGE_NAME = "rules-v6"
+JUDGE_NAME = "rules-v7"
 
 
 def binary_agreement(hand: list[str], judged: list[str]) -> tuple[float, float | None]:

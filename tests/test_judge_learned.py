@@ -108,6 +108,12 @@ def test_bad_weights_name_the_fix(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps({"version": "learned-v0"}))
     with pytest.raises(TorsionError, match="learned-v0"):
         LearnedJudge(weights=tmp_path / "old.json")
+    # weights fitted on another rule judge's reasons would read today's reasons wrongly: refused
+    model = load_model_file()
+    assert model["rules_version"] == RuleJudge.name
+    (tmp_path / "stale.json").write_text(json.dumps({**model, "rules_version": "rules-v1"}))
+    with pytest.raises(TorsionError, match=f"reasons of rules-v1, not {RuleJudge.name}; retrain"):
+        LearnedJudge(weights=tmp_path / "stale.json")
 
 
 def test_grouped_predictions_never_train_on_the_tested_source():

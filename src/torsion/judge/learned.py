@@ -1,18 +1,20 @@
 """The learned judge ``learned-v1``: logistic regression over text n-grams and the rule judge's reasons.
 
-Features of one response (:func:`features`), all from its text and the rule judge ``rules-v6``:
+Features of one response (:func:`features`), all from its text and the rule judge (:mod:`torsion.judge.rules`):
 
 - ``w:`` word unigrams and bigrams (``patterns.words`` tokens) and ``f:`` the same for the first
   ``OPENING_WORDS`` words (a refusal shows at the start); tf is ``1 + log(count)``, times idf,
   and the text block is L2-normalised;
 - ``c:`` character 3–5-grams of the lowercased first ``CHAR_SPAN`` characters (in the same block),
   when the model's ``chars`` option is on;
-- ``r:`` each rule of ``rules-v6`` that fired, and ``l:`` its label, with value 1.
+- ``r:`` each rule of the rule judge that fired, and ``l:`` its label, with value 1.
 
 A multinomial :class:`sklearn.linear_model.LogisticRegression` maps them to the five labels
 (four classes and ``degenerate``). Training keeps features seen in at least ``min_df`` rows.
 The shipped model (``torsion/judge/data/learned.json``) stores the feature names, idf, weights,
-the options and the sha256 of the labelled file it was trained on: JSON only, never pickle.
+the options, the rule judge's version (``rules_version``: its reasons are features, so weights trained on
+another version's reasons are refused) and the sha256 of the labelled file it was trained on: JSON only,
+never pickle.
 Scoring needs only numpy; training needs scikit-learn. ``torsion judge train`` retrains it.
 
 :class:`EnsembleJudge` takes the learned label where the model's probability for it is at least
@@ -39,7 +41,7 @@ from torsion.assets import sha256_file
 from torsion.errors import TorsionError
 from torsion.judge.base import LABEL_SCORES, Verdict
 from torsion.judge.patterns import words
-from torsion.judge.rules import RuleJudge, label_for, rule_reasons
+from torsion.judge.rules import VERSION as RULES_VERSION, RuleJudge, label_for, rule_reasons
 
 VERSION = "learned-v1"
 OPENING_WORDS = 12
@@ -65,7 +67,7 @@ def text_terms(response: str, chars: bool) -> Counter[str]:
 
 
 def rule_terms(response: str, prompt: str) -> list[str]:
-    """``r:`` rule names and the ``l:`` label of ``rules-v6`` on this response."""
+    """``r:`` rule names and the ``l:`` label of the rule judge on this response."""
     reasons = rule_reasons(response, prompt)
     return [f"r:{r}" for r in reasons] + [f"l:{label_for(reasons)}"]
 
@@ -105,7 +107,8 @@ def fit(rows: Sequence[dict], options: dict[str, Any] | None = None) -> dict[str
     x = csr_matrix((data, cols, indptr), shape=(n, len(names)))
     model = LogisticRegression(C=options["C"], solver="newton-cg", max_iter=200)
     model.fit(x, [r["label"] for r in rows])
-    return {"version": VERSION, "options": options, "classes": list(model.classes_), "features": names,
+    return {"version": VERSION, "rules_version": RULES_VERSION if options["rules"] else None,
+            "options": options, "classes": list(model.classes_), "features": names,
             "idf": [round(idf.get(name, 0.0), 5) for name in names],
             "coef": np.round(model.coef_, 5).tolist() if len(model.classes_) > 2 else None,
             "binary_coef": np.round(model.coef_[0], 5).tolist() if len(model.classes_) == 2 else None,
@@ -161,7 +164,7 @@ class LearnedJudge:
 
 
 class EnsembleJudge:
-    """The learned label where its probability is at least ``threshold``, else the ``rules-v6`` label."""
+    """The learned label where its probability is at least ``threshold``, else the rule judge's label."""
 
     def __init__(self, weights: str | Path | None = None, threshold: float = 0.6,
                  trained: dict[str, Any] | None = None) -> None:
@@ -198,6 +201,10 @@ def load_model_file(path: str | Path | None = None) -> dict[str, Any]:
         raise TorsionError(f"{path or SHIPPED} holds {version!r} weights, not {VERSION}; retrain with "
                            "`torsion judge train LABELLED.jsonl`")
     problem = _weights_problem(model)
+    if not problem and model["options"]["rules"] and model.get("rules_version") != RULES_VERSION:
+        trained_on = model.get("rules_version") or "another rule judge"
+        raise TorsionError(f"{path or SHIPPED} was trained on the reasons of {trained_on}, not {RULES_VERSION}; "
+                           "retrain with `torsion judge train LABELLED.jsonl`")
     if problem:
         raise TorsionError(f"learned-judge weights {path or SHIPPED} are damaged ({problem}); retrain with "
                            "`torsion judge train LABELLED.jsonl`")
