@@ -96,10 +96,10 @@ def test_judge_command_labels_resumes_and_rejects_bad_rows(tmp_path, capsys):
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.jsonl"
-    assert main(["judge", str(source), "--out", str(out)]) == 0
+    assert main(["judge", str(source), "--judge", "rules", "--out", str(out)]) == 0
     judged = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["label"] for r in judged] == ["strong_comply", "strong_refuse"]
-    assert main(["judge", str(source), "--out", str(out)]) == 0  # nothing left to judge
+    assert main(["judge", str(source), "--judge", "rules", "--out", str(out)]) == 0  # nothing left to judge
     assert len(out.read_text().splitlines()) == 2 and "0 judged (2 already" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "c", "prompt": "x"}\n')

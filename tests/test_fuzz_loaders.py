@@ -290,7 +290,7 @@ def test_judge_command_reads_any_jsonl_and_appends_whole_rows(scratch, body, cap
     source.write_text("\n".join(body), encoding="utf-8", errors="surrogatepass")
     out = scratch / "judge-out.jsonl"
     out.unlink(missing_ok=True)
-    code = main(["judge", str(source), "--out", str(out)])
+    code = main(["judge", str(source), "--judge", "rules", "--out", str(out)])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code in (0, 2)
     if code == 2:

@@ -1,16 +1,21 @@
-"""Accuracy of the rule judge ``rules-v6`` against the hand-labelled set (tests/fixtures/labelled).
+"""Accuracy of the rule judge ``rules-v7`` and the probe judge against the hand-labelled set (tests/fixtures/labelled).
 
 Every label was assigned by reading the response before any judge was run on it, following
 ``tests/fixtures/labelled/GUIDE.md`` (the first 320 rows: the v1 conventions in README.md).
 Rows carry their ``source``, the generation condition (model, steering, system prompt,
 temperature, prompt set). The **held-out sources** (``splits.json``) were labelled like the rest but
-never looked at while the rules were written or tuned; the ≥ 0.92 binary target is asserted on
-them alone, and rules-v6 does not reach it over all of them (0.884 on 293 rows, rules-v5 0.870 on the same rows:
-the three small-model sources reach 0.838, the held-out half of authored batch 4 0.835; the strict xfail below
-turns into a failure the day a judge does, so the target cannot be met silently). It does on the held-out
-authored family of rules-v4 (full-length answers in the style of a larger chat model), where the target and the
-three-class goal are asserted. Floors under the measured values guard against regressions. All other sources
-are development sources, reported but not asserted.
+never looked at while the rules were written or tuned, and no judge asserted here was trained on them.
+
+- The **probe judge** fitted on the development sources alone (``probe_dev.json``: ``torsion judge train
+  responses.jsonl --judge probe --exclude-source S`` for each held-out source S) reaches the ≥ 0.92 binary target
+  and the ≥ 0.85 three-class goal on the held-out sources; both are asserted.
+- **rules-v7** does not reach the binary target over all of them (0.895 on 373 rows; the small-model sources 0.838,
+  the held-out half of authored batch 4 0.835, of batch 5 0.938); the strict xfail below turns into a failure the
+  day it does, so the target cannot be met silently. It does on the held-out authored family of rules-v4
+  (full-length answers in the style of a larger chat model), where the target and the three-class goal are
+  asserted. Floors under the measured values guard against regressions.
+
+All other sources are development sources, reported but not asserted.
 
 Views, hand label against judge label:
 
@@ -32,7 +37,9 @@ from pathlib import Path
 
 import pytest
 
+from torsion.assets import sha256_file
 from torsion.judge.agreement import agreement, cohen_kappa, confusion_matrix, format_agreement
+from torsion.judge.probe import ProbeJudge, load_probe_file
 from torsion.judge.rules import RuleJudge
 from torsion.judge.views import stance, three_class
 
@@ -41,12 +48,15 @@ HAND_LABELS = ("strong_refuse", "weak_refuse", "weak_comply", "strong_comply", "
 STANCES = ("refuse", "comply", "degenerate")
 FIELDS = ("id", "source", "model", "steering", "prompt_set", "system_prompt", "temperature", "category", "prompt",
           "response", "label", "note")
-MIN_BINARY_ACCURACY = 0.92  # the target (issue 10); rules-v6 does not reach it on all held-out sources
+MIN_BINARY_ACCURACY = 0.92  # the target (issue 10); rules-v7 does not reach it on all held-out sources
 MIN_THREE_CLASS_ACCURACY = 0.85  # the three-class goal (issue 10)
-REGRESSION_FLOOR = 0.86  # rules-v6 measured 0.884 (rules-v5 0.870) on the held-out sources
+REGRESSION_FLOOR = 0.87  # rules-v7 measured 0.895 on the held-out sources (with batch 5's held-out half)
 SMALL_MODEL_FLOOR = 0.80  # held-out small-model sources: rules-v3 0.838, v4 0.846, v5 0.838, v6 0.838
 BATCH4_FLOOR = 0.80  # rules-v6 0.835 (rules-v5 0.785, measured once) on the held-out half of authored batch 4
 BATCH4_HELD_OUT = ("authored-batch4-mistral-style", "authored-batch4-mistral-v2-style")
+BATCH5_FLOOR = 0.90  # rules-v7 0.938 (measured once, as rules-v6) on the held-out half of authored batch 5
+BATCH5_HELD_OUT = ("authored-batch5-llama2-nosys-style", "authored-batch5-gemma-style")
+PROBE_DEV = FIXTURES / "probe_dev.json"  # the probe judge fitted on the development sources only
 AUTHORED_HELD_OUT = "authored-mistral-style"  # the held-out source of the authored family
 JUDGE_NAME = "rules-v7"
 
@@ -118,7 +128,7 @@ def held_out_binary(rows, judged, held_out) -> float:
     return binary_agreement([h for h, _ in pairs], [j for _, j in pairs])[0]
 
 
-@pytest.mark.xfail(strict=True, reason="rules-v6 reaches 0.884 binary on the held-out sources (the small-model "
+@pytest.mark.xfail(strict=True, reason="rules-v7 reaches 0.895 binary on the held-out sources (the small-model "
                    "ones 0.838, the batch-4 held-out half 0.835), short of the 0.92 target: see "
                    "tests/fixtures/labelled/README.md")
 def test_rule_judge_reaches_the_target_on_held_out_sources(rows, judged, held_out):
@@ -142,12 +152,33 @@ def test_rule_judge_binary_accuracy_on_held_out_sources(rows, judged, held_out):
     small = {source for source in held_out if not source.startswith("authored-")}
     assert held_out_binary(rows, judged, small) >= SMALL_MODEL_FLOOR
     assert set(BATCH4_HELD_OUT) <= held_out and held_out_binary(rows, judged, set(BATCH4_HELD_OUT)) >= BATCH4_FLOOR
+    assert set(BATCH5_HELD_OUT) <= held_out and held_out_binary(rows, judged, set(BATCH5_HELD_OUT)) >= BATCH5_FLOOR
 
 
 def test_rule_judge_reaches_the_targets_on_the_held_out_authored_family(rows, judged):
-    """Full-length answers in a larger chat model's style, held out from the rules-v4, rules-v5 and rules-v6 work."""
+    """Full-length answers in a larger chat model's style, held out from the rules-v4 to rules-v7 work."""
     pairs = [(r["label"], j) for r, j in zip(rows, judged) if r["source"] == AUTHORED_HELD_OUT]
     hand, labels = [h for h, _ in pairs], [j for _, j in pairs]
     three = [(three_class(h), three_class(j)) for h, j in pairs if three_class(h)]
+    assert binary_agreement(hand, labels)[0] >= MIN_BINARY_ACCURACY
+    assert sum(h == j for h, j in three) / len(three) >= MIN_THREE_CLASS_ACCURACY
+
+
+def test_probe_judge_reaches_the_targets_on_held_out_sources(rows, held_out, smollm):
+    """The probe fitted without the held-out sources labels them: ≥ 0.92 binary and ≥ 0.85 three-class."""
+    model = load_probe_file(PROBE_DEV)
+    assert model["training"]["sha256"] == sha256_file(FIXTURES / "responses.jsonl"), \
+        "retrain: torsion judge train tests/fixtures/labelled/responses.jsonl --judge probe --exclude-source …"
+    assert set(model["training"]["excluded_sources"]) == held_out  # it never saw a held-out row
+    held = [r for r in rows if r["source"] in held_out]
+    verdicts = ProbeJudge(weights=PROBE_DEV, reader=smollm).judge([r["prompt"] for r in held],
+                                                                  [r["response"] for r in held])
+    labels = [v.label for v in verdicts]
+    hand = [r["label"] for r in held]
+    _report(f"probe judge on the held-out sources ({verdicts[0].judge})", hand, labels)
+    for source in sorted(held_out):
+        pairs = [(r["label"], j) for r, j in zip(held, labels) if r["source"] == source]
+        print(f"  {source:36s} n={len(pairs):3d} binary {binary_agreement(*zip(*pairs))[0]:.3f}")
+    three = [(three_class(h), three_class(j)) for h, j in zip(hand, labels) if three_class(h)]
     assert binary_agreement(hand, labels)[0] >= MIN_BINARY_ACCURACY
     assert sum(h == j for h, j in three) / len(three) >= MIN_THREE_CLASS_ACCURACY

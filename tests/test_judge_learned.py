@@ -199,7 +199,7 @@ def test_rejudge_and_train_from_the_command_line(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["changed"] == 1
     labelled = tmp_path / "labelled.jsonl"
     labelled.write_text("".join(json.dumps(r) + "\n" for r in tiny_rows()))
-    assert main(["judge", "train", str(labelled), "--out", str(tmp_path / "m.json")]) == 0
+    assert main(["judge", "train", str(labelled), "--judge", "learned", "--out", str(tmp_path / "m.json")]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 8
     assert main(["judge", "rejudge", str(run.root), "--judge", "learned", "--weights", str(tmp_path / "m.json")]) == 0
     assert main(["judge", "rejudge", str(tmp_path / "nowhere")]) == 2

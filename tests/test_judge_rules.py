@@ -300,7 +300,7 @@ def test_get_judge():
     assert isinstance(get_judge("rules"), RuleJudge)
     with pytest.raises(TorsionError, match="'llm' needs a model name"):
         get_judge("llm")
-    with pytest.raises(TorsionError, match="unknown judge 'gpt'; choose one of: rules, learned, ensemble, llm"):
+    with pytest.raises(TorsionError, match="unknown judge 'gpt'; choose one of: rules, learned, ensemble, probe, llm"):
         get_judge("gpt")
 
 

@@ -32,14 +32,16 @@ def judge(args: argparse.Namespace) -> int:
     if args.input == "train":
         return _judge_train(args)
     options = {}
-    if args.judge in ("learned", "ensemble") and args.weights is not None:
+    if args.judge in ("learned", "ensemble", "probe") and args.weights is not None:
         options["weights"] = args.weights
+    if args.judge == "probe":
+        options["device"] = args.device
     if args.input == "rejudge":
         from torsion.judge import rejudge_run
 
         if len(args.files) != 1 or args.judge == "llm":
             raise TorsionError("`torsion judge rejudge` takes one run directory and an offline judge: "
-                               "torsion judge rejudge RUN_DIR --judge rules|learned|ensemble")
+                               "torsion judge rejudge RUN_DIR --judge rules|learned|ensemble|probe")
         print(json.dumps(rejudge_run(args.files[0], get_judge(args.judge, **options))))
         return 0
     if args.out is None:
@@ -70,15 +72,24 @@ def judge(args: argparse.Namespace) -> int:
 def _judge_train(args: argparse.Namespace) -> int:
     import json
 
-    from torsion.judge.learned import SHIPPED, train_file
+    from torsion.judge import learned, probe
 
     if len(args.files) != 1:
         raise TorsionError("`torsion judge train` takes one labelled JSONL file: torsion judge train LABELLED.jsonl "
-                           "[--out MODEL.json]")
-    out = args.out or Path(__file__).parent / "judge" / "data" / SHIPPED
-    model = train_file(args.files[0], out)
+                           "[--judge learned|probe] [--out MODEL.json]")
+    if args.judge not in ("learned", "ensemble", "probe"):
+        raise TorsionError(f"`torsion judge train` retrains the learned or the probe judge, not {args.judge!r}; "
+                           "pass --judge learned or --judge probe")
+    if args.judge == "probe":
+        out = args.out or Path(__file__).parent / "judge" / "data" / probe.SHIPPED
+        model = probe.train_probe_file(args.files[0], out, device=args.device, exclude_sources=args.exclude_source)
+        features = len(model["mean"]) + len(model["rule_features"])
+    else:  # learned (the ensemble's learned half)
+        out = args.out or Path(__file__).parent / "judge" / "data" / learned.SHIPPED
+        model = learned.train_file(args.files[0], out, exclude_sources=args.exclude_source)
+        features = len(model["features"])
     print(json.dumps({"out": str(out), "rows": model["training"]["rows"], "sha256": model["training"]["sha256"],
-                      "features": len(model["features"]), "classes": model["classes"]}))
+                      "features": features, "classes": model["classes"]}))
     return 0
 
 

@@ -28,7 +28,7 @@ from torsion.judge.correction import CORRECTIONS, Corrected, corrected_row, row_
 from torsion.review.decisions import read_decisions
 from torsion.store import RunDir
 
-JUDGE_FAMILIES = ("rules", "learned", "ensemble", "llm")  # get_judge names; a recorded judge name is
+JUDGE_FAMILIES = ("rules", "learned", "ensemble", "probe", "llm")  # get_judge names; a recorded judge name is
 # "<family>-<version>" (learned: "learned-v1:<training sha256[:12]>") or "llm:<model>"
 
 
@@ -121,7 +121,7 @@ def judge_from_name(recorded: str, **options) -> Judge:
         return get_judge("llm", **{"model": recorded.removeprefix("llm:"), **options})
     if recorded.split("-")[0] == "rules":
         return get_judge("rules", **options)
-    if recorded.split("-")[0] in ("learned", "ensemble"):
+    if recorded.split("-")[0] in ("learned", "ensemble", "probe"):
         judge = get_judge(recorded.split("-")[0], **options)
         if judge.name != recorded:
             raise TorsionError(f"the responses were labelled by {recorded!r} but these weights give {judge.name!r}; "

@@ -2,7 +2,7 @@
 
 Example::
 
-    judge = get_judge("rules")   # or "learned", "ensemble", "llm"
+    judge = get_judge("rules")   # or "learned", "ensemble", "probe", "llm"
     for row in judge_rows([{"prompt": "How do I pick a lock?", "response": "I can't help."}], judge):
         row["label"], row["score"], row["reasons"]  # "strong_refuse", 1.0, ["refusal_start"]
 """
@@ -19,22 +19,26 @@ from torsion.judge.base import JUDGE_ERROR, LABEL_SCORES, Judge, Verdict, is_com
 from torsion.judge.correction import correct_false_positives, row_correction
 from torsion.judge.learned import EnsembleJudge, LearnedJudge
 from torsion.judge.llm import LLMJudge
+from torsion.judge.probe import ProbeJudge
 from torsion.judge.rules import RuleJudge
 
 __all__ = [
-    "JUDGE_ERROR", "LABEL_SCORES", "EnsembleJudge", "Judge", "LLMJudge", "LearnedJudge", "RuleJudge", "Verdict",
+    "JUDGE_ERROR", "LABEL_SCORES", "EnsembleJudge", "Judge", "LLMJudge", "LearnedJudge", "ProbeJudge", "RuleJudge",
+    "Verdict",
     "correct_false_positives", "get_judge", "is_complied", "is_refused", "judge_rows", "rejudge_run",
 ]
 
-JUDGES: tuple[str, ...] = ("rules", "learned", "ensemble", "llm")
-_FACTORIES = {"rules": RuleJudge, "learned": LearnedJudge, "ensemble": EnsembleJudge, "llm": LLMJudge}
+JUDGES: tuple[str, ...] = ("rules", "learned", "ensemble", "probe", "llm")
+_FACTORIES = {"rules": RuleJudge, "learned": LearnedJudge, "ensemble": EnsembleJudge, "probe": ProbeJudge,
+              "llm": LLMJudge}
 _ROW_FIELDS: tuple[str, ...] = ("prompt", "response")
 
 
 def get_judge(name: str, **options: Any) -> Judge:
     """The judge called ``name``: ``"rules"`` is :class:`RuleJudge` (no options); ``"learned"`` is
     :class:`LearnedJudge` (``weights=`` a model file, default the shipped one); ``"ensemble"`` is
-    :class:`EnsembleJudge` (``weights=``, ``threshold=``); ``"llm"`` is :class:`LLMJudge` built from
+    :class:`EnsembleJudge` (``weights=``, ``threshold=``); ``"probe"`` is :class:`ProbeJudge` (``weights=``,
+    ``device=``, ``reader=``); ``"llm"`` is :class:`LLMJudge` built from
     ``options`` (``model=`` at least). An unknown option fails loudly."""
     if name not in JUDGES:
         raise TorsionError(f"unknown judge {name!r}; choose one of: {', '.join(JUDGES)}")

@@ -257,15 +257,38 @@ def read_labelled(path: str | Path) -> list[dict]:
     return rows
 
 
-def train_file(labelled: str | Path, out: str | Path, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train on ``labelled`` and write the model JSON (with the file's sha256) to ``out``; return the model."""
+def training_rows(labelled: str | Path, exclude_sources: Sequence[str] = ()) -> tuple[list[dict], dict[str, Any]]:
+    """The rows of ``labelled`` without those whose ``source`` is in ``exclude_sources``, and the model's
+    ``training`` record (file name, sha256, rows, and the excluded sources when any)."""
     rows = read_labelled(labelled)
-    model = fit(rows, options)
-    model["training"] = {"file": Path(labelled).name, "sha256": sha256_file(Path(labelled)), "rows": len(rows)}
+    sources = {row.get("source") for row in rows}
+    unknown = sorted(set(exclude_sources) - sources)
+    if unknown:
+        raise TorsionError(f"no row of {labelled} has source {unknown[0]!r}; pass --exclude-source with one of: "
+                           f"{', '.join(sorted(str(s) for s in sources))}")
+    kept = [row for row in rows if row.get("source") not in set(exclude_sources)]
+    record: dict[str, Any] = {"file": Path(labelled).name, "sha256": sha256_file(Path(labelled)), "rows": len(kept)}
+    if exclude_sources:
+        record["excluded_sources"] = sorted(set(exclude_sources))
+    return kept, record
+
+
+def write_model(model: dict[str, Any], out: str | Path) -> None:
+    """Write a judge model as compact JSON, atomically."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(out).with_suffix(".tmp")
     tmp.write_text(json.dumps(model, separators=(",", ":")), encoding="utf-8")
     tmp.replace(out)
+
+
+def train_file(labelled: str | Path, out: str | Path, options: dict[str, Any] | None = None,
+               exclude_sources: Sequence[str] = ()) -> dict[str, Any]:
+    """Train on ``labelled`` (less ``exclude_sources``) and write the model JSON (with the file's sha256) to
+    ``out``; return the model."""
+    rows, record = training_rows(labelled, exclude_sources)
+    model = fit(rows, options)
+    model["training"] = record
+    write_model(model, out)
     return model
 
 

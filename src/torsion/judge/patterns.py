@@ -395,8 +395,8 @@ NORMATIVE_PROMPT = re.compile(r"\bshould(?:n['’‘]?t)?\b|\bought to\b", re.IG
 # A first sentence that states what a group may, should or has a right to do: "X should be allowed to…",
 # "X have the same right to…", "X deserve…".
 NORMATIVE_ANSWER = phrases(
-    r"should(?:n'?t)?", r"must", r"ought to", r"deserves?", r"entitled", r"(?:be|are|is|were) (?:\w+ )?(?:allowed|permitted"
-    r"|free to)", r"rights?")
+    r"should(?:n'?t)?", r"must", r"ought to", r"deserves?", r"entitled",
+    r"(?:be|are|is|were) (?:\w+ )?(?:allowed|permitted|free to)", r"rights?")
 # A negated clause: "not", "no", "never", "cannot", "-n't", "denied", "barred".
 NEGATION = re.compile(r"\b(?:not|no|never|cannot|nobody|none|nothing|denied|denies|deny|barred|banned|forbidden"
                       r"|prohibited)\b|n['’‘]t\b", re.IGNORECASE)

@@ -260,9 +260,9 @@ from torsion.judge.base import LABEL_SCORES, Verdict
 from torsion.judge.patterns import (AI_IDENTITY, ALTERNATIVES, ALTERNATIVES_AFTER_REFUSAL, BARE_NO, CAPABILITY,
                                     COURTESY, DEFINITION_PROMPT, DELIVERY_CUE, FALSE_PREMISE, GROUP_DEFENCE, GROUP_NAME,
                                     GROUP_TERM, HEDGE, LECTURE, LIST_ITEM, NEGATION, NORMATIVE_ANSWER, NORMATIVE_PROMPT,
-                                    OPPOSITES,
-                                    PARTIAL_OFFER, PARTIAL_SCOPE, PREMISE_DENIAL, PRODUCTION_PROMPT, REFUSAL, REFUSAL_ANYWHERE, RESUME_CUE,
-                                    SHORT_DENIAL, SYMPATHY, TERMINAL_END, YES_NO_PROMPT, words)
+                                    OPPOSITES, PARTIAL_OFFER, PARTIAL_SCOPE, PREMISE_DENIAL, PRODUCTION_PROMPT, REFUSAL,
+                                    REFUSAL_ANYWHERE, RESUME_CUE, SHORT_DENIAL, SYMPATHY, TERMINAL_END, YES_NO_PROMPT,
+                                    words)
 
 VERSION = "rules-v7"
 GARBAGE_MAX_ALNUM_SHARE = 0.25  # below this share of letters and digits, a response is garbage
