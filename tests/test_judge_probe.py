@@ -139,5 +139,16 @@ def test_train_and_judge_from_the_command_line(tmp_path, capsys, smollm):
                  "--out", str(tmp_path / "out.jsonl")]) == 0
     judged = json.loads((tmp_path / "out.jsonl").read_text())
     assert judged["label"] == "strong_refuse" and judged["judge"].startswith(VERSION + ":")
-    with pytest.raises(TorsionError, match="retrains the learned or the probe judge, not 'llm'"):
-        main(["judge", "train", str(labelled), "--judge", "llm"])
+    capsys.readouterr()
+    assert main(["judge", "train", str(labelled), "--judge", "llm"]) == 2
+    assert "retrains the learned or the probe judge, not 'llm'" in capsys.readouterr().err
+
+
+def test_a_run_labelled_by_the_probe_rebuilds_it_by_name():
+    from torsion.runs import judge_from_name
+
+    shipped = ProbeJudge()
+    rebuilt = judge_from_name(shipped.name)
+    assert isinstance(rebuilt, ProbeJudge) and rebuilt.name == shipped.name
+    with pytest.raises(TorsionError, match="labelled by 'probe-v1:000000000000' but these weights give"):
+        judge_from_name("probe-v1:000000000000")
