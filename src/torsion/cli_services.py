@@ -23,8 +23,8 @@ def add_service_parsers(subcommands: argparse._SubParsersAction) -> None:
         "per-source accuracy when rows have a 'source' field). "
         "`torsion judge rejudge RUN_DIR --judge probe` re-labels a run's responses, keeping the old labels in "
         "each row's 'previous' list and marking the stages that read labels as not done. "
-        "`torsion judge train LABELLED.jsonl [--judge probe] [--out MODEL.json]` retrains the learned (or "
-        "probe) judge (default: the package's shipped weights). "
+        "`torsion judge train LABELLED.jsonl [--judge probe|learned] [--exclude-source S] [--out MODEL.json]` "
+        "retrains the probe (the default) or the learned judge (default --out: the package's shipped weights). "
         "The LLM judge reads its API key from the environment variable named by --api-key-env; the key is "
         "never written anywhere.")
     judge.add_argument("input", type=nonempty_text, help="a JSONL file, or one of the words agree, rejudge, train")
