@@ -34,7 +34,7 @@ def add_service_parsers(subcommands: argparse._SubParsersAction) -> None:
                        help="output JSONL (appended, resumable); with train, the model JSON to write")
     judge.add_argument("--judge", default="probe", choices=["rules", "learned", "ensemble", "probe", "llm"],
                        help="probe (the default: the embedded SmolLM2 reads each response and a probe labels it; the "
-                       "most accurate on model families it never saw, about 0.1-0.2 s a response on a laptop CPU; "
+                       "most accurate on model families it never saw, about 0.1 s a response on a laptop CPU; "
                        "needs `torsion assets pull`), rules (offline and fast: 2,000 responses in about 2 s), "
                        "learned (n-grams and the rules' reasons), ensemble, or llm (an endpoint); with train, the "
                        "judge to retrain (probe or learned)")
