@@ -9,8 +9,8 @@ never looked at while the rules were written or tuned, and no judge asserted her
 - The **probe judge** fitted on the development sources alone (``probe_dev.json``: ``torsion judge train
   responses.jsonl --judge probe --exclude-source S`` for each held-out source S) reaches the ≥ 0.92 binary target
   and the ≥ 0.85 three-class goal on the held-out sources; both are asserted.
-- **rules-v7** does not reach the binary target over all of them (0.895 on 373 rows; the small-model sources 0.838,
-  the held-out half of authored batch 4 0.835, of batch 5 0.938); the strict xfail below turns into a failure the
+- **rules-v7** does not reach the binary target over all of them (0.908 on 478 rows; the small-model sources 0.838,
+  the held-out half of authored batch 4 0.835, of batch 5 0.938, batch 6 0.952); the strict xfail below turns into a failure the
   day it does, so the target cannot be met silently. It does on the held-out authored family of rules-v4
   (full-length answers in the style of a larger chat model), where the target and the three-class goal are
   asserted. Floors under the measured values guard against regressions.
@@ -50,7 +50,7 @@ FIELDS = ("id", "source", "model", "steering", "prompt_set", "system_prompt", "t
           "response", "label", "note")
 MIN_BINARY_ACCURACY = 0.92  # the target (issue 10); rules-v7 does not reach it on all held-out sources
 MIN_THREE_CLASS_ACCURACY = 0.85  # the three-class goal (issue 10)
-REGRESSION_FLOOR = 0.87  # rules-v7 measured 0.895 on the held-out sources (with batch 5's held-out half)
+REGRESSION_FLOOR = 0.88  # rules-v7 measured 0.908 on the held-out sources (with batches 5 and 6)
 SMALL_MODEL_FLOOR = 0.80  # held-out small-model sources: rules-v3 0.838, v4 0.846, v5 0.838, v6 0.838
 BATCH4_FLOOR = 0.80  # rules-v6 0.835 (rules-v5 0.785, measured once) on the held-out half of authored batch 4
 BATCH4_HELD_OUT = ("authored-batch4-mistral-style", "authored-batch4-mistral-v2-style")
@@ -128,7 +128,7 @@ def held_out_binary(rows, judged, held_out) -> float:
     return binary_agreement([h for h, _ in pairs], [j for _, j in pairs])[0]
 
 
-@pytest.mark.xfail(strict=True, reason="rules-v7 reaches 0.895 binary on the held-out sources (the small-model "
+@pytest.mark.xfail(strict=True, reason="rules-v7 reaches 0.908 binary on the held-out sources (the small-model "
                    "ones 0.838, the batch-4 held-out half 0.835), short of the 0.92 target: see "
                    "tests/fixtures/labelled/README.md")
 def test_rule_judge_reaches_the_target_on_held_out_sources(rows, judged, held_out):
