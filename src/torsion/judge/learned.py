@@ -68,7 +68,11 @@ def text_terms(response: str, chars: bool) -> Counter[str]:
 
 def rule_terms(response: str, prompt: str) -> list[str]:
     """``r:`` rule names and the ``l:`` label of the rule judge on this response."""
-    reasons = rule_reasons(response, prompt)
+    return terms_of(rule_reasons(response, prompt))
+
+
+def terms_of(reasons: Sequence[str]) -> list[str]:
+    """The ``r:`` and ``l:`` terms of the rule judge's ``reasons`` (so a caller that has them reads no rule twice)."""
     return [f"r:{r}" for r in reasons] + [f"l:{label_for(reasons)}"]
 
 

@@ -39,7 +39,7 @@ import torch
 
 from torsion.errors import TorsionError
 from torsion.judge.base import LABEL_SCORES, Verdict
-from torsion.judge.learned import rule_terms, training_rows, write_model
+from torsion.judge.learned import rule_terms, terms_of, training_rows, write_model
 from torsion.judge.rules import VERSION as RULES_VERSION, rule_reasons
 
 VERSION = "probe-v1"
@@ -246,8 +246,9 @@ class ProbeJudge:
         return self._reader
 
     def probabilities(self, prompts: Sequence[str], responses: Sequence[str], *, progress: bool = False,
-                      features: np.ndarray | None = None) -> np.ndarray:
-        """``[n, n_classes]`` class probabilities, columns in ``self.classes`` order."""
+                      features: np.ndarray | None = None, reasons: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+        """``[n, n_classes]`` class probabilities, columns in ``self.classes`` order; ``features`` and ``reasons``
+        (the rule judge's, per response) skip reading and ruling again."""
         if len(prompts) != len(responses):
             raise ValueError(f"got {len(prompts)} prompts and {len(responses)} responses; "
                              "pass one response per prompt")
@@ -255,7 +256,8 @@ class ProbeJudge:
             return np.zeros((0, len(self.classes)))
         read = features if features is not None else reader_features(self.reader, prompts, responses, self.options,
                                                                       progress=progress)
-        terms = [rule_terms(r, p) for p, r in zip(prompts, responses)]
+        terms = ([terms_of(found) for found in reasons] if reasons is not None
+                 else [rule_terms(r, p) for p, r in zip(prompts, responses)])
         x = np.hstack([(read - self.mean) / self.scale,
                        _rule_block(terms, self.model["rule_features"], self.options["rule_weight"])])
         logits = x @ self.coef.T + self.intercept
@@ -265,12 +267,12 @@ class ProbeJudge:
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
         """One :class:`Verdict` per response; ``reasons`` are the rules that fired and ``p=`` the probability."""
-        probs = self.probabilities(prompts, responses, progress=len(responses) > 64)
+        reasons = [rule_reasons(response, prompt) for prompt, response in zip(prompts, responses)]
+        probs = self.probabilities(prompts, responses, progress=len(responses) > 64, reasons=reasons)
         verdicts = []
-        for prompt, response, p in zip(prompts, responses, probs):
+        for found, p in zip(reasons, probs):
             label = self.classes[int(p.argmax())]
-            verdicts.append(Verdict(label, LABEL_SCORES[label], self.name,
-                                    rule_reasons(response, prompt) + (f"p={p.max():.2f}",)))
+            verdicts.append(Verdict(label, LABEL_SCORES[label], self.name, found + (f"p={p.max():.2f}",)))
         return verdicts
 
 
